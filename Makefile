@@ -1,0 +1,29 @@
+# Everything a fresh machine needs, from this repo's own files.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 first and by exact version: here that is the CPU wheel on disk; a looser spec
+# would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: venv demo test lint clean
+
+$(BIN)/ctrlnet: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[train,dev]"
+	touch $@
+
+venv: $(BIN)/ctrlnet
+
+## Train the embedded default (tiny random base, synthetic fill50k) on this machine.
+demo: venv
+	$(BIN)/ctrlnet train --output runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+## The test suite (CPU, no network).
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,112 @@
+"""Commands that run on this machine: train, data synth-fill, model init, generate."""
+
+from importlib import resources
+from typing import Annotated
+
+import typer
+
+from ctrlnet.commands.options import ConfigFile, Overrides
+from ctrlnet.errors import UserError
+
+# `ctrlnet train` shortcut flags -> config keys.
+SHORTCUTS = {
+    "base": "train.model.base",
+    "data": "train.data.dataset",
+    "output": "train.output",
+    "max_steps": "train.loop.max_steps",
+    "resolution": "train.data.resolution",
+    "batch_size": "train.loop.batch_size",
+    "checkpoint_every": "train.checkpoint.every_steps",
+    "resume": "train.checkpoint.resume",
+}
+
+
+def _demo_preset() -> str:
+    return str(resources.files("ctrlnet.presets").joinpath("demo.yaml"))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def train(
+        file: ConfigFile = None,
+        set_: Overrides = None,
+        base: Annotated[str | None, typer.Option(help="Base model folder, URL or hub id.")] = None,
+        data: Annotated[str | None, typer.Option(help="Dataset: hub name, path or URL.")] = None,
+        output: Annotated[str | None, typer.Option(help="Run output folder or URL.")] = None,
+        max_steps: Annotated[int | None, typer.Option(help="Optimizer steps to train.")] = None,
+        resolution: Annotated[int | None, typer.Option(help="Training resolution (multiple of 8).")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
+        checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+        resume: Annotated[str | None, typer.Option(help="`latest` or a checkpoint path to resume from.")] = None,
+    ) -> None:
+        """Train a ControlNet on this machine. With no -f: the embedded demo (tiny base, synthetic data)."""
+        from ctrlnet.config import load_job_config
+
+        values = dict(base=base, data=data, output=output, max_steps=max_steps, resolution=resolution,
+                      batch_size=batch_size, checkpoint_every=checkpoint_every, resume=resume)
+        overrides = [f"{SHORTCUTS[k]}={v}" for k, v in values.items() if v is not None]
+        if file is None:
+            typer.echo("no -f given: training the embedded demo (tiny random-init base, synthetic fill50k data)")
+        cfg = load_job_config(file or _demo_preset(), [*overrides, *(set_ or [])])
+
+        from ctrlnet_trainer.run import train as run_training
+
+        result = run_training(cfg.train)
+        typer.echo(f"controlnet:  {result.controlnet}")
+        if result.samples:
+            typer.echo(f"samples:     {result.samples}")
+        if result.loss_curve:
+            typer.echo(f"loss curve:  {result.loss_curve}")
+        typer.echo(f"metrics:     {result.metrics}")
+
+    data_app = typer.Typer(help="Datasets for offline runs and benchmarks.", no_args_is_help=True)
+    app.add_typer(data_app, name="data")
+
+    @data_app.command("synth-fill")
+    def synth_fill(
+        out: Annotated[str, typer.Option(help="Folder to write train.parquet into.")],
+        rows: Annotated[int, typer.Option(min=1, help="Number of examples.")] = 1000,
+        resolution: Annotated[int, typer.Option(min=8, help="Image size in pixels.")] = 512,
+        seed: Annotated[int, typer.Option(help="Seed of colours and circles.")] = 0,
+    ) -> None:
+        """Write a synthetic fill50k look-alike as parquet (image, conditioning_image, text)."""
+        from ctrlnet_trainer.synthetic import write_fill_parquet
+
+        path = write_fill_parquet(out, rows=rows, resolution=resolution, seed=seed)
+        typer.echo(f"wrote {rows} rows to {path}")
+
+    model_app = typer.Typer(help="Base models for offline runs and benchmarks.", no_args_is_help=True)
+    app.add_typer(model_app, name="model")
+
+    @model_app.command("init")
+    def model_init(
+        out: Annotated[str, typer.Option(help="Folder to write the diffusers layout into.")],
+        arch: Annotated[str, typer.Option(help="tiny (CPU tests) or sd15 (SD1.5-shaped).")] = "tiny",
+        seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    ) -> None:
+        """Write a random-init Stable Diffusion base (unet, vae, text_encoder, tokenizer, scheduler)."""
+        from ctrlnet_trainer.base_model import ARCHS, write_base
+
+        if arch not in ARCHS:
+            raise UserError(f"--arch {arch!r} is unknown: use one of {', '.join(ARCHS)}")
+        path = write_base(out, arch=arch, seed=seed)
+        typer.echo(f"wrote {arch} base to {path}")
+
+    @app.command()
+    def generate(
+        base: Annotated[str, typer.Option(help="Base model folder or hub id.")],
+        controlnet: Annotated[str, typer.Option(help="Trained ControlNet folder (diffusers format).")],
+        image: Annotated[str, typer.Option(help="Conditioning image file.")],
+        prompt: Annotated[str, typer.Option(help="Text prompt.")],
+        out: Annotated[str, typer.Option(help="Folder for the PNGs.")] = "generated",
+        num_images: Annotated[int, typer.Option(min=1)] = 1,
+        steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
+        seed: Annotated[int, typer.Option()] = 0,
+        device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    ) -> None:
+        """Generate images with StableDiffusionControlNetPipeline."""
+        from ctrlnet_trainer.generate import generate as run_generate
+
+        for path in run_generate(base=base, controlnet=controlnet, image=image, prompt=prompt, out=out,
+                                 num_images=num_images, steps=steps, seed=seed, device=device):
+            typer.echo(f"wrote {path}")

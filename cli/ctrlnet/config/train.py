@@ -1,0 +1,214 @@
+"""`train`: everything the trainer needs. Defaults follow diffusers' train_controlnet.py.
+
+docs/config.md maps each of that script's flags to a key here (ctrlnet.config.diffusers_flags).
+"""
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ctrlnet.config.section import Section
+
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+
+
+class ModelConfig(Section):
+    base: str | None = None
+    """Stable Diffusion base: a local diffusers folder, an fsspec URL or a hub id. Unset: a tiny
+    random-init SD-shaped base built in code (for demos and tests)."""
+    family: Literal["auto", "sd", "sdxl"] = "auto"
+    """Model family; `auto` reads it from the base's model_index.json."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the base."""
+    variant: str | None = None
+    """Weight file variant of the base, e.g. `fp16`."""
+    tokenizer: str | None = None
+    """Tokenizer name or path when it is not the base's `tokenizer/` folder."""
+    controlnet: str | None = None
+    """Existing ControlNet weights to start from; unset: initialised from the base UNet."""
+    cache_dir: str | None = None
+    """Where downloaded models and datasets are cached."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Training target; unset: the base scheduler's own `prediction_type`."""
+
+
+class DataConfig(Section):
+    dataset: str | None = None
+    """Training data: a hub dataset name, a local path (parquet file or folder, imagefolder with
+    metadata.jsonl) or an fsspec URL. Unset: a synthetic fill50k look-alike made in code."""
+    config_name: str | None = None
+    """The dataset's config name, when it has several."""
+    split: str = "train"
+    """Split to train on."""
+    image_column: str = "image"
+    """Column holding the target image."""
+    conditioning_image_column: str = "conditioning_image"
+    """Column holding the conditioning image (an image, or a file path relative to the data)."""
+    caption_column: str = "text"
+    """Column holding a caption or a list of captions."""
+    max_train_samples: int | None = Field(default=None, gt=0)
+    """Train on this many examples only (the same subset on every rank)."""
+    proportion_empty_prompts: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Fraction of captions replaced by the empty string."""
+    resolution: int = Field(default=512, gt=0)
+    """Training resolution in pixels (a multiple of 8): resize the short side, then center-crop."""
+    num_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes per rank."""
+    streaming: bool = False
+    """Stream the dataset instead of downloading it whole (hub or remote data)."""
+    shuffle_buffer: int = Field(default=1000, gt=0)
+    """Shuffle buffer size when streaming."""
+    synthetic_rows: int = Field(default=2000, gt=0)
+    """Rows of the synthetic dataset used when `dataset` is unset."""
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(
+                f"must be a multiple of 8 (the VAE downsamples by 8), e.g. {max(8, v // 8 * 8)}"
+            )
+        return v
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """AdamW (fused where the device supports it) or bitsandbytes' 8-bit AdamW."""
+    learning_rate: float = Field(default=5e-6, gt=0)
+    """Peak learning rate (after warmup)."""
+    scale_lr: bool = False
+    """Multiply the learning rate by processes x accumulation steps x batch size."""
+    lr_scheduler: LrScheduler = "constant"
+    """Learning-rate schedule."""
+    lr_warmup_steps: int = Field(default=500, ge=0)
+    """Warmup steps (optimizer steps)."""
+    lr_num_cycles: int = Field(default=1, ge=1)
+    """Hard restarts for `cosine_with_restarts`."""
+    lr_power: float = 1.0
+    """Power of the `polynomial` schedule."""
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-2, ge=0)
+    """AdamW decoupled weight decay."""
+    adam_epsilon: float = Field(default=1e-8, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this; unset: no clipping."""
+    set_grads_to_none: bool = False
+    """Free gradients between steps instead of zeroing them (saves memory)."""
+
+
+class LoopConfig(Section):
+    seed: int | None = None
+    """Seed for weights init, data order, noise and timesteps; unset: one is drawn and recorded."""
+    batch_size: int = Field(default=4, gt=0)
+    """Batch size per process."""
+    num_epochs: int = Field(default=1, gt=0)
+    """Epochs to train when `max_steps` is unset."""
+    max_steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps to train; overrides `num_epochs`."""
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    """Micro-batches per optimizer step."""
+    gradient_checkpointing: bool = False
+    """Recompute ControlNet activations in the backward pass (less memory, ~20% slower)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Frozen models in this dtype, ControlNet master weights in fp32 under autocast."""
+    allow_tf32: bool = False
+    """Allow TF32 matmuls on Ampere and newer GPUs."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """Attention kernel: PyTorch scaled_dot_product_attention, or xformers (must be installed)."""
+    snr_gamma: float | None = Field(default=None, gt=0)
+    """Min-SNR-gamma loss weighting (5.0 is the paper's choice); unset: plain MSE."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; `auto` uses CUDA when present."""
+
+
+class DistributedConfig(Section):
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """Data parallelism: PyTorch DDP, or DeepSpeed ZeRO."""
+    zero_stage: Literal[1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer state on the CPU."""
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(default=500, gt=0)
+    """Save a resumable checkpoint every N optimizer steps."""
+    total_limit: int | None = Field(default=None, gt=0)
+    """Keep at most this many checkpoints (oldest removed after a newer one is committed)."""
+    resume: str | None = None
+    """`latest`, or a checkpoint path/URL, to continue a run at the exact batch where it stopped."""
+
+
+class ValidationConfig(Section):
+    prompts: list[str] = Field(default_factory=list)
+    """Validation prompts; one prompt pairs with every image."""
+    images: list[str] = Field(default_factory=list)
+    """Conditioning images (paths or URLs); one image pairs with every prompt."""
+    num_images: int = Field(default=4, gt=0)
+    """Images generated per (prompt, conditioning image) pair."""
+    every_steps: int = Field(default=100, gt=0)
+    """Run validation every N optimizer steps (and once at the end)."""
+    num_inference_steps: int = Field(default=20, gt=0)
+    """Denoising steps per validation image (UniPC)."""
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "ValidationConfig":
+        p, i = len(self.prompts), len(self.images)
+        if (p == 0) != (i == 0):
+            missing = "images" if i == 0 else "prompts"
+            raise ValueError(
+                f"validation.prompts has {p} and validation.images has {i}: set validation.{missing} too, or neither"
+            )
+        if p and i and p != i and 1 not in (p, i):
+            raise ValueError(
+                f"validation.prompts has {p} and validation.images has {i}: give the same number, or exactly one of either"
+            )
+        return self
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(prompt, image) pairs, broadcasting a single prompt or image as the reference does."""
+        prompts, images = self.prompts, self.images
+        if len(prompts) == 1:
+            prompts = prompts * len(images)
+        if len(images) == 1:
+            images = images * len(prompts)
+        return list(zip(prompts, images))
+
+
+class LoggingConfig(Section):
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """Experiment tracker besides metrics.jsonl."""
+    logging_dir: str = "logs"
+    """TensorBoard folder, relative to the output."""
+    tracker_project_name: str = "train_controlnet"
+    """Project name given to the tracker."""
+    every_steps: int = Field(default=1, gt=0)
+    """Write a metrics line every N optimizer steps."""
+
+
+class HubConfig(Section):
+    push: bool = False
+    """Upload the final ControlNet (never intermediate checkpoints) to a hub model repo."""
+    model_id: str | None = None
+    """Hub repo id; unset: the output folder's name."""
+    token_env: str = "HF_TOKEN"
+    """Environment variable that holds the hub token (the token itself never goes in a config)."""
+    private: bool = False
+    """Create the hub repo as private."""
+
+
+class TrainConfig(Section):
+    output: str = "controlnet-model"
+    """Run prefix (a folder or fsspec URL): checkpoints/, controlnet/, samples/, metrics.jsonl."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
