@@ -1,44 +1,283 @@
-"""`cluster`: where and how the trainer runs on Kubernetes (rendered by charts/ctrlnet)."""
+"""`cluster`: where and how the trainer runs on Kubernetes. Read by charts/ctrlnet, never by the trainer.
 
-from typing import Literal
+The chart's values are the JobConfig shape (`train:` + `cluster:`), so every key here is a chart
+value of the same name; charts/ctrlnet/values.schema.json is generated from these classes.
+Rule kept for Helm's sake: a key that may be null defaults to null (Helm drops a null that
+overrides a non-null chart default, so "null to switch off" would silently not work).
+"""
 
-from pydantic import Field
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from ctrlnet.config.section import Section
 
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+"""RFC 1035 label: what Kubeflow's webhooks require of a job name."""
+DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_NAME = 50
+"""Longest job name: pods and their Services are `<name>-worker-<index>`, at most 63 characters."""
+
+# Variables the launcher and the Training Operator / Trainer set; a user value would break rendezvous.
+RESERVED_ENV = frozenset({
+    "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
+    "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK",
+})
+_SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+
+
+def looks_secret(env_name: str) -> bool:
+    """True for variable names that hold credentials: those must come from a Secret (secretKeyRef)."""
+    return bool(_SECRET_NAME.search(env_name))
+
 
 class Resources(Section):
+    """Per-pod compute. Requests equal limits (Guaranteed QoS), so a training pod is never the
+    first to be evicted for memory pressure."""
+
     cpu: str = "8"
-    """CPU request and limit per pod."""
+    """CPU request and limit per pod (a Kubernetes quantity: `8`, `7500m`)."""
     memory: str = "64Gi"
-    """Memory request and limit per pod."""
+    """Memory request and limit per pod (a Kubernetes quantity: `64Gi`)."""
+    ephemeral_storage: str | None = None
+    """Local disk request and limit per pod (e.g. `100Gi`); unset: none requested."""
+
+
+class SecretEnv(Section):
+    """One environment variable read from a Secret key (`valueFrom.secretKeyRef`)."""
+
+    name: str
+    """Environment variable name."""
+    secret: str
+    """Name of the Secret (in the job's namespace)."""
+    key: str
+    """Key inside the Secret."""
+    optional: bool = False
+    """Start the pod even when the Secret or key is missing."""
+
+    @field_validator("name")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not ENV_NAME.match(v):
+            raise ValueError(f"{v!r} is not an environment variable name (letters, digits, '_')")
+        return v
 
 
 class SecretsConfig(Section):
-    """Secrets are referenced by name and key only; their values never enter a config or manifest."""
+    """Secrets are referenced by name and key only (`secretKeyRef`); their values never enter a
+    config or a manifest."""
 
     s3: str | None = None
-    """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3:// paths."""
+    """Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally
+    AWS_ENDPOINT_URL, AWS_REGION) for s3:// paths; each becomes the env var of the same name."""
     hub_token: str | None = None
-    """Secret with the hub token (key `token`), exposed as train.hub.token_env."""
+    """Secret holding the hub token, exposed as the env var named by `train.hub.token_env`."""
+    hub_token_key: str = "token"
+    """Key of the hub token inside the `hub_token` Secret."""
+    env: list[SecretEnv] = Field(default_factory=list)
+    """More env vars from Secret keys, e.g. `{name: WANDB_API_KEY, secret: wandb, key: api-key}`."""
+
+
+class ServiceAccountConfig(Section):
+    create: bool = True
+    """Create a ServiceAccount for the job's pods (with no API permissions)."""
+    name: str | None = None
+    """ServiceAccount name; unset: the job name. Set it with `create: false` to use an existing one."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations of the created ServiceAccount, e.g. `eks.amazonaws.com/role-arn` (IRSA) or
+    `iam.gke.io/gcp-service-account` (Workload Identity) for keyless object-storage access."""
+
+
+class CacheConfig(Section):
+    """A shared PersistentVolumeClaim mounted in every pod: hub downloads and datasets are fetched
+    once, not once per node and restart. `HF_HOME` points into it."""
+
+    enabled: bool = False
+    """Mount a shared cache volume."""
+    existing_claim: str | None = None
+    """Use this existing PVC instead of creating one."""
+    size: str = "200Gi"
+    """Size of the created PVC."""
+    storage_class: str | None = None
+    """StorageClass of the created PVC; unset: the cluster default."""
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"] = "ReadWriteMany"
+    """Access mode of the created PVC; several nodes need ReadWriteMany."""
+    mount_path: str = "/cache"
+    """Where the cache is mounted in the container."""
+
+
+class KueueConfig(Section):
+    """Kueue admission (https://kueue.sigs.k8s.io). A queued job is created suspended; Kueue
+    unsuspends it when the ClusterQueue admits it."""
+
+    queue: str | None = None
+    """LocalQueue name (label `kueue.x-k8s.io/queue-name`); unset: no Kueue."""
+    priority_class: str | None = None
+    """WorkloadPriorityClass name (label `kueue.x-k8s.io/priority-class`)."""
+
+
+class VolcanoConfig(Section):
+    """Volcano gang scheduling (https://volcano.sh): all pods start together or none do."""
+
+    queue: str | None = None
+    """Volcano Queue name; unset: no Volcano. PyTorchJob: `runPolicy.schedulingPolicy.queue` and
+    `schedulerName: volcano` (the Training Operator must run with `--gang-scheduler-name=volcano`);
+    TrainJob: annotation `scheduling.volcano.sh/queue-name` (the runtime needs `podGroupPolicy.volcano`)."""
+    min_available: int | None = Field(default=None, ge=1)
+    """Pods that must be schedulable together; unset: all `nodes`."""
+    priority_class: str | None = None
+    """PriorityClass of the PodGroup (`schedulingPolicy.priorityClass`)."""
+    schedule_timeout_seconds: int | None = Field(default=None, ge=1)
+    """Give up gang scheduling after this long (`schedulingPolicy.scheduleTimeoutSeconds`)."""
+
+
+class SecurityConfig(Section):
+    """The pod always runs as non-root, without privilege escalation, all capabilities dropped and
+    the RuntimeDefault seccomp profile; these are the ids it runs as."""
+
+    run_as_user: int = Field(default=1000, ge=1)
+    """UID of the trainer process (the image's `ctrlnet` user)."""
+    run_as_group: int = Field(default=1000, ge=0)
+    """GID of the trainer process."""
+    fs_group: int = Field(default=1000, ge=0)
+    """Group that owns mounted volumes (cache PVC)."""
+
+
+class TrainJobConfig(Section):
+    """Kubeflow Trainer v2 only (`backend: trainjob`)."""
+
+    runtime: str = "torch-distributed"
+    """Name of the training runtime the TrainJob references (Trainer installs `torch-distributed`)."""
+    runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
+    """Kind of that runtime: cluster-wide, or a TrainingRuntime in the job's namespace."""
+    container: str = "node"
+    """Name of the trainer container in the runtime's `node` replicated job."""
 
 
 class ClusterConfig(Section):
     name: str = "ctrlnet"
-    """Job name (DNS-1035: lowercase letters, digits, '-'); one name per run."""
-    namespace: str = "default"
-    """Namespace of the job."""
+    """Job name (DNS-1035: lowercase letters, digits, '-', starting with a letter; at most 50
+    characters). Jobs are immutable: use one name per run."""
+    namespace: str | None = None
+    """Namespace of the job; unset: the Helm release namespace (`helm -n`), `default` for `ctrlnet render`."""
     backend: Literal["pytorchjob", "trainjob"] = "pytorchjob"
-    """PyTorchJob kubeflow.org/v1 (Training Operator v1) or TrainJob trainer.kubeflow.org/v1alpha1."""
+    """PyTorchJob kubeflow.org/v1 (Training Operator v1.9) or TrainJob trainer.kubeflow.org/v1alpha1 (Kubeflow Trainer v2)."""
     image: str = "ghcr.io/ctrlnet/trainer:0.1.0"
-    """Trainer image."""
+    """Trainer image (docker/Dockerfile); pin a tag or digest, never `latest`."""
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    """When the kubelet pulls the image."""
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    """Names of docker-registry Secrets for a private registry."""
     nodes: int = Field(default=1, ge=1)
-    """Pods (one per node): 1 Master plus nodes-1 Workers."""
+    """Pods, one per node. PyTorchJob: 1 Master plus nodes-1 Workers; TrainJob: numNodes."""
     gpus_per_node: int = Field(default=1, ge=0)
-    """GPUs per pod, and so torchrun processes per pod."""
+    """GPUs per pod, and so torchrun processes per pod (0: one CPU process per pod)."""
+    gpu_resource: str = "nvidia.com/gpu"
+    """Extended resource name of a GPU (e.g. `amd.com/gpu`)."""
     resources: Resources = Field(default_factory=Resources)
     shm_size: str = "16Gi"
-    """Size limit of the in-memory /dev/shm volume."""
-    queue: str | None = None
-    """Kueue LocalQueue name (label kueue.x-k8s.io/queue-name)."""
+    """Size limit of the in-memory /dev/shm volume (NCCL and DataLoader workers use it; it counts
+    against the pod's memory)."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Plain (non-secret) env vars for the trainer, e.g. `NCCL_DEBUG: WARN`, `AWS_REGION: eu-west-1`.
+    Credentials go in `secrets`, never here."""
     secrets: SecretsConfig = Field(default_factory=SecretsConfig)
+    service_account: ServiceAccountConfig = Field(default_factory=ServiceAccountConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Pod nodeSelector, e.g. `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`."""
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    """Pod tolerations, written as in a Pod spec (e.g. `{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}`)."""
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    """Pod affinity, written as in a Pod spec."""
+    priority_class_name: str | None = None
+    """Kubernetes PriorityClass of the pods (PyTorchJob only; for TrainJob set it in the runtime)."""
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    termination_grace_period_seconds: int = Field(default=600, ge=30)
+    """Time between SIGTERM and SIGKILL: the trainer finishes its step and writes a checkpoint in it."""
+    restart_policy: Literal["ExitCode", "OnFailure", "Never", "Always"] = "ExitCode"
+    """PyTorchJob replica restart policy. `ExitCode`: exit codes 1-127 fail the job for good,
+    128-255 (SIGTERM -> 143, SIGKILL -> 137) restart the pod, which resumes from its last checkpoint."""
+    backoff_limit: int = Field(default=3, ge=0)
+    """Pod restarts before the job is marked failed."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Fail the job after running this long; unset: no deadline."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the finished job (and its pods) after this long; unset: keep it. With GitOps
+    self-heal a deleted job is re-created and trains again: see docs/gitops.md."""
+    clean_pod_policy: Literal["None", "Running", "All"] = "Running"
+    """PyTorchJob: which pods to delete when the job finishes (`Running` frees the GPUs of pods
+    still running, keeps finished pods and their logs)."""
+    master_port: int = Field(default=23456, ge=1024, le=65535)
+    """PyTorchJob rendezvous port (container port `pytorchjob-port`); TrainJob always uses 29500."""
+    kueue: KueueConfig = Field(default_factory=KueueConfig)
+    volcano: VolcanoConfig = Field(default_factory=VolcanoConfig)
+    trainjob: TrainJobConfig = Field(default_factory=TrainJobConfig)
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Extra labels on every object and pod (e.g. a team or cost center)."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Extra annotations on the job and its pods."""
+
+    @field_validator("name")
+    @classmethod
+    def _dns1035(cls, v: str) -> str:
+        if not DNS1035.match(v) or len(v) > MAX_NAME:
+            raise ValueError(
+                f"{v!r} is not a DNS-1035 job name: use at most {MAX_NAME} lowercase letters, digits "
+                "and '-', starting with a letter and ending with a letter or digit, e.g. fill50k-run-1"
+            )
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _dns1123(cls, v: str | None) -> str | None:
+        if v is not None and (not DNS1123.match(v) or len(v) > 63):
+            raise ValueError(f"{v!r} is not a namespace name (lowercase letters, digits and '-')")
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not v.strip() or v != v.strip():
+            raise ValueError("must be an image reference such as ghcr.io/org/trainer:0.1.0")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name (letters, digits, '_')")
+            if name in RESERVED_ENV:
+                raise ValueError(f"{name} is set by the launcher and the Training Operator: remove it")
+            if looks_secret(name):
+                raise ValueError(
+                    f"{name} looks like a credential: never put it inline; reference a Secret with "
+                    f"cluster.secrets.env (e.g. {{name: {name}, secret: my-secret, key: {name.lower()}}})"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ClusterConfig":
+        if self.kueue.queue and self.volcano.queue:
+            raise ValueError("kueue.queue and volcano.queue are both set: a job goes through one queueing system, pick one")
+        if self.volcano.min_available is not None and self.volcano.min_available > self.nodes:
+            raise ValueError(f"volcano.min_available is {self.volcano.min_available} but there are only {self.nodes} nodes")
+        if self.cache.enabled and self.cache.existing_claim is None and self.nodes > 1 and self.cache.access_mode != "ReadWriteMany":
+            raise ValueError(f"cache.access_mode {self.cache.access_mode} cannot be mounted by {self.nodes} nodes: use ReadWriteMany")
+        names = [e.name for e in self.secrets.env]
+        for n in names:
+            if names.count(n) > 1:
+                raise ValueError(f"secrets.env sets {n} twice")
+            if n in self.env:
+                raise ValueError(f"{n} is in both env and secrets.env: keep the Secret reference only")
+            if n in RESERVED_ENV:
+                raise ValueError(f"secrets.env: {n} is set by the launcher and the Training Operator: remove it")
+        return self
+
+    @property
+    def procs_per_node(self) -> int:
+        """torchrun processes per pod: one per GPU, or one on a CPU-only pod."""
+        return self.gpus_per_node or 1

@@ -1,11 +1,21 @@
-"""YAML file + `--set a.b=c` overrides -> a validated config, or one UserError line."""
+"""YAML file + `--set a.b=c` overrides -> a validated config, or one UserError line.
 
+YAML is read with YAML 1.2 booleans: only true/false are booleans, so `mixed_precision: no` is
+the string "no" (as in diffusers' `--mixed_precision=no`) and not False. Bool keys still accept
+yes/no/on/off, which pydantic parses from those strings.
+"""
+
+import difflib
+import re
+import types
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
+from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS
 from ctrlnet.config.job import JobConfig
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
@@ -13,46 +23,163 @@ from ctrlnet.errors import UserError
 M = TypeVar("M", bound=BaseModel)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader whose booleans are YAML 1.2's: true/false only (yes/no/on/off stay strings)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text the way config files and --set values are parsed."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {p} is a directory: pass a YAML file with -f")
     if not p.is_file():
         raise UserError(f"config file {p} does not exist: pass an existing YAML file with -f")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {p} cannot be read ({e.__class__.__name__}): pass a readable UTF-8 YAML file") from None
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where else ""
-        raise UserError(f"config file {p} is not valid YAML{at}: fix the syntax") from None
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None)
+        what = f" ({problem})" if problem else ""
+        raise UserError(f"config file {p} is not valid YAML{at}{what}: fix the syntax") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {p} must hold a mapping (keys like `train:`), not {type(data).__name__}")
+        raise UserError(
+            f"config file {p} must hold a mapping of config keys (like `train:`), not a {type(data).__name__}"
+        )
     return data
 
 
-def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
-    """Field names at `path` inside `model`, for naming what is allowed in an error."""
+# --- walking the models ------------------------------------------------------------------------
+
+
+def submodel(annotation: Any) -> type[BaseModel] | None:
+    """The section model behind a field's annotation (`Model` or `Model | None`), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1:
+            return models[0]
+    return None
+
+
+def _non_null(annotation: Any) -> list[Any]:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [a for a in get_args(annotation) if a is not type(None)]
+    return [annotation]
+
+
+def _is_str_field(annotation: Any) -> bool:
+    """`str`, `str | None` or a Literal of strings: a scalar the user means as text."""
+    options = _non_null(annotation)
+    return len(options) == 1 and (
+        options[0] is str
+        or (get_origin(options[0]) is Literal and all(isinstance(v, str) for v in get_args(options[0])))
+    )
+
+
+def _is_list_field(annotation: Any) -> bool:
+    options = _non_null(annotation)
+    return len(options) == 1 and get_origin(options[0]) is list
+
+
+def _hint(model: type[BaseModel], path: list[str], part: str) -> str:
+    """A pointer for an unknown key: a diffusers flag name, a near miss, or a misplaced `train:`."""
+    if not path and model is TrainConfig and part in JobConfig.model_fields:
+        return f" (this file holds the train section alone: drop the `{part}:` level)"
+    if part in DIFFUSERS_FLAGS:
+        return f" (diffusers' --{part} is {DIFFUSERS_FLAGS[part]})"
+    close = difflib.get_close_matches(part, list(model.model_fields), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _unknown_key(model: type[BaseModel], path: list[str], part: str) -> str:
+    where = ".".join(path) or "the top level"
+    return (
+        f"unknown key {part!r} at {where}{_hint(model, path, part)}; "
+        f"allowed: {', '.join(sorted(model.model_fields))}"
+    )
+
+
+def resolve_key(model: type[BaseModel], parts: list[str]) -> FieldInfo:
+    """The field at a dotted key; a ValueError naming the first bad part and what is allowed."""
+    current: type[BaseModel] | None = model
+    field: FieldInfo | None = None
+    for i, part in enumerate(parts):
+        if current is None:
+            raise ValueError(f"{'.'.join(parts[:i])} is a value, not a section: it has no key {part!r}")
+        field = current.model_fields.get(part)
+        if field is None:
+            raise ValueError(_unknown_key(current, parts[:i], part))
+        current = submodel(field.annotation)
+    if field is None:
+        raise ValueError("empty key")
+    return field
+
+
+def _model_at(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
     for part in path:
         field = model.model_fields.get(part)
-        sub = field.annotation if field else None
-        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
-            return []
+        sub = submodel(field.annotation) if field else None
+        if sub is None:
+            return None
         model = sub
-    return sorted(model.model_fields)
+    return model
+
+
+# --- overrides and coercions -------------------------------------------------------------------
+
+
+def _override_value(raw: str, field: FieldInfo) -> Any:
+    """A --set value: YAML, except that text meant for a string key stays the text typed."""
+    text = raw.strip()
+    if not text:
+        return ""
+    try:
+        value = parse_yaml(text)
+    except yaml.YAMLError:
+        value = text
+    if _is_str_field(field.annotation) and isinstance(value, (bool, int, float, dict)):
+        return text  # `--set train.model.revision=0123` is the text 0123, not the number 83
+    if _is_list_field(field.annotation) and value is not None and not isinstance(value, list):
+        return [text if isinstance(value, (bool, int, float, dict)) else value]  # one prompt -> [prompt]
+    return value
 
 
 def apply_override(data: dict[str, Any], assignment: str, model: type[BaseModel]) -> None:
     """Apply one `a.b.c=value`; the value is parsed as YAML (so 3, true, [a, b] and null work)."""
     key, sep, raw = assignment.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise UserError(f"--set {assignment!r} is not KEY=VALUE: write e.g. --set train.loop.max_steps=100")
-    parts = key.strip().split(".")
-    allowed = _allowed_keys(model, parts[:-1])
-    if parts[-1] not in allowed:
-        parent = ".".join(parts[:-1]) or "top level"
-        raise UserError(f"--set {key}: unknown key; allowed at {parent}: {', '.join(allowed) or 'none'}")
+    parts = key.split(".")
+    if not all(parts):
+        raise UserError(f"--set {key}: a key is dotted names like train.loop.max_steps, without empty parts")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        field = resolve_key(model, parts)
+    except ValueError as e:
+        raise UserError(f"--set {key}: {e}") from None
+    value = _override_value(raw, field)
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -62,21 +189,48 @@ def apply_override(data: dict[str, Any], assignment: str, model: type[BaseModel]
     node[parts[-1]] = value
 
 
+def _coerce(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """Forgive what YAML does to a hand-written file: an empty section (`train:` with everything
+    commented out) is {}, and a number on a string key (`cpu: 8`) is its text."""
+    out = dict(data)
+    for name, value in data.items():
+        field = model.model_fields.get(name) if isinstance(name, str) else None
+        if field is None:
+            continue
+        sub = submodel(field.annotation)
+        if sub is not None and value is None and sub is field.annotation:
+            out[name] = {}
+        elif sub is not None and isinstance(value, dict):
+            out[name] = _coerce(sub, value)
+        elif _is_str_field(field.annotation) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = str(value)
+    return out
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) or "config"
     if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(model, loc[:-1])
-        return f"{key}: unknown key; allowed here: {', '.join(allowed)}"
+        parent = _model_at(model, loc[:-1])
+        if parent is not None:
+            return f"{key}: {_unknown_key(parent, loc[:-1], loc[-1])}"
+        return f"{key}: unknown key"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "literal_error":
         return f"{key}: got {err.get('input')!r}; {msg[0].lower() + msg[1:]}"
-    return f"{key}: {msg} (got {err.get('input')!r})" if "input" in err and not isinstance(err["input"], dict) else f"{key}: {msg}"
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key} is a section: give it keys (a mapping), not {err.get('input')!r}"
+    if "input" in err and not isinstance(err["input"], dict):
+        return f"{key}: {msg} (got {err['input']!r})"
+    return f"{key}: {msg}"
 
 
 def validate(model: type[M], data: dict[str, Any]) -> M:
     try:
-        return model.model_validate(data)
+        return model.model_validate(_coerce(model, data))
     except ValidationError as e:
         problems = [_describe(err, model) for err in e.errors()]
         raise UserError("invalid config: " + "; ".join(problems)) from None

@@ -89,10 +89,13 @@ class OptimConfig(Section):
     lr_power: float = 1.0
     """Power of the `polynomial` schedule."""
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    """AdamW beta1 (first-moment decay)."""
     adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    """AdamW beta2 (second-moment decay)."""
     weight_decay: float = Field(default=1e-2, ge=0)
     """AdamW decoupled weight decay."""
     adam_epsilon: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon (numerical floor of the denominator)."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this; unset: no clipping."""
     set_grads_to_none: bool = False

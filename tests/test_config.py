@@ -1,0 +1,363 @@
+"""The typed config: diffusers flag table, docs in sync, YAML + --set loading, one-line errors, CLI.
+
+Fast: nothing here imports torch.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctrlnet.config import JobConfig, TrainConfig, load_job_config, load_train_config
+from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, EXTRAS, FLAG_VALUES, NOTES
+from ctrlnet.config.docs import DOC_PATH, field_at, iter_keys, render_config_docs
+from ctrlnet.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+CTRLNET = Path(sys.executable).parent / "ctrlnet"
+
+# The 52 flags of diffusers' examples/controlnet/train_controlnet.py (argparse dest names).
+REFERENCE_FLAGS = (
+    "pretrained_model_name_or_path", "controlnet_model_name_or_path", "revision", "variant",
+    "tokenizer_name", "output_dir", "cache_dir", "seed", "resolution", "train_batch_size",
+    "num_train_epochs", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
+    "resume_from_checkpoint", "gradient_accumulation_steps", "gradient_checkpointing", "learning_rate",
+    "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "use_8bit_adam",
+    "dataloader_num_workers", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "max_grad_norm", "push_to_hub", "hub_token", "hub_model_id", "logging_dir", "allow_tf32",
+    "report_to", "mixed_precision", "enable_xformers_memory_efficient_attention", "set_grads_to_none",
+    "dataset_name", "dataset_config_name", "train_data_dir", "image_column",
+    "conditioning_image_column", "caption_column", "max_train_samples", "proportion_empty_prompts",
+    "validation_prompt", "validation_image", "num_validation_images", "validation_steps",
+    "tracker_project_name",
+)
+# The reference's `action="store_true"` flags.
+REFERENCE_SWITCHES = {
+    "gradient_checkpointing", "scale_lr", "use_8bit_adam", "push_to_hub", "allow_tf32",
+    "enable_xformers_memory_efficient_attention", "set_grads_to_none",
+}
+# The reference's defaults, where it has one (flags defaulting to None or False left out).
+REFERENCE_DEFAULTS = {
+    "output_dir": "controlnet-model", "resolution": 512, "train_batch_size": 4, "num_train_epochs": 1,
+    "checkpointing_steps": 500, "gradient_accumulation_steps": 1, "learning_rate": 5e-6,
+    "lr_scheduler": "constant", "lr_warmup_steps": 500, "lr_num_cycles": 1, "lr_power": 1.0,
+    "dataloader_num_workers": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2,
+    "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "logging_dir": "logs", "report_to": "tensorboard",
+    "image_column": "image", "conditioning_image_column": "conditioning_image", "caption_column": "text",
+    "proportion_empty_prompts": 0.0, "num_validation_images": 4, "validation_steps": 100,
+    "tracker_project_name": "train_controlnet",
+}
+
+LEAF_KEYS = dict(iter_keys())
+
+
+def _get(cfg: JobConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# --- the diffusers flag table and the docs -----------------------------------------------------
+
+
+def test_every_reference_flag_is_mapped():
+    assert len(REFERENCE_FLAGS) == len(set(REFERENCE_FLAGS)) == 52
+    assert set(DIFFUSERS_FLAGS) == set(REFERENCE_FLAGS)
+
+
+@pytest.mark.parametrize("flag", REFERENCE_FLAGS)
+def test_each_flag_maps_to_a_real_key(flag):
+    key = DIFFUSERS_FLAGS[flag]
+    assert key.startswith("train."), key
+    assert key in LEAF_KEYS, f"--{flag} -> {key}: no such key in JobConfig"
+    field = field_at(key)
+    if flag in FLAG_VALUES:  # the value the switch stands for is one the key accepts
+        cfg = load_job_config(overrides=[f"{key}={FLAG_VALUES[flag]}"])
+        assert _get(cfg, key) == FLAG_VALUES[flag]
+    elif flag in REFERENCE_SWITCHES:
+        assert field.annotation is bool, f"--{flag} is a switch but {key} is not a bool"
+
+
+def test_defaults_follow_the_reference():
+    cfg = JobConfig()
+    for flag, default in REFERENCE_DEFAULTS.items():
+        assert _get(cfg, DIFFUSERS_FLAGS[flag]) == default, flag
+    for flag in REFERENCE_SWITCHES - set(FLAG_VALUES):
+        assert _get(cfg, DIFFUSERS_FLAGS[flag]) is False, flag
+
+
+def test_notes_and_extras_name_real_things():
+    assert set(NOTES) <= set(DIFFUSERS_FLAGS)
+    assert set(FLAG_VALUES) <= set(DIFFUSERS_FLAGS)
+    for key in EXTRAS:
+        field_at(key)  # a section or a leaf; KeyError if it is not a key
+    mapped = set(DIFFUSERS_FLAGS.values())
+    for key in EXTRAS:
+        assert key not in mapped, f"{key} is in EXTRAS but a reference flag maps to it"
+
+
+def test_docs_are_in_sync_with_the_models():
+    text = render_config_docs()
+    assert (ROOT / DOC_PATH).read_text(encoding="utf-8") == text, (
+        f"{DOC_PATH} is stale: run python tools/gen_config_docs.py"
+    )
+    for flag in REFERENCE_FLAGS:
+        assert f"`--{flag}`" in text
+    for key in LEAF_KEYS:
+        assert f"| `{key}` |" in text, f"{key} missing from the key reference"
+
+
+def test_docs_script_check_passes():
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_config_docs.py"), "--check"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+# --- YAML + --set ------------------------------------------------------------------------------
+
+
+def test_yaml_file_loads(tmp_path):
+    p = _write(tmp_path, """
+train:
+  output: s3://bucket/run
+  loop: {batch_size: 2, seed: 3, mixed_precision: bf16}
+  validation:
+    prompts: [a red circle]
+    images: [cond.png]
+cluster:
+  nodes: 2
+  resources: {memory: 32Gi}
+""")
+    cfg = load_job_config(p)
+    assert cfg.train.output == "s3://bucket/run"
+    assert (cfg.train.loop.batch_size, cfg.train.loop.seed, cfg.train.loop.mixed_precision) == (2, 3, "bf16")
+    assert cfg.train.validation.pairs() == [("a red circle", "cond.png")]
+    assert cfg.cluster.nodes == 2 and cfg.cluster.resources.memory == "32Gi"
+    assert cfg.train.optim.learning_rate == 5e-6  # untouched keys keep their defaults
+
+
+def test_overrides_parse_values_as_yaml(tmp_path):
+    p = _write(tmp_path, "train:\n  loop:\n    seed: 3\n")
+    cfg = load_job_config(p, [
+        "train.loop.max_steps=100",                          # int
+        "train.optim.learning_rate=1e-4",                    # float without a dot
+        "train.data.proportion_empty_prompts=0.5",           # float
+        "train.loop.gradient_checkpointing=true",            # bool
+        "train.validation.prompts=[a red circle, a blue square]",  # list
+        "train.validation.images=[c.png]",
+        "train.loop.seed=null",                              # null overrides the file's value
+        "train.optim.max_grad_norm=null",
+    ])
+    assert cfg.train.loop.max_steps == 100
+    assert cfg.train.optim.learning_rate == pytest.approx(1e-4)
+    assert cfg.train.data.proportion_empty_prompts == 0.5
+    assert cfg.train.loop.gradient_checkpointing is True
+    assert cfg.train.validation.prompts == ["a red circle", "a blue square"]
+    assert cfg.train.loop.seed is None
+    assert cfg.train.optim.max_grad_norm is None
+
+
+def test_later_overrides_win_and_nested_keys_are_created(tmp_path):
+    p = _write(tmp_path, "train:\n  output: runs/a\n")
+    cfg = load_job_config(p, [
+        "train.loop.max_steps=10", "train.loop.max_steps=20",
+        "train.output=runs/b",
+        "cluster.resources.memory=8Gi",     # neither cluster nor resources is in the file
+        "cluster.secrets.s3=my-s3-secret",
+    ])
+    assert cfg.train.loop.max_steps == 20
+    assert cfg.train.output == "runs/b"
+    assert cfg.cluster.resources.memory == "8Gi"
+    assert cfg.cluster.secrets.s3 == "my-s3-secret"
+
+
+def test_override_replaces_a_scalar_in_the_way(tmp_path):
+    p = _write(tmp_path, "train:\n  loop: {batch_size: 2}\n")
+    cfg = load_job_config(p, ["train.loop.batch_size=8", "train.loop.allow_tf32=true"])
+    assert (cfg.train.loop.batch_size, cfg.train.loop.allow_tf32) == (8, True)
+
+
+def test_text_stays_text(tmp_path):
+    """YAML 1.1 turns `no` into False and `0123` into 83; a config means the words typed."""
+    p = _write(tmp_path, "train:\n  loop:\n    mixed_precision: no\ncluster:\n  resources:\n    cpu: 8\n")
+    cfg = load_job_config(p)
+    assert cfg.train.loop.mixed_precision == "no"
+    assert cfg.cluster.resources.cpu == "8"
+    cfg = load_job_config(overrides=[
+        "train.loop.mixed_precision=no", "train.model.revision=0123", "cluster.name=yes",
+        "train.hub.push=yes", "train.validation.prompts=a photo: red circle", "train.validation.images=c.png",
+    ])
+    assert cfg.train.loop.mixed_precision == "no"
+    assert cfg.train.model.revision == "0123"
+    assert cfg.cluster.name == "yes"
+    assert cfg.train.hub.push is True  # bool keys still take yes/no
+    assert cfg.train.validation.prompts == ["a photo: red circle"]  # one value -> one-item list
+    assert cfg.train.validation.images == ["c.png"]
+
+
+def test_empty_file_and_empty_sections_give_defaults(tmp_path):
+    assert load_job_config(_write(tmp_path, "")) == JobConfig()
+    assert load_job_config(_write(tmp_path, "# nothing yet\ntrain:\ncluster:\n", "e.yaml")) == JobConfig()
+
+
+def test_trainer_view_loads_the_train_section_alone(tmp_path):
+    p = _write(tmp_path, "output: runs/x\nloop: {max_steps: 5}\n")
+    cfg = load_train_config(p, ["data.resolution=64"])
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.output, cfg.loop.max_steps, cfg.data.resolution) == ("runs/x", 5, 64)
+    with pytest.raises(UserError, match="drop the `train:` level"):
+        load_train_config(_write(tmp_path, "train:\n  output: x\n", "job.yaml"))
+
+
+def test_shown_config_round_trips(tmp_path):
+    cfg = load_job_config(overrides=["train.loop.mixed_precision=no", "train.model.revision=0123"])
+    dumped = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    assert load_job_config(_write(tmp_path, dumped)) == cfg
+
+
+# --- errors: one UserError line naming the key and what is allowed -----------------------------
+
+
+def _error(tmp_path, file_text=None, overrides=(), path=None) -> str:
+    if file_text is not None:
+        path = _write(tmp_path, file_text)
+    with pytest.raises(UserError) as info:
+        load_job_config(path, list(overrides))
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_unknown_key_in_file(tmp_path):
+    msg = _error(tmp_path, "train:\n  optim:\n    lr: 1.0e-4\n")
+    assert "train.optim.lr" in msg and "learning_rate" in msg
+
+
+def test_unknown_key_in_set(tmp_path):
+    msg = _error(tmp_path, overrides=["train.optim.lr=1e-4"])
+    assert "train.optim.lr" in msg and "learning_rate" in msg
+    msg = _error(tmp_path, overrides=["train.nope.x=1"])
+    assert "'nope'" in msg and "optim" in msg  # names the first bad part and the keys allowed there
+    msg = _error(tmp_path, overrides=["train.output.x=1"])
+    assert "train.output is a value" in msg
+    msg = _error(tmp_path, overrides=["nope=1"])
+    assert "'nope'" in msg and "cluster" in msg and "train" in msg
+
+
+def test_unknown_key_that_is_a_diffusers_flag_points_to_its_key(tmp_path):
+    msg = _error(tmp_path, overrides=["train.loop.train_batch_size=8"])
+    assert "train.loop.batch_size" in msg
+    msg = _error(tmp_path, "train:\n  max_train_steps: 10\n")
+    assert "train.max_train_steps" in msg and "train.loop.max_steps" in msg
+
+
+def test_bad_set_syntax(tmp_path):
+    assert "KEY=VALUE" in _error(tmp_path, overrides=["train.loop.max_steps"])
+    assert "empty parts" in _error(tmp_path, overrides=["train..max_steps=1"])
+
+
+def test_resolution_must_be_a_multiple_of_8(tmp_path):
+    msg = _error(tmp_path, overrides=["train.data.resolution=63"])
+    assert "train.data.resolution" in msg and "multiple of 8" in msg and "56" in msg
+
+
+def test_unknown_mixed_precision(tmp_path):
+    msg = _error(tmp_path, overrides=["train.loop.mixed_precision=fp8"])
+    assert "train.loop.mixed_precision" in msg and "'fp8'" in msg
+    assert all(v in msg for v in ("'no'", "'fp16'", "'bf16'"))
+
+
+def test_validation_prompts_and_images_must_pair(tmp_path):
+    msg = _error(tmp_path, overrides=["train.validation.prompts=[a, b]", "train.validation.images=[x, y, z]"])
+    assert "validation.prompts has 2" in msg and "validation.images has 3" in msg and "same number" in msg
+    msg = _error(tmp_path, overrides=["train.validation.prompts=[a]"])
+    assert "validation.images" in msg
+
+
+def test_section_given_a_scalar(tmp_path):
+    msg = _error(tmp_path, "train:\n  data: 3\n")
+    assert "train.data" in msg and "section" in msg
+
+
+def test_bad_yaml(tmp_path):
+    msg = _error(tmp_path, "train:\n  loop: [\n")
+    assert "not valid YAML" in msg and "line" in msg
+
+
+def test_missing_file(tmp_path):
+    msg = _error(tmp_path, path=tmp_path / "nope.yaml")
+    assert "nope.yaml" in msg and "does not exist" in msg
+    assert "directory" in _error(tmp_path, path=tmp_path)
+
+
+def test_top_level_list(tmp_path):
+    msg = _error(tmp_path, "- train\n- cluster\n")
+    assert "mapping" in msg and "list" in msg
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+
+def _ctrlnet(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    assert CTRLNET.exists(), f"console script {CTRLNET} missing: pip install -e ."
+    return subprocess.run([str(CTRLNET), *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--set", "train.data.resolution=63"], "resolution"),
+    (["--set", "train.optim.lr=1"], "train.optim.lr"),
+    (["-f", "missing.yaml"], "missing.yaml"),
+])
+def test_cli_bad_input_is_one_error_line(tmp_path, args, word):
+    r = _ctrlnet("config", "show", *args, cwd=tmp_path)
+    assert r.returncode == 2, r
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error:") and word in lines[0]
+    assert r.stdout == ""
+
+
+def test_cli_show_prints_the_effective_config(tmp_path):
+    _write(tmp_path, "train:\n  loop:\n    batch_size: 2\ncluster:\n  nodes: 3\n", "x.yaml")
+    sets = ["train.loop.max_steps=7", "train.validation.prompts=[p]", "train.validation.images=[c.png]",
+            "train.loop.mixed_precision=no", "cluster.resources.cpu=4"]
+    r = _ctrlnet("config", "show", "-f", "x.yaml", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    shown = JobConfig.model_validate(yaml.safe_load(r.stdout))
+    assert shown == load_job_config(tmp_path / "x.yaml", sets)
+    assert (shown.train.loop.batch_size, shown.train.loop.max_steps, shown.cluster.nodes) == (2, 7, 3)
+    assert shown.train.loop.mixed_precision == "no" and shown.cluster.resources.cpu == "4"
+    assert shown.train.validation.pairs() == [("p", "c.png")]
+
+
+def test_cli_schema(tmp_path):
+    r = _ctrlnet("config", "schema", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    schema = json.loads(r.stdout)
+    assert {"train", "cluster"} <= set(schema["properties"])
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys; from ctrlnet.cli import app; from typer.testing import CliRunner; "
+        "r=CliRunner().invoke(app, ['--help']); assert r.exit_code==0, r.output; "
+        "print(','.join(m for m in ('torch','diffusers','kubernetes','transformers') if m in sys.modules))"
+    )
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"`ctrlnet --help` imported: {r.stdout.strip()}"
+    assert elapsed < 5, f"`ctrlnet --help` took {elapsed:.1f}s"

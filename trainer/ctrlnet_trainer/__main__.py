@@ -1,0 +1,37 @@
+"""`python -m ctrlnet_trainer --config config.yaml [--set key=value ...]` (under torchrun in pods).
+
+The config file holds the `train` section (the job's ConfigMap). Exit codes: 0 done, 2 bad
+input (one line on stderr), 143 preempted after checkpointing (retryable)."""
+
+import argparse
+import sys
+
+from ctrlnet.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ctrlnet_trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML file with the train section")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override, e.g. loop.max_steps=10")
+    args = parser.parse_args(argv)
+    try:
+        from ctrlnet.config import load_train_config
+        from ctrlnet_trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
+        from ctrlnet_trainer.run import train
+
+        cfg = load_train_config(args.config, args.overrides)
+        try:
+            result = train(cfg)
+        except Preempted as p:
+            print(f"preempted at step {p.step}; checkpoint {p.checkpoint}; exiting {PREEMPTED_EXIT_CODE} to be restarted",
+                  file=sys.stderr, flush=True)
+            return PREEMPTED_EXIT_CODE
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"done: {result.steps} steps; controlnet at {result.controlnet}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Random-init Stable Diffusion bases, built in code (no downloads, no hub).
+
+`tiny` trains in seconds on a CPU at 64 px and is what the tests use; `sd15` is the real SD1.5
+architecture (random weights) for GPU benchmarks, where only shapes and FLOPs matter.
+`write_base` saves either one in the diffusers folder layout, so the trainer loads it exactly as it
+would load a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# Model hyper-parameters per architecture. Note diffusers' naming quirk: for these UNets
+# `attention_head_dim` is really the number of heads (SD1.5's "8" means 8 heads).
+ARCHS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "unet": dict(
+            sample_size=8,  # latent side for 64 px images; the pipeline's default size is 8 * 8
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        ),
+        # Four blocks so it downsamples by 8, like the real VAE (the pipeline derives its
+        # latent scale from the number of blocks).
+        "vae": dict(
+            sample_size=64,
+            block_out_channels=(8, 16, 16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+        ),
+        # vocab_size None = exactly the tokenizer's vocabulary.
+        "text_encoder": dict(
+            vocab_size=None,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+    },
+    "sd15": {
+        "unet": dict(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=(
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        "vae": dict(
+            sample_size=512,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            norm_num_groups=32,
+        ),
+        "text_encoder": dict(
+            vocab_size=49408,  # the real CLIP vocabulary size, so embedding FLOPs/memory match
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+        ),
+    },
+}
+
+# SD1.x's training noise schedule.
+SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    clip_sample=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+MAX_LENGTH = 77  # CLIP's context length; SD pads every prompt to it
+
+
+@dataclass
+class BaseParts:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable characters byte-level BPE (GPT-2/CLIP) uses for the 256 bytes, in the
+    order of CLIP's vocab.json: printable bytes as themselves first, then the other bytes mapped
+    to code points from 256 up (this is CLIP's `bytes_to_unicode`)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\N{INVERTED EXCLAMATION MARK}"), ord("\N{NOT SIGN}") + 1),
+        *range(ord("\N{REGISTERED SIGN}"), ord("\N{LATIN SMALL LETTER Y WITH DIAERESIS}") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def _write_vocab_files(folder: Path) -> None:
+    """vocab.json (bytes, bytes + '</w>', then the two specials) and a merges.txt with no merges."""
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A real CLIPTokenizer with a byte-level vocabulary and no merges.
+
+    Every string tokenizes (one token per byte, a word's last byte with CLIP's '</w>' suffix);
+    the 512 byte tokens have the same ids as in the real CLIP vocabulary. It is loaded from
+    vocab.json/merges.txt exactly as a downloaded one would be.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_vocab_files(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_LENGTH)
+
+
+def build_base(arch: str = "tiny", seed: int = 0) -> BaseParts:
+    """Build a random-init base. Weights depend only on (arch, seed).
+
+    Seeds torch's global CPU generator inside `torch.random.fork_rng`, so the caller's random
+    state is left as it was.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown base arch {arch!r}; choose one of {sorted(ARCHS)}")
+    spec = ARCHS[arch]
+    tokenizer = build_tokenizer()
+    text_spec = dict(spec["text_encoder"])
+    text_spec["vocab_size"] = text_spec["vocab_size"] or len(tokenizer)
+    if text_spec["vocab_size"] < len(tokenizer):
+        raise ValueError(f"{arch}: text encoder vocab_size < tokenizer size {len(tokenizer)}")
+    text_config = CLIPTextConfig(
+        **text_spec,
+        max_position_embeddings=MAX_LENGTH,
+        # CLIP pools the hidden state at the first eos token, so these must be the tokenizer's.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    unet_spec = spec["unet"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_spec)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
+            up_block_types=("UpDecoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
+            **spec["vae"],
+        )
+        text_encoder = CLIPTextModel(text_config)
+    return BaseParts(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        noise_scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
+    )
+
+
+def write_base(out: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
+    """Save a random-init base to `out` in the diffusers layout (safetensors); return `out`.
+
+    unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json, written by
+    StableDiffusionPipeline itself, so model_index.json is exactly what a pipeline loader expects
+    (safety_checker and feature_extractor null, requires_safety_checker false). sd15 is ~4 GB.
+    """
+    out = Path(out)
+    parts = build_base(arch, seed)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=parts.noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; add the classic vocab files too so that a
+    # transformers 4.x CLIPTokenizer (the slow one, which needs them) loads this folder as well.
+    _write_vocab_files(out / "tokenizer")
+    return out

@@ -1,0 +1,33 @@
+"""Optional push of the final ControlNet to a hub model repo (never intermediate checkpoints).
+
+The token comes from the environment variable named by hub.token_env and is never logged:
+errors are scrubbed of it before they are shown."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ctrlnet.config.train import HubConfig
+from ctrlnet.errors import UserError
+
+
+def hub_token(cfg: HubConfig) -> str:
+    token = os.environ.get(cfg.token_env, "")
+    if not token:
+        raise UserError(f"hub.push is on but ${cfg.token_env} is empty: export the hub token in it (or set hub.token_env)")
+    return token
+
+
+def push_controlnet(folder: Path, cfg: HubConfig, default_name: str) -> str:
+    token = hub_token(cfg)
+    repo = cfg.model_id or default_name
+    try:
+        from huggingface_hub import create_repo, upload_folder
+
+        repo_id = create_repo(repo, token=token, private=cfg.private, exist_ok=True).repo_id
+        upload_folder(repo_id=repo_id, folder_path=str(folder), token=token, commit_message="ctrlnet: trained ControlNet")
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(token, "***")[:200]
+        raise UserError(f"pushing the ControlNet to hub repo {repo!r} failed ({reason}); the local copy is in {folder}") from None
+    return repo_id

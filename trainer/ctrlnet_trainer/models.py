@@ -1,0 +1,149 @@
+"""Model family seam: load the frozen base (VAE, UNet, text encoder, tokenizer, scheduler) and
+the trainable ControlNet. SD1.x/2.x live here; SDXL plugs in as another family."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ctrlnet.config.train import TrainConfig
+from ctrlnet.errors import UserError
+from ctrlnet_trainer.storage import Prefix, is_remote, local_path
+
+
+@dataclass
+class Models:
+    family: str
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    controlnet: torch.nn.Module
+    prediction_type: str
+    base: str | None  # what to name as the base in logs and model cards
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _fetch_remote(url: str, cache_dir: str | None) -> str:
+    """A local copy of a base or ControlNet folder held in object storage."""
+    import hashlib
+    import tempfile
+
+    root = Path(cache_dir or tempfile.gettempdir()) / "ctrlnet-models" / hashlib.sha1(url.encode()).hexdigest()[:16]
+    if not (root / ".complete").exists():
+        Prefix(url).download(root)
+        (root / ".complete").write_text(url)
+    return str(root)
+
+
+def resolve_location(where: str, key: str, cache_dir: str | None) -> str:
+    if is_remote(where):
+        return _fetch_remote(where, cache_dir)
+    path = local_path(where)
+    if Path(path).exists():
+        return path
+    if where.startswith((".", "/", "~")) or where.count("/") > 1:
+        raise UserError(f"{key} {where!r} does not exist: give a diffusers model folder, a URL or a hub id")
+    return where  # a hub id
+
+
+def detect_family(base: str, cfg: TrainConfig) -> str:
+    if cfg.model.family != "auto":
+        return cfg.model.family
+    index = Path(base) / "model_index.json"
+    if index.exists():
+        name = json.loads(index.read_text()).get("_class_name", "")
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            name = DiffusionPipeline.load_config(base, revision=cfg.model.revision, cache_dir=cfg.model.cache_dir).get("_class_name", "")
+        except Exception as e:  # hub unreachable, no such repo, ...
+            raise UserError(f"model.base {cfg.model.base!r} could not be loaded ({_short(e)}): give a local diffusers folder or a reachable hub id") from None
+    return "sdxl" if "XL" in name else "sd"
+
+
+def load_models(cfg: TrainConfig, seed: int) -> Models:
+    if cfg.model.base is None:
+        from ctrlnet_trainer.base_model import build_base
+
+        parts = build_base("tiny", seed=seed)
+        family, base = "sd", None
+        tokenizer, text_encoder, vae, unet, scheduler = (
+            parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler)
+    else:
+        base = resolve_location(cfg.model.base, "model.base", cfg.model.cache_dir)
+        family = detect_family(base, cfg)
+        if family == "sdxl":
+            raise UserError("model.base is an SDXL model; this trainer supports SD1.x/2.x so far: use an SD1.x/2.x base")
+        tokenizer, text_encoder, vae, unet, scheduler = _load_sd(base, cfg)
+
+    if cfg.model.controlnet:
+        from diffusers import ControlNetModel
+
+        where = resolve_location(cfg.model.controlnet, "model.controlnet", cfg.model.cache_dir)
+        try:
+            controlnet = ControlNetModel.from_pretrained(where, cache_dir=cfg.model.cache_dir)
+        except Exception as e:
+            raise UserError(f"model.controlnet {cfg.model.controlnet!r} could not be loaded ({_short(e)})") from None
+    else:
+        from diffusers import ControlNetModel
+
+        # Copies the UNet encoder's weights; the zero convolutions start the residuals at 0.
+        controlnet = ControlNetModel.from_unet(unet)
+
+    prediction_type = cfg.model.prediction_type or scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"the base scheduler predicts {prediction_type!r}; set model.prediction_type to epsilon or v_prediction")
+    if cfg.model.prediction_type:
+        scheduler.register_to_config(prediction_type=prediction_type)
+    return Models(family, tokenizer, text_encoder, vae, unet, scheduler, controlnet, prediction_type, cfg.model.base)
+
+
+def _load_sd(base: str, cfg: TrainConfig):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    m = cfg.model
+    opts = dict(revision=m.revision, cache_dir=m.cache_dir)
+    try:
+        if m.tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(m.tokenizer, use_fast=False, **opts)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", use_fast=False, **opts)
+        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **opts)
+        weights = dict(variant=m.variant, **opts)
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **weights)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights)
+    except Exception as e:
+        raise UserError(f"model.base {m.base!r} could not be loaded ({_short(e)}): it must hold a Stable Diffusion "
+                        "diffusers layout (tokenizer/, text_encoder/, vae/, unet/, scheduler/)") from None
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+def prepare_for_training(models: Models, cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> None:
+    """Freeze the base in `weight_dtype` on `device`; ControlNet stays fp32 (master weights)."""
+    for frozen in (models.vae, models.unet, models.text_encoder):
+        frozen.requires_grad_(False)
+        frozen.eval()
+        frozen.to(device)
+        if weight_dtype != torch.float32:
+            frozen.to(dtype=weight_dtype)
+    models.controlnet.train()
+    if cfg.loop.gradient_checkpointing:
+        models.controlnet.enable_gradient_checkpointing()
+    if cfg.loop.attention == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise UserError("loop.attention=xformers needs the xformers package: pip install xformers, or use attention=sdpa")
+        models.unet.enable_xformers_memory_efficient_attention()
+        models.controlnet.enable_xformers_memory_efficient_attention()

@@ -1,0 +1,335 @@
+"""The training run: build -> batches -> step -> log/checkpoint/validate -> save.
+
+`train(cfg)` is the whole algorithm; each stage lives in a named component (models, data,
+step, optim, checkpoints, validation, metrics). Runs in one process or one per GPU under
+torchrun (the Accelerator reads the distributed environment)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ctrlnet.config.train import TrainConfig
+from ctrlnet.errors import UserError
+from ctrlnet_trainer import accel, data, models as model_lib, optim, rundir, validation
+from ctrlnet_trainer.checkpoints import CheckpointStore
+from ctrlnet_trainer.metrics import MetricsLog, Progress, gpu_memory_gib
+from ctrlnet_trainer.preemption import Preempted, StopFlag
+from ctrlnet_trainer.step import OnlineEncoder, controlnet_loss, drop_prompt_mask
+from ctrlnet_trainer.storage import Prefix
+
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class RunResult:
+    controlnet: str
+    samples: str | None
+    loss_curve: str | None
+    metrics: str
+    steps: int
+    hub_repo: str | None = None
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    use_cuda = accel.check_device_options(cfg)
+    if cfg.data.streaming and cfg.loop.max_steps is None:
+        raise UserError("data.streaming needs loop.max_steps (a stream has no known length): set --max-steps N")
+    if cfg.hub.push:
+        from ctrlnet_trainer.hub import hub_token
+
+        hub_token(cfg.hub)  # fail before training, not after
+    output = Prefix(cfg.output)
+    work_dir = Path(output.root) if not output.remote else Path(
+        os.environ.get("CTRLNET_WORK_DIR") or tempfile.mkdtemp(prefix="ctrlnet-"))
+    accelerator = accel.build_accelerator(cfg, work_dir, use_cuda)
+    stop = StopFlag().install()
+    try:
+        return Trainer(cfg, accelerator, output, work_dir, stop).run()
+    finally:
+        stop.uninstall()
+        accelerator.end_training()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, accelerator, output: Prefix, work_dir: Path, stop: StopFlag):
+        self.cfg, self.acc, self.output, self.work_dir, self.stop = cfg, accelerator, output, work_dir, stop
+        self.store = CheckpointStore(output, work_dir)
+        self.device = accelerator.device
+        self.weight_dtype = accel.DTYPES[cfg.loop.mixed_precision]
+        self.is_deepspeed = cfg.distributed.strategy == "deepspeed"
+        self.last_samples: Path | None = None
+
+    # ------------------------------------------------------------ build
+    def run(self) -> RunResult:
+        cfg, acc = self.cfg, self.acc
+        previous = rundir.check_owner(self.output, cfg)  # every rank reads before anyone writes
+        acc.wait_for_everyone()
+        self.seed = self._agree_on_seed(previous)
+        if acc.is_main_process and previous is None:
+            rundir.write_run(self.output, cfg, self.seed)
+
+        from accelerate.utils import set_seed
+
+        set_seed(self.seed)  # the same ControlNet init on every rank
+        self.models = model_lib.load_models(cfg, self.seed)
+        model_lib.prepare_for_training(self.models, cfg, self.device, self.weight_dtype)
+        if cfg.loop.allow_tf32 and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        source = data.open_source(cfg.data, cfg.model.cache_dir, self.seed)
+        data.check_columns(source, cfg.data)
+        source = data.subset(source, cfg.data.max_train_samples, self.seed)
+        self.examples = data.Examples(source, cfg.data, self.models.tokenizer, self.seed)
+        self.source = source
+
+        accum, world = cfg.loop.gradient_accumulation_steps, acc.num_processes
+        self.total_steps = cfg.loop.max_steps or self._steps_for_epochs(len(self.examples), world)
+        lr = optim.scaled_lr(cfg.optim, cfg.loop.batch_size, accum, world)
+        optimizer = optim.build_optimizer(self.models.controlnet.parameters(), cfg.optim, lr, self.device)
+        self.lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optim, self.total_steps)
+        self.controlnet, self.optimizer = acc.prepare(self.models.controlnet, optimizer)
+        acc.register_for_checkpointing(self.lr_scheduler)
+        self._register_checkpoint_format()
+        # One noise stream per rank; its state is checkpointed so a resume draws the same noise.
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed * 7919 + acc.process_index)
+
+        self.step, position = self._resume()
+        self.batches = self._batches(position)
+        return self._loop()
+
+    def _agree_on_seed(self, previous: dict | None) -> int:
+        if previous is not None:
+            return int(previous["seed"])
+        if self.cfg.loop.seed is not None:
+            return self.cfg.loop.seed
+        from accelerate.utils import broadcast_object_list
+
+        return int(broadcast_object_list([random.SystemRandom().randrange(2**31)])[0])
+
+    def _steps_for_epochs(self, rows: int, world: int) -> int:
+        per_epoch = (rows // world) // self.cfg.loop.batch_size
+        return max(1, self.cfg.loop.num_epochs * per_epoch // self.cfg.loop.gradient_accumulation_steps)
+
+    def _batches(self, position: data.Position):
+        cfg = self.cfg
+        if self.source.streaming:
+            return data.StreamingBatches(self.source, self.examples, cfg.loop.batch_size, self.acc.process_index,
+                                         self.acc.num_processes, self.seed, cfg.data.shuffle_buffer, position)
+        return data.MapBatches(self.examples, cfg.loop.batch_size, self.acc.process_index, self.acc.num_processes,
+                               self.seed, cfg.data.num_workers, position, pin_memory=self.device.type == "cuda")
+
+    # ------------------------------------------------------------ loop
+    def _loop(self) -> RunResult:
+        cfg, acc = self.cfg, self.acc
+        encoder = OnlineEncoder(self.models, self.weight_dtype, self.device)
+        metrics = MetricsLog(self.work_dir / "metrics.jsonl", self.step) if acc.is_main_process else None
+        if acc.is_main_process and acc.log_with:
+            acc.init_trackers(cfg.logging.tracker_project_name, config=_flat_hparams(cfg))
+        pairs = validation.validation_pairs(cfg, self.seed) if acc.is_main_process else []
+        progress = Progress(self.total_steps, self.step, acc.is_local_main_process)
+        samples_per_step = cfg.loop.batch_size * cfg.loop.gradient_accumulation_steps * acc.num_processes
+        batches = iter(self.batches)
+        window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+        max_norm = cfg.optim.max_grad_norm or math.inf
+        grad_norm = None
+
+        while self.step < self.total_steps:
+            for _ in range(cfg.loop.gradient_accumulation_steps):
+                batch = next(batches)
+                with acc.accumulate(self.controlnet):
+                    drop = drop_prompt_mask(batch["input_ids"].shape[0], cfg.data.proportion_empty_prompts,
+                                            self.generator, self.device)
+                    latents, text = encoder.encode(batch, drop, self.generator)
+                    cond = batch["conditioning_pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
+                    loss = controlnet_loss(self.models, self.controlnet, latents, text, cond, self.generator,
+                                           cfg.loop.snr_gamma)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(self.controlnet.parameters(), max_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=cfg.optim.set_grads_to_none)
+                window_loss += loss.detach() / cfg.loop.gradient_accumulation_steps
+            if not acc.optimizer_step_was_skipped:  # fp16 overflow skips the step; keep the schedule aligned
+                self.lr_scheduler.step()
+            self.step += 1
+            window_steps += 1
+
+            if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps:
+                mean_loss = acc.reduce(window_loss, reduction="mean").item() / window_steps
+                elapsed = time.perf_counter() - window_start
+                row = {"step": self.step, "loss": round(mean_loss, 6), "lr": self.lr_scheduler.get_last_lr()[0],
+                       "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                       "samples_per_s": round(samples_per_step * window_steps / elapsed, 3),
+                       "epoch": self.batches.position.epoch}
+                if (mem := gpu_memory_gib()) is not None:
+                    row["gpu_mem_gib"] = mem
+                if metrics:
+                    metrics.write(row)
+                if acc.is_main_process and acc.log_with:
+                    acc.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=self.step)
+                progress.update(loss=f"{mean_loss:.4f}")
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            elif progress.bar:
+                progress.update()
+
+            stop = self.stop.agreed(acc)
+            if self.step % cfg.checkpoint.every_steps == 0 or stop:
+                checkpoint = self._save_checkpoint(metrics)
+                if stop:
+                    progress.close()
+                    raise Preempted(self.step, checkpoint)
+            if pairs and self.step % cfg.validation.every_steps == 0:
+                self._validate(pairs)
+
+        progress.close()
+        return self._finish(metrics, pairs)
+
+    # ------------------------------------------------------------ validate / save
+    def _validate(self, pairs) -> None:
+        if not self.acc.is_main_process or self.cfg.distributed.zero_stage == 3 and self.is_deepspeed:
+            return  # ZeRO-3 shards the weights; sampling them needs every rank (not done here)
+        image = validation.render_samples(self.models, self.acc.unwrap_model(self.controlnet), pairs, self.cfg,
+                                          self.weight_dtype, self.device, self.seed)
+        self.last_samples = validation.save_grid(image, self.work_dir / "samples", self.step)
+        self.output.upload(self.last_samples, "samples", self.last_samples.name)
+        if self.acc.log_with == ["tensorboard"] or "tensorboard" in str(self.acc.log_with):
+            import numpy as np
+
+            self.acc.get_tracker("tensorboard").writer.add_image(
+                "validation", np.asarray(image), self.step, dataformats="HWC")
+
+    def _finish(self, metrics: MetricsLog | None, pairs) -> RunResult:
+        acc = self.acc
+        acc.wait_for_everyone()
+        state_dict = acc.get_state_dict(self.controlnet) if self.is_deepspeed else None  # collective
+        final = self.work_dir / "controlnet"
+        repo = curve = None
+        if acc.is_main_process:
+            acc.unwrap_model(self.controlnet).save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+            self.output.upload(final, "controlnet")
+            if pairs and self.step % self.cfg.validation.every_steps != 0:
+                self._validate(pairs)
+            metrics.close()
+            curve = metrics.plot_loss(self.work_dir / "loss.png")
+            self._upload_logs(curve)
+            if self.cfg.hub.push:
+                from ctrlnet_trainer.hub import push_controlnet
+
+                repo = push_controlnet(final, self.cfg.hub, Path(self.output.root).name)
+        acc.wait_for_everyone()
+        return RunResult(
+            controlnet=self.output.url_of("controlnet"),
+            samples=self.output.url_of("samples", self.last_samples.name) if self.last_samples else None,
+            loss_curve=self.output.url_of("loss.png") if curve else None,
+            metrics=self.output.url_of("metrics.jsonl"), steps=self.step, hub_repo=repo,
+        )
+
+    def _upload_logs(self, curve: Path | None) -> None:
+        if not self.output.remote:
+            return
+        self.output.upload(self.work_dir / "metrics.jsonl", "metrics.jsonl")
+        if curve:
+            self.output.upload(curve, "loss.png")
+        logs = self.work_dir / self.cfg.logging.logging_dir
+        if logs.exists():
+            self.output.upload(logs, self.cfg.logging.logging_dir)
+
+    # ------------------------------------------------------------ checkpoints
+    def _register_checkpoint_format(self) -> None:
+        """Checkpoints hold the ControlNet in diffusers format (controlnet/), not a raw state dict."""
+        acc = self.acc
+
+        def save_hook(models, weights, output_dir):
+            if acc.is_main_process:
+                for model in models:
+                    acc.unwrap_model(model).save_pretrained(Path(output_dir) / "controlnet", safe_serialization=True)
+            weights.clear()  # saved above: accelerate must not write them again
+
+        def load_hook(models, input_dir):
+            from diffusers import ControlNetModel
+
+            while models:
+                model = models.pop()
+                loaded = ControlNetModel.from_pretrained(Path(input_dir) / "controlnet")
+                acc.unwrap_model(model).load_state_dict(loaded.state_dict())
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    def _save_checkpoint(self, metrics: MetricsLog | None) -> str | None:
+        acc, step = self.acc, self.step
+        node_local = self.output.remote  # remote output: each node stages in its own temp folder
+        if acc.is_main_process or (node_local and acc.is_local_main_process):
+            self.store.clear_staging(step)
+        acc.wait_for_everyone()
+        folder = self.store.staging_dir(step)
+        acc.save_state(str(folder))  # every rank: DeepSpeed saves shards collectively
+        torch.save(self.generator.get_state(), folder / f"noise_rng_{acc.process_index}.pt")
+        if self.is_deepspeed:
+            state_dict = acc.get_state_dict(self.controlnet)
+            if acc.is_main_process:
+                acc.unwrap_model(self.controlnet).save_pretrained(folder / "controlnet", state_dict=state_dict)
+        if acc.is_main_process:
+            state = {"step": step, "position": self.batches.position.as_dict(), "seed": self.seed,
+                     "total_steps": self.total_steps}
+            (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        acc.wait_for_everyone()
+        if node_local and acc.is_local_main_process:
+            self.store.upload(step)
+        acc.wait_for_everyone()
+        url = None
+        if acc.is_main_process:
+            url = self.store.commit(step, self.cfg.checkpoint.total_limit)
+            self._upload_logs(None)
+        acc.wait_for_everyone()
+        return url
+
+    def _resume(self) -> tuple[int, data.Position]:
+        acc, cfg = self.acc, self.cfg
+        if not cfg.checkpoint.resume:
+            return 0, data.Position()
+        url = self.store.resolve(cfg.checkpoint.resume)
+        if url is None:  # `latest` with nothing saved yet: a fresh start (first run of a restartable job)
+            return 0, data.Position()
+        local = self.work_dir / ".resume"
+        if acc.is_local_main_process and Prefix(url).remote:
+            shutil.rmtree(local, ignore_errors=True)
+            CheckpointStore.fetch(url, local)
+        acc.wait_for_everyone()
+        folder = local if Prefix(url).remote else CheckpointStore.fetch(url, local)
+        acc.load_state(str(folder))
+        rng = folder / f"noise_rng_{acc.process_index}.pt"
+        if not rng.exists():
+            raise UserError(f"checkpoint {url} was written by a run with fewer processes: resume with the same world size")
+        self.generator.set_state(torch.load(rng))
+        state = json.loads((folder / TRAINER_STATE).read_text())
+        if acc.is_main_process:
+            print(f"resuming from {url} at step {state['step']}", flush=True)
+        return int(state["step"]), data.Position(**state["position"])
+
+
+def _flat_hparams(cfg: TrainConfig) -> dict:
+    """TensorBoard hparams take scalars only."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat

@@ -1,0 +1,108 @@
+"""Every path is a URL: plain paths, file://, s3://, gs://, ... through fsspec.
+
+The trainer writes into a local working folder and `Prefix.upload` copies files to the run's
+prefix when that prefix is remote, so checkpoints, samples and metrics land in object storage.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+
+def is_remote(url: str) -> bool:
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    return protocol not in ("file", "local")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+@dataclass
+class Prefix:
+    """A folder or object-storage prefix, e.g. `runs/a` or `s3://bucket/runs/a`."""
+
+    url: str
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.url)
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def url_of(self, *parts: str) -> str:
+        return posixpath.join(self.url, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.join(*parts))
+
+    def read_text(self, *parts: str) -> str:
+        with self.fs.open(self.join(*parts), "r") as f:
+            return f.read()
+
+    def write_text(self, text: str, *parts: str) -> None:
+        path = self.join(*parts)
+        if not self.remote:
+            # Write-then-rename so a reader never sees half a pointer file.
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        else:
+            with self.fs.open(path, "w") as f:
+                f.write(text)
+
+    def listdir(self, *parts: str) -> list[str]:
+        path = self.join(*parts)
+        if not self.fs.exists(path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+
+    def remove(self, *parts: str) -> None:
+        path = self.join(*parts)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def upload(self, local: str | Path, *parts: str) -> None:
+        """Copy a local file or folder to `<prefix>/<parts>` (a no-op when it is already there)."""
+        dest = self.join(*parts)
+        local = str(local)
+        if not self.remote:
+            if os.path.abspath(local) == os.path.abspath(dest):
+                return
+            if os.path.isdir(local):
+                shutil.copytree(local, dest, dirs_exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+                shutil.copy2(local, dest)
+            return
+        if os.path.isdir(local):
+            self.fs.put(local.rstrip("/") + "/", dest, recursive=True)
+        else:
+            self.fs.put_file(local, dest)
+
+    def download(self, local: str | Path, *parts: str) -> str:
+        """Copy `<prefix>/<parts>` (file or folder) to `local`; returns the local path."""
+        src = self.join(*parts)
+        if not self.remote:
+            return src
+        local = str(local)
+        if self.fs.isdir(src):
+            os.makedirs(local, exist_ok=True)
+            self.fs.get(src.rstrip("/") + "/", local.rstrip("/") + "/", recursive=True)
+        else:
+            self.fs.get_file(src, local)
+        return local

@@ -1,0 +1,72 @@
+"""Validation: prompts x conditioning images -> one grid PNG per step, reusing in-memory models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ctrlnet.config.train import TrainConfig
+from ctrlnet_trainer.data import open_image, resize_center_crop
+from ctrlnet_trainer.models import Models
+
+
+def validation_pairs(cfg: TrainConfig, seed: int) -> list[tuple[str, Image.Image]]:
+    """Configured (prompt, image) pairs; for the synthetic data, two held-out synthetic rows."""
+    if cfg.validation.prompts:
+        return [(p, open_image(i, None)) for p, i in cfg.validation.pairs()]
+    if cfg.data.dataset is None:
+        from ctrlnet_trainer.synthetic import fill_example
+
+        rows = [fill_example(cfg.data.synthetic_rows + k, cfg.data.resolution, seed) for k in range(2)]
+        return [(r["text"], r["conditioning_image"]) for r in rows]
+    return []
+
+
+def grid(rows: list[list[Image.Image]]) -> Image.Image:
+    w, h = rows[0][0].size
+    cols = max(len(r) for r in rows)
+    out = Image.new("RGB", (cols * w, len(rows) * h), "white")
+    for y, row in enumerate(rows):
+        for x, img in enumerate(row):
+            out.paste(img.resize((w, h)), (x * w, y * h))
+    return out
+
+
+@torch.no_grad()
+def render_samples(models: Models, controlnet: torch.nn.Module, pairs, cfg: TrainConfig,
+                   weight_dtype: torch.dtype, device: torch.device, seed: int) -> Image.Image:
+    """A grid: one row per pair, the conditioning image then `num_images` samples."""
+    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
+        controlnet=controlnet, scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    size = cfg.data.resolution
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = controlnet.training
+    controlnet.eval()
+    rows = []
+    try:
+        for prompt, image in pairs:
+            cond = resize_center_crop(image, size)
+            with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+                images = pipe(
+                    [prompt] * cfg.validation.num_images, cond, height=size, width=size,
+                    num_inference_steps=cfg.validation.num_inference_steps, generator=generator,
+                ).images
+            rows.append([cond, *images])
+    finally:
+        controlnet.train(was_training)
+    return grid(rows)
+
+
+def save_grid(image: Image.Image, folder: Path, step: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step}.png"
+    image.save(path)
+    return path
