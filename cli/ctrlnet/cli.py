@@ -5,7 +5,7 @@ import sys
 
 import typer
 
-from ctrlnet.commands import config_cmd, local
+from ctrlnet.commands import config_cmd, k8s, local
 from ctrlnet.errors import UserError
 
 app = typer.Typer(
@@ -16,7 +16,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (config_cmd, local):
+for module in (config_cmd, local, k8s):
     module.register(app)
 
 

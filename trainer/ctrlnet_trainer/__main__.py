@@ -4,6 +4,7 @@ The config file holds the `train` section (the job's ConfigMap). Exit codes: 0 d
 input (one line on stderr), 143 preempted after checkpointing (retryable)."""
 
 import argparse
+import os
 import sys
 
 from ctrlnet.errors import UserError
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(f"done: {result.steps} steps; controlnet at {result.controlnet}", flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {result.steps} steps; controlnet at {result.controlnet}", flush=True)
     return 0
 
 

@@ -38,9 +38,16 @@ def _fetch_remote(url: str, cache_dir: str | None) -> str:
     import hashlib
     import tempfile
 
-    root = Path(cache_dir or tempfile.gettempdir()) / "ctrlnet-models" / hashlib.sha1(url.encode()).hexdigest()[:16]
+    # Keyed on the objects' names, sizes and versions, so a changed model is fetched again.
+    prefix = Prefix(url)
+    listing = prefix.fs.find(prefix.root, detail=True)
+    fingerprint = json.dumps(sorted(
+        (name, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
+        for name, info in listing.items()))
+    key = hashlib.sha1((url + fingerprint).encode()).hexdigest()[:16]
+    root = Path(cache_dir or tempfile.gettempdir()) / "ctrlnet-models" / key
     if not (root / ".complete").exists():
-        Prefix(url).download(root)
+        prefix.download(root)
         (root / ".complete").write_text(url)
     return str(root)
 

@@ -49,8 +49,7 @@ def train(cfg: TrainConfig) -> RunResult:
 
         hub_token(cfg.hub)  # fail before training, not after
     output = Prefix(cfg.output)
-    work_dir = Path(output.root) if not output.remote else Path(
-        os.environ.get("CTRLNET_WORK_DIR") or tempfile.mkdtemp(prefix="ctrlnet-"))
+    work_dir = Path(output.root) if not output.remote else remote_work_dir(output.url)
     accelerator = accel.build_accelerator(cfg, work_dir, use_cuda)
     stop = StopFlag().install()
     try:
@@ -58,6 +57,25 @@ def train(cfg: TrainConfig) -> RunResult:
     finally:
         stop.uninstall()
         accelerator.end_training()
+        _forget_accelerator_state()
+
+
+def _forget_accelerator_state() -> None:
+    """accelerate keeps process-wide singletons: without this, a second train() in the same
+    process (a notebook, a test) with another mixed_precision fails, and inherits the last
+    run's gradient-accumulation state. The process group (PartialState) is left alone."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def remote_work_dir(url: str) -> Path:
+    """Node-local staging for a remote output; the same path for every rank on a node."""
+    import hashlib
+
+    base = os.environ.get("CTRLNET_WORK_DIR") or os.path.join(tempfile.gettempdir(), "ctrlnet-work")
+    return Path(base) / hashlib.sha1(url.encode()).hexdigest()[:16]
 
 
 class Trainer:
@@ -133,7 +151,11 @@ class Trainer:
     def _loop(self) -> RunResult:
         cfg, acc = self.cfg, self.acc
         encoder = OnlineEncoder(self.models, self.weight_dtype, self.device)
-        metrics = MetricsLog(self.work_dir / "metrics.jsonl", self.step) if acc.is_main_process else None
+        metrics = None
+        if acc.is_main_process:
+            if self.output.remote and self.step and self.output.exists("metrics.jsonl"):
+                self.output.download(self.work_dir / "metrics.jsonl", "metrics.jsonl")  # keep the history
+            metrics = MetricsLog(self.work_dir / "metrics.jsonl", self.step)
         if acc.is_main_process and acc.log_with:
             acc.init_trackers(cfg.logging.tracker_project_name, config=_flat_hparams(cfg))
         pairs = validation.validation_pairs(cfg, self.seed) if acc.is_main_process else []
@@ -192,6 +214,8 @@ class Trainer:
                     raise Preempted(self.step, checkpoint)
             if pairs and self.step % cfg.validation.every_steps == 0:
                 self._validate(pairs)
+            if window_steps == 0:
+                window_start = time.perf_counter()  # samples/s measures training, not checkpoint or validation
 
         progress.close()
         return self._finish(metrics, pairs)
@@ -283,7 +307,8 @@ class Trainer:
                 acc.unwrap_model(self.controlnet).save_pretrained(folder / "controlnet", state_dict=state_dict)
         if acc.is_main_process:
             state = {"step": step, "position": self.batches.position.as_dict(), "seed": self.seed,
-                     "total_steps": self.total_steps}
+                     "total_steps": self.total_steps, "world_size": acc.num_processes,
+                     "batch_size": self.cfg.loop.batch_size}
             (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         acc.wait_for_everyone()
         if node_local and acc.is_local_main_process:
@@ -309,12 +334,17 @@ class Trainer:
             CheckpointStore.fetch(url, local)
         acc.wait_for_everyone()
         folder = local if Prefix(url).remote else CheckpointStore.fetch(url, local)
-        acc.load_state(str(folder))
-        rng = folder / f"noise_rng_{acc.process_index}.pt"
-        if not rng.exists():
-            raise UserError(f"checkpoint {url} was written by a run with fewer processes: resume with the same world size")
-        self.generator.set_state(torch.load(rng))
         state = json.loads((folder / TRAINER_STATE).read_text())
+        # The data order is a function of (world size, batch size): another shape cannot continue
+        # at "the same batch", so refuse rather than silently train on a different stream.
+        saved = (state.get("world_size"), state.get("batch_size"))
+        if saved != (acc.num_processes, cfg.loop.batch_size):
+            raise UserError(
+                f"checkpoint {url} was written with {saved[0]} processes x batch {saved[1]}; this run has "
+                f"{acc.num_processes} x {cfg.loop.batch_size}: resume with the same processes and loop.batch_size"
+            )
+        acc.load_state(str(folder))
+        self.generator.set_state(torch.load(folder / f"noise_rng_{acc.process_index}.pt"))
         if acc.is_main_process:
             print(f"resuming from {url} at step {state['step']}", flush=True)
         return int(state["step"]), data.Position(**state["position"])

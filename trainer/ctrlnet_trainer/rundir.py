@@ -21,6 +21,8 @@ def check_owner(output: Prefix, cfg: TrainConfig) -> dict | None:
     """The existing run's record when we may continue it; raises when the output is taken."""
     run = read_run(output)
     resuming = cfg.checkpoint.resume is not None
+    if run is not None and not resuming and output.listdir() == [RUN_FILE]:
+        return None  # an earlier attempt stopped on bad input before writing anything: nothing to protect
     if run is not None and not resuming:
         raise UserError(
             f"output {output.url} holds another run (started {run.get('created', '?')}): "

@@ -45,8 +45,15 @@ class Prefix:
     def url_of(self, *parts: str) -> str:
         return posixpath.join(self.url, *parts)
 
+    def _fresh(self, path: str) -> str:
+        # Object-store clients cache listings; another process (a rank, a previous attempt) may
+        # have written since, and checkpoint decisions must see the store as it is now.
+        if self.remote:
+            self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.join(*parts))
+        return self.fs.exists(self._fresh(self.join(*parts)))
 
     def read_text(self, *parts: str) -> str:
         with self.fs.open(self.join(*parts), "r") as f:
@@ -66,7 +73,7 @@ class Prefix:
                 f.write(text)
 
     def listdir(self, *parts: str) -> list[str]:
-        path = self.join(*parts)
+        path = self._fresh(self.join(*parts))
         if not self.fs.exists(path):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))

@@ -50,6 +50,9 @@ def render_samples(models: Models, controlnet: torch.nn.Module, pairs, cfg: Trai
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = controlnet.training
     controlnet.eval()
+    # accelerate's mixed-precision wrapper returns fp32 residuals; the frozen UNet is in
+    # weight_dtype, and CPU autocast does not upcast its GroupNorms (bf16 on CPU would fail).
+    cast = controlnet.register_forward_hook(lambda module, args, out: _to_dtype(out, weight_dtype))
     rows = []
     try:
         for prompt, image in pairs:
@@ -61,8 +64,17 @@ def render_samples(models: Models, controlnet: torch.nn.Module, pairs, cfg: Trai
                 ).images
             rows.append([cond, *images])
     finally:
+        cast.remove()
         controlnet.train(was_training)
     return grid(rows)
+
+
+def _to_dtype(out, dtype: torch.dtype):
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype)
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_dtype(o, dtype) for o in out)
+    return out
 
 
 def save_grid(image: Image.Image, folder: Path, step: int) -> Path:

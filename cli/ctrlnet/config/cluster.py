@@ -267,6 +267,10 @@ class ClusterConfig(Section):
             raise ValueError(f"volcano.min_available is {self.volcano.min_available} but there are only {self.nodes} nodes")
         if self.cache.enabled and self.cache.existing_claim is None and self.nodes > 1 and self.cache.access_mode != "ReadWriteMany":
             raise ValueError(f"cache.access_mode {self.cache.access_mode} cannot be mounted by {self.nodes} nodes: use ReadWriteMany")
+        if self.backend == "trainjob":
+            for key, value in (("priority_class_name", self.priority_class_name), ("ttl_seconds_after_finished", self.ttl_seconds_after_finished)):
+                if value is not None:
+                    raise ValueError(f"{key} is a PyTorchJob setting: with backend trainjob set it in the training runtime, or unset it")
         names = [e.name for e in self.secrets.env]
         for n in names:
             if names.count(n) > 1:

@@ -1,0 +1,74 @@
+"""The pod's entrypoint: `torchrun`, with exit codes that Kubeflow's restart policy can act on.
+
+    python -m ctrlnet.k8s.launch --nnodes=2 --nproc-per-node=8 -m ctrlnet_trainer --config /etc/ctrlnet/config.yaml
+
+It takes exactly torchrun's command line (rendezvous from the PET_* variables the Training
+Operator / Trainer inject) and runs torchrun's own code in-process. Why not plain torchrun:
+torchrun exits 1 whenever it is stopped by SIGTERM, and 1 whenever a worker fails, whatever the
+worker's own exit code. With PyTorchJob `restartPolicy: ExitCode`, 1-127 fail the job for good
+and 128-255 restart the pod, so a preempted pod (SIGTERM: the trainer checkpoints and exits 143)
+would end the job instead of resuming it. Here:
+
+* torchrun stopped by a signal (after its workers finished, within TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+  seconds, which the chart sets just under terminationGracePeriodSeconds) -> 128 + signal (143);
+* a worker exited 128-255 or was killed by a signal (e.g. SIGKILL by the OOM killer -> 137) ->
+  that code, retryable;
+* a worker exited 1-127 (a bug, bad config, bad data) -> that code: permanent, no retry loop;
+* success -> 0.
+
+This module imports torch only inside main(): `ctrlnet --help` never pays for it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterable
+
+RETRYABLE_MIN = 128
+
+
+def exit_code_for(worker_codes: Iterable[int]) -> int:
+    """One exit code for the pod from the workers' exit codes (negative: killed by that signal).
+
+    A retryable code wins over a permanent one: when one rank is preempted, the others fail
+    with collective errors that are consequences, not causes."""
+    codes = [128 - c if c < 0 else c for c in worker_codes]
+    failed = [c for c in codes if c != 0]
+    if not failed:
+        return 0
+    retryable = [c for c in failed if c >= RETRYABLE_MIN]
+    if retryable:
+        return max(retryable, key=lambda c: (c == 143, c))
+    return min(failed)
+
+
+def _early_sigterm(signum: int, frame: object) -> None:
+    # Before torchrun installs its own handlers (e.g. while torch imports): PID 1 ignores signals
+    # that have no handler, so without this a pod would linger until SIGKILL.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _early_sigterm)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except SignalException as e:
+        print(f"ctrlnet.launch: stopped by signal {int(e.sigval)}; exiting {128 + int(e.sigval)} (retryable)", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        code = exit_code_for(f.exitcode for f in e.failures.values())
+        kind = "retryable" if code >= RETRYABLE_MIN else "permanent"
+        print(f"ctrlnet.launch: worker(s) failed with {sorted(f.exitcode for f in e.failures.values())}; exiting {code} ({kind})",
+              file=sys.stderr, flush=True)
+        return code or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

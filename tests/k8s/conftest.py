@@ -1,0 +1,45 @@
+"""Shared helpers for the Kubernetes bundle tests (chart, render, validate, manifests, image)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.yaml"))
+
+
+@functools.lru_cache(maxsize=None)
+def _render(example: str, sets: tuple[str, ...] = ()) -> list[dict]:
+    from ctrlnet.config import load_job_config
+    from ctrlnet.k8s.render import render_objects
+
+    return render_objects(load_job_config(ROOT / "examples" / example, list(sets)))
+
+
+def render_example(example: str, *sets: str) -> list[dict]:
+    """The example's rendered objects (a fresh copy: tests may mutate it)."""
+    return copy.deepcopy(_render(example, tuple(sets)))
+
+
+def by_kind(objs: list[dict], kind: str) -> dict:
+    (obj,) = [o for o in objs if o["kind"] == kind]
+    return obj
+
+
+def ctrlnet(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI entry point (main(): UserError -> one line, exit 2) in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-c", "from ctrlnet.cli import main; main()", *args],
+        cwd=ROOT, capture_output=True, text=True, input=stdin, timeout=120,
+    )
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT

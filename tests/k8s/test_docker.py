@@ -1,0 +1,73 @@
+"""docker/Dockerfile, checked statically (no Docker engine here): pinned base, non-root, no secrets,
+an entrypoint that exists in the package, and a .dockerignore that keeps the context small and clean."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+from .conftest import ROOT
+
+DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
+LINES = [ln.strip() for ln in re.sub(r"\\\n", " ", DOCKERFILE).splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def _instr(name):
+    return [ln.split(None, 1)[1] for ln in LINES if ln.split(None, 1)[0].upper() == name]
+
+
+def test_base_image_pinned_by_tag():
+    args = dict(a.split("=", 1) for a in _instr("ARG") if "=" in a)
+    froms = [f.split()[0] for f in _instr("FROM")]
+    assert froms, "no FROM"
+    for ref in froms:
+        ref = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], ref)
+        assert re.match(r"^[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?$", ref), ref
+        assert not ref.endswith(":latest"), ref
+        assert "cuda" in ref and "runtime" in ref, ref
+
+
+def test_runs_as_non_root_user():
+    users = _instr("USER")
+    assert users, "no USER: the image would run as root"
+    user = users[-1].split(":")[0]
+    assert user.isdigit() and int(user) != 0, "USER must be a numeric non-root uid (runAsNonRoot can verify only numbers)"
+    assert LINES.index(f"USER {users[-1]}") > max(i for i, ln in enumerate(LINES) if ln.startswith("RUN"))
+
+
+def test_installs_trainer_and_deepspeed():
+    runs = " ".join(_instr("RUN"))
+    assert '".[train,s3]"' in runs and "deepspeed==" in runs and "torch==" in runs
+
+
+def test_no_secrets_in_image():
+    secretish = re.compile(r"(TOKEN|SECRET|PASSWORD|ACCESS_KEY|API_KEY)", re.I)
+    for ln in _instr("ENV") + _instr("ARG"):
+        assert not secretish.search(ln), ln
+    for ln in _instr("COPY") + _instr("ADD"):
+        assert not re.search(r"\.env|\.pem|\.key|credentials|\.aws|\.kube", ln), ln
+    assert not _instr("ADD"), "use COPY"
+
+
+def test_entrypoint_is_importable():
+    entry = json.loads(_instr("ENTRYPOINT")[-1])
+    assert entry[:2] == ["tini", "-g"] and entry[-3:] == ["python", "-m", "ctrlnet.k8s.launch"]
+    assert importlib.util.find_spec("ctrlnet.k8s.launch") is not None
+    cmd = json.loads(_instr("CMD")[-1])
+    module = cmd[cmd.index("-m") + 1]
+    assert importlib.util.find_spec(module) is not None, f"{module} is not importable"
+    assert importlib.util.find_spec(f"{module}.__main__") is not None, f"`python -m {module}` needs {module}/__main__.py"
+
+
+def test_dockerignore_keeps_context_clean():
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "**" in ignore, "ignore everything, then allow what the build needs"
+    allowed = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "cli", "trainer", "charts"}
+    assert {"**/.env", "**/*.pem", "**/*.key"} <= set(ignore)
+    for ln in _instr("COPY"):
+        if "--from=" in ln:
+            continue
+        src = ln.split()[:-1]
+        assert set(src) <= allowed, f"COPY {src}: not in the build context allowed by .dockerignore"

@@ -1,0 +1,393 @@
+"""The trainer end to end on CPU: it learns, its output loads in diffusers, checkpoints rotate and
+resume exactly (also after a real SIGTERM), and each training option runs.
+
+Tiny random-init base built in code, synthetic fill50k look-alike data, 32-64 px."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import controlnet_weights, max_weight_diff, metrics_rows, small_config_dict
+
+pytestmark = pytest.mark.slow
+
+CPU = torch.device("cpu")
+
+
+def is_png(path: Path) -> bool:
+    with Image.open(path) as img:
+        img.verify()
+        return img.format == "PNG"
+
+
+def zero_conv_norm(folder) -> float:
+    """Total |weight| of the zero convolutions (exactly 0 before training)."""
+    weights = controlnet_weights(folder)
+    return sum(v.abs().sum().item() for k, v in weights.items()
+               if k.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")))
+
+
+# ------------------------------------------------------------------ it learns
+LEARN_STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, make_cfg):
+    from ctrlnet_trainer.run import train
+
+    out = tmp_path_factory.mktemp("learn") / "run"
+    cfg = make_cfg(
+        out,
+        data={"synthetic_rows": 600, "resolution": 64},
+        optim={"learning_rate": 1e-3, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 10},
+        loop={"batch_size": 4, "max_steps": LEARN_STEPS},
+        validation={"every_steps": 75},
+        logging={"report_to": "tensorboard"},
+    )
+    return cfg, train(cfg)
+
+
+def heldout_batches(cfg, models, rows=32, batch=8):
+    """Synthetic rows past `synthetic_rows`: never trained on."""
+    from ctrlnet_trainer import data
+
+    first = cfg.data.synthetic_rows + 100
+    source = data.Source(data.SyntheticFillSource(first + rows, cfg.data.resolution, cfg.loop.seed), None)
+    examples = data.Examples(source, cfg.data, models.tokenizer, cfg.loop.seed)
+    return [data.collate([examples[(first + b + i, 0)] for i in range(batch)]) for b in range(0, rows, batch)]
+
+
+def test_trained_controlnet_beats_the_zero_controlnet_on_heldout_rows(learned):
+    from diffusers import ControlNetModel
+
+    from ctrlnet_trainer import models as model_lib
+    from ctrlnet_trainer.step import heldout_loss
+
+    cfg, result = learned
+    models = model_lib.load_models(cfg, cfg.loop.seed)  # the same in-code base the run trained on
+    model_lib.prepare_for_training(models, cfg, CPU, torch.float32)
+    batches = heldout_batches(cfg, models)
+
+    zero = ControlNetModel.from_unet(models.unet)  # zero convs: the base UNet alone
+    trained = ControlNetModel.from_pretrained(result.controlnet)
+    baseline = heldout_loss(models, zero, batches, torch.float32, CPU)
+    loss = heldout_loss(models, trained, batches, torch.float32, CPU)
+    assert math.isfinite(loss) and math.isfinite(baseline)
+    # ~0.45x here; 0.8x leaves room for BLAS differences while still meaning "it learned".
+    assert loss < 0.8 * baseline, f"held-out loss {loss:.4f} vs zero-ControlNet {baseline:.4f}"
+
+
+def test_metrics_have_one_row_per_step(learned):
+    cfg, result = learned
+    assert result.steps == LEARN_STEPS
+    rows = metrics_rows(cfg.output)
+    assert [r["step"] for r in rows] == list(range(1, LEARN_STEPS + 1))
+    for r in rows:
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert r["lr"] > 0 and math.isfinite(r["grad_norm"]) and r["samples_per_s"] > 0
+    assert rows[0]["lr"] < rows[-1]["lr"] == pytest.approx(1e-3)  # warmup, then constant
+    first, last = [sum(r["loss"] for r in part) / 20 for part in (rows[:20], rows[-20:])]
+    assert last < first
+
+
+def test_loss_curve_and_samples_are_pngs(learned):
+    cfg, result = learned
+    out = Path(cfg.output)
+    assert result.loss_curve == str(out / "loss.png") and is_png(out / "loss.png")
+    assert result.samples == str(out / "samples" / f"step-{LEARN_STEPS}.png")
+    for step in (75, LEARN_STEPS):
+        path = out / "samples" / f"step-{step}.png"
+        assert is_png(path)
+        with Image.open(path) as img:  # two rows (held-out pairs) x (condition + 1 sample) of 64 px
+            assert img.size == (2 * 64, 2 * 64)
+    assert result.metrics == str(out / "metrics.jsonl")
+    assert json.loads((out / "run.json").read_text())["seed"] == 0
+
+
+def test_tensorboard_event_file_is_written(learned):
+    cfg, _ = learned
+    events = list((Path(cfg.output) / "logs").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+
+
+def test_saved_controlnet_generates_in_the_stock_diffusers_pipeline(learned, tiny_base_dir):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+
+    from ctrlnet_trainer.synthetic import fill_example
+
+    cfg, result = learned
+    controlnet_dir = Path(cfg.output) / "controlnet"
+    assert {"config.json", "diffusion_pytorch_model.safetensors"} <= {p.name for p in controlnet_dir.iterdir()}
+    row = fill_example(cfg.data.synthetic_rows + 7, 64, 0)
+
+    def render(controlnet):
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+            tiny_base_dir, controlnet=controlnet, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(row["text"], image=row["conditioning_image"], num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    trained = render(ControlNetModel.from_pretrained(controlnet_dir))
+    assert trained.shape == (64, 64, 3) and trained.std() > 0
+    # The trained ControlNet steers the base: same seed, different image than with zero residuals.
+    zero = render(ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_base_dir, subfolder="unet")))
+    assert abs(trained - zero).max() > 1e-3
+
+
+# ------------------------------------------------------------------ checkpoints
+def checkpoint_dirs(output) -> list[str]:
+    return sorted(p.name for p in (Path(output) / "checkpoints").iterdir() if p.name.startswith("step-"))
+
+
+def test_checkpoint_rotation_and_uncommitted_folders(tmp_path, make_cfg, capsys):
+    from ctrlnet_trainer.checkpoints import CheckpointStore
+    from ctrlnet_trainer.run import train
+    from ctrlnet_trainer.storage import Prefix
+
+    out = tmp_path / "run"
+    train(make_cfg(out, loop={"max_steps": 7}, checkpoint={"every_steps": 2, "total_limit": 2}))
+    ckpts = out / "checkpoints"
+    assert checkpoint_dirs(out) == ["step-00000004", "step-00000006"]
+    for name in checkpoint_dirs(out):
+        assert (ckpts / name / "COMMITTED").is_file()
+        assert (ckpts / name / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (ckpts / "latest").read_text().strip() == "step-00000006"
+
+    # A crash in the middle of saving step 9 left a folder without COMMITTED, and a pointer to it.
+    (ckpts / "step-00000009" / "controlnet").mkdir(parents=True)
+    (ckpts / "step-00000009" / "controlnet" / "config.json").write_text("{half written")
+    (ckpts / "latest").write_text("step-00000009\n")
+    store = CheckpointStore(Prefix(str(out)), out)
+    assert store.committed_steps() == [4, 6]
+    assert store.resolve("latest") == str(ckpts / "step-00000006")
+
+    capsys.readouterr()
+    result = train(make_cfg(out, loop={"max_steps": 8},
+                            checkpoint={"every_steps": 2, "total_limit": 2, "resume": "latest"}))
+    assert "resuming from" in capsys.readouterr().out and result.steps == 8
+    # Rotation counted only committed checkpoints: 6 and 8 stay; the broken folder is not a checkpoint.
+    assert store.committed_steps() == [6, 8]
+    assert (ckpts / "latest").read_text().strip() == "step-00000008"
+    assert [r["step"] for r in metrics_rows(out)] == list(range(1, 9))
+
+
+def test_resume_from_an_uncommitted_path_is_refused(tmp_path, make_cfg):
+    from ctrlnet.errors import UserError
+    from ctrlnet_trainer.run import train
+
+    half = tmp_path / "old" / "checkpoints" / "step-00000002"
+    half.mkdir(parents=True)
+    with pytest.raises(UserError, match="not a committed checkpoint"):
+        train(make_cfg(tmp_path / "new", checkpoint={"resume": str(half)}))
+
+
+# ------------------------------------------------------------------ resume equivalence
+RESUME = dict(
+    optim={"lr_scheduler": "cosine", "lr_warmup_steps": 2},
+    loop={"max_steps": 6, "batch_size": 2, "gradient_accumulation_steps": 2, "snr_gamma": 5.0},
+    checkpoint={"every_steps": 3},
+)
+
+
+@pytest.fixture(scope="module")
+def parquet_data(tmp_path_factory):
+    from ctrlnet_trainer.synthetic import write_fill_parquet
+
+    # 16 rows / batch 2 = 8 micro-batches an epoch; 6 steps x 2 micro-batches cross into epoch 1.
+    return write_fill_parquet(tmp_path_factory.mktemp("parquet"), rows=16, resolution=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def resume_sections(parquet_data, tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("hf-cache"))
+    return dict(RESUME, model={"cache_dir": cache},
+                data={"dataset": str(parquet_data), "resolution": 32, "num_workers": 0,
+                      "proportion_empty_prompts": 0.3})
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, make_cfg, resume_sections):
+    from ctrlnet_trainer.run import train
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = train(make_cfg(out, **resume_sections))
+    assert result.steps == 6
+    return out
+
+
+def test_resume_in_a_fresh_output_from_a_checkpoint_path(straight, tmp_path, make_cfg, resume_sections):
+    from ctrlnet_trainer.run import train
+
+    ckpt = straight / "checkpoints" / "step-00000003"
+    sections = dict(resume_sections, checkpoint={"every_steps": 3, "resume": str(ckpt)})
+    result = train(make_cfg(tmp_path / "b", **sections))
+    assert result.steps == 6
+    assert max_weight_diff(straight / "controlnet", tmp_path / "b" / "controlnet") <= 1e-6
+    # The resumed run logs steps 4..6 only, with the straight run's losses.
+    resumed, full = metrics_rows(tmp_path / "b"), metrics_rows(straight)
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full[3:]], rel=1e-5)
+
+
+DRIVER = r'''
+"""python -m ctrlnet_trainer, holding still after its first checkpoint until SIGTERM arrives."""
+import sys, time
+from pathlib import Path
+import ctrlnet_trainer.checkpoints as checkpoints
+import ctrlnet_trainer.preemption as preemption
+from ctrlnet_trainer.__main__ import main
+
+marker, signalled = Path(sys.argv[1]), []
+handle, commit = preemption.StopFlag._handle, checkpoints.CheckpointStore.commit
+
+def on_sigterm(self, signum, frame):
+    signalled.append(signum)
+    handle(self, signum, frame)
+
+def commit_then_wait(self, step, total_limit):
+    url = commit(self, step, total_limit)
+    if not marker.exists():
+        marker.write_text(str(step))
+        deadline = time.time() + 300
+        while not signalled and time.time() < deadline:
+            time.sleep(0.05)
+    return url
+
+preemption.StopFlag._handle = on_sigterm
+checkpoints.CheckpointStore.commit = commit_then_wait
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def test_sigterm_checkpoints_exits_143_and_resume_latest_matches_straight(
+        straight, tmp_path, make_cfg, resume_sections):
+    from ctrlnet_trainer.run import train
+
+    out = tmp_path / "preempted"
+    config = tmp_path / "train.yaml"  # the train section alone, as in the job's ConfigMap
+    config.write_text(yaml.safe_dump(small_config_dict(out, **resume_sections)))
+    driver, marker = tmp_path / "driver.py", tmp_path / "first-checkpoint"
+    driver.write_text(DRIVER)
+    proc = subprocess.Popen([sys.executable, str(driver), str(marker), "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), proc.communicate(timeout=60)
+        assert marker.read_text() == "3"
+        os.kill(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The step in flight finishes (4), is checkpointed, and the exit code asks for a restart.
+    assert proc.returncode == 143, stderr
+    assert "preempted at step 4" in stderr and "Traceback" not in stderr
+    ckpts = out / "checkpoints"
+    assert (ckpts / "step-00000004" / "COMMITTED").is_file()
+    assert (ckpts / "latest").read_text().strip() == "step-00000004"
+    assert not (out / "controlnet").exists()
+
+    # The restarted job: same output, resume=latest, to the end.
+    sections = dict(resume_sections, checkpoint={"every_steps": 3, "resume": "latest"})
+    result = train(make_cfg(out, **sections))
+    assert result.steps == 6
+    assert max_weight_diff(straight / "controlnet", out / "controlnet") <= 1e-6
+    rows = metrics_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in metrics_rows(straight)], rel=1e-5)
+
+
+def test_a_restart_before_any_checkpoint_starts_fresh(tmp_path, make_cfg):
+    """resume=latest with nothing saved yet (the first attempt of a restartable job) trains from 0."""
+    from ctrlnet_trainer.run import train
+
+    result = train(make_cfg(tmp_path / "run", loop={"max_steps": 2}, checkpoint={"resume": "latest"}))
+    assert result.steps == 2 and [r["step"] for r in metrics_rows(tmp_path / "run")] == [1, 2]
+
+
+# ------------------------------------------------------------------ data
+def test_max_train_samples_trains_on_exactly_that_seeded_subset(tmp_path, make_cfg, monkeypatch):
+    from ctrlnet_trainer import data
+    from ctrlnet_trainer.run import train
+
+    full = data.Source(data.SyntheticFillSource(64, 32, 0), None)
+    a, b, other = data.subset(full, 8, 0), data.subset(full, 8, 0), data.subset(full, 8, 1)
+    rows_a = [a.rows.order[i] for i in range(len(a.rows))]
+    assert len(rows_a) == 8 == len(set(rows_a)) and rows_a == list(b.rows.order)
+    assert set(rows_a) != set(other.rows.order)
+    assert data.subset(full, 1000, 0) is full  # more than there is: everything
+
+    seen = []
+    getitem = data.SyntheticFillSource.__getitem__
+    monkeypatch.setattr(data.SyntheticFillSource, "__getitem__",
+                        lambda self, i: (seen.append(int(i)), getitem(self, i))[1])
+    # No max_steps: 2 epochs of 8 rows / batch 4 = 4 steps.
+    cfg = make_cfg(tmp_path / "run", data={"max_train_samples": 8},
+                   loop={"max_steps": None, "num_epochs": 2, "batch_size": 4})
+    result = train(cfg)
+    assert result.steps == 4
+    assert sorted(seen) == sorted(rows_a * 2)  # each subset row once per epoch, nothing else
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "run")] == [0, 1, 1, 2]
+
+
+def test_imagefolder_with_conditioning_paths_trains(tmp_path, make_cfg):
+    from ctrlnet_trainer.run import train
+    from ctrlnet_trainer.synthetic import fill_example
+
+    folder = tmp_path / "data"
+    (folder / "cond").mkdir(parents=True)
+    (folder / "img").mkdir()
+    lines = []
+    for i in range(8):
+        row = fill_example(i, 32, 0)
+        row["image"].save(folder / "img" / f"{i}.png")
+        row["conditioning_image"].save(folder / "cond" / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"img/{i}.png", "conditioning_image": f"cond/{i}.png",
+                                 "text": row["text"]}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    result = train(make_cfg(out, model={"cache_dir": str(tmp_path / "cache")},
+                            data={"dataset": str(folder)}, loop={"max_steps": 3}))
+    assert result.steps == 3
+    assert all(math.isfinite(r["loss"]) for r in metrics_rows(out))
+    assert zero_conv_norm(out / "controlnet") > 0
+
+
+VARIANTS = {
+    "v_prediction_min_snr": dict(model={"prediction_type": "v_prediction"}, loop={"snr_gamma": 5.0}),
+    "adamw_8bit": dict(optim={"optimizer": "adamw_8bit"}),
+    "gradient_checkpointing": dict(loop={"gradient_checkpointing": True}),
+    "bf16_on_cpu": dict(loop={"mixed_precision": "bf16"}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_training_option_trains(variant, tmp_path, make_cfg):
+    if variant == "adamw_8bit":
+        pytest.importorskip("bitsandbytes")
+    from ctrlnet_trainer.run import train
+
+    out = tmp_path / "run"
+    sections = VARIANTS[variant]
+    result = train(make_cfg(out, **dict(sections, loop={"max_steps": 3, **sections.get("loop", {})})))
+    assert result.steps == 3
+    rows = metrics_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert zero_conv_norm(out / "controlnet") > 0  # the zero convolutions moved: it trained
+    assert is_png(Path(result.samples))  # validation ran with this option too
+    config = json.loads((out / "controlnet" / "config.json").read_text())
+    assert config["_class_name"] == "ControlNetModel"
