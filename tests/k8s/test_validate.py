@@ -105,6 +105,17 @@ def test_resolution_not_multiple_of_8():
     only(problems_after("single-gpu.yaml", m), "data.resolution: must be a multiple of 8")
 
 
+def test_restartable_pods_must_resume_from_latest():
+    import yaml
+
+    def m(objs):
+        cm = by_kind(objs, "ConfigMap")
+        train = yaml.safe_load(cm["data"]["config.yaml"])
+        train["checkpoint"].pop("resume")
+        cm["data"]["config.yaml"] = yaml.safe_dump(train)
+    only(problems_after("single-gpu.yaml", m), "train.checkpoint.resume is unset")
+
+
 def test_dns1035_job_name():
     def m(objs):
         by_kind(objs, "PyTorchJob")["metadata"]["name"] = "Fill50k_Run"

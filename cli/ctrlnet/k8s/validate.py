@@ -403,9 +403,14 @@ def _configmap(obj: dict[str, Any], who: str, out: list[Problem]) -> None:
         out.append(Problem(who, f"data.{CONFIG_KEY}", "must be a mapping (the train section)"))
         return
     try:
-        validate_model(TrainConfig, parsed)
+        train = validate_model(TrainConfig, parsed)
     except UserError as e:
         out.append(Problem(who, f"data.{CONFIG_KEY}", f"the trainer would reject it: {str(e).removeprefix('invalid config: ')}"))
+        return
+    if train.checkpoint.resume is None:
+        # A restarted pod (preemption, node loss) finds its own run.json and refuses to overwrite it.
+        out.append(Problem(who, f"data.{CONFIG_KEY}", "train.checkpoint.resume is unset: a restarted pod would "
+                           "refuse its own output; set it to latest"))
 
 
 def _walk_env(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
