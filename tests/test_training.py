@@ -125,7 +125,7 @@ def test_saved_controlnet_generates_in_the_stock_diffusers_pipeline(learned, tin
 
     from ctrlnet_trainer.synthetic import fill_example
 
-    cfg, result = learned
+    cfg, _ = learned
     controlnet_dir = Path(cfg.output) / "controlnet"
     assert {"config.json", "diffusion_pytorch_model.safetensors"} <= {p.name for p in controlnet_dir.iterdir()}
     row = fill_example(cfg.data.synthetic_rows + 7, 64, 0)
@@ -192,11 +192,11 @@ def test_resume_from_an_uncommitted_path_is_refused(tmp_path, make_cfg):
 
 
 # ------------------------------------------------------------------ resume equivalence
-RESUME = dict(
-    optim={"lr_scheduler": "cosine", "lr_warmup_steps": 2},
-    loop={"max_steps": 6, "batch_size": 2, "gradient_accumulation_steps": 2, "snr_gamma": 5.0},
-    checkpoint={"every_steps": 3},
-)
+RESUME = {
+    "optim": {"lr_scheduler": "cosine", "lr_warmup_steps": 2},
+    "loop": {"max_steps": 6, "batch_size": 2, "gradient_accumulation_steps": 2, "snr_gamma": 5.0},
+    "checkpoint": {"every_steps": 3},
+}
 
 
 @pytest.fixture(scope="module")
@@ -278,20 +278,23 @@ def test_sigterm_checkpoints_exits_143_and_resume_latest_matches_straight(
     config.write_text(yaml.safe_dump(small_config_dict(out, **resume_sections)))
     driver, marker = tmp_path / "driver.py", tmp_path / "first-checkpoint"
     driver.write_text(DRIVER)
-    proc = subprocess.Popen([sys.executable, str(driver), str(marker), "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:  # a file, not a pipe: nothing can block on a full pipe while we wait
+        proc = subprocess.Popen([sys.executable, str(driver), str(marker), "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.time() + 240
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        assert marker.exists(), proc.communicate(timeout=60)
+        assert marker.exists(), log.read_text()[-3000:]
         assert marker.read_text() == "3"
         os.kill(proc.pid, signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=240)
+        proc.wait(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    stderr = log.read_text()
     # The step in flight finishes (4), is checkpointed, and the exit code asks for a restart.
     assert proc.returncode == 143, stderr
     assert "preempted at step 4" in stderr and "Traceback" not in stderr
@@ -367,10 +370,10 @@ def test_imagefolder_with_conditioning_paths_trains(tmp_path, make_cfg):
 
 
 VARIANTS = {
-    "v_prediction_min_snr": dict(model={"prediction_type": "v_prediction"}, loop={"snr_gamma": 5.0}),
-    "adamw_8bit": dict(optim={"optimizer": "adamw_8bit"}),
-    "gradient_checkpointing": dict(loop={"gradient_checkpointing": True}),
-    "bf16_on_cpu": dict(loop={"mixed_precision": "bf16"}),
+    "v_prediction_min_snr": {"model": {"prediction_type": "v_prediction"}, "loop": {"snr_gamma": 5.0}},
+    "adamw_8bit": {"optim": {"optimizer": "adamw_8bit"}},
+    "gradient_checkpointing": {"loop": {"gradient_checkpointing": True}},
+    "bf16_on_cpu": {"loop": {"mixed_precision": "bf16"}},
 }
 
 
@@ -391,3 +394,26 @@ def test_training_option_trains(variant, tmp_path, make_cfg):
     assert is_png(Path(result.samples))  # validation ran with this option too
     config = json.loads((out / "controlnet" / "config.json").read_text())
     assert config["_class_name"] == "ControlNetModel"
+
+
+def test_two_runs_in_one_process_with_different_precision(tmp_path, make_cfg):
+    """A notebook calling train() twice: accelerate's process-wide state must not leak between runs."""
+    from ctrlnet_trainer.run import train
+
+    assert train(make_cfg(tmp_path / "a", loop={"max_steps": 1})).steps == 1
+    result = train(make_cfg(tmp_path / "b", loop={"max_steps": 2, "mixed_precision": "bf16",
+                                                   "gradient_accumulation_steps": 2}))
+    assert result.steps == 2 and [r["step"] for r in metrics_rows(tmp_path / "b")] == [1, 2]
+
+
+def test_resume_without_a_seed_keeps_the_checkpoints_seed(tmp_path, make_cfg):
+    """No loop.seed: the first run draws one; resuming elsewhere must reuse it (same data order,
+    noise and in-code base), not draw another."""
+    from ctrlnet_trainer.run import train
+
+    unseeded = {"loop": {"seed": None, "max_steps": 3}, "checkpoint": {"every_steps": 1}}
+    train(make_cfg(tmp_path / "a", **unseeded))
+    sections = dict(unseeded, checkpoint={"every_steps": 1, "resume": str(tmp_path / "a/checkpoints/step-00000001")})
+    train(make_cfg(tmp_path / "b", **sections))
+    assert json.loads((tmp_path / "b/run.json").read_text())["seed"] == json.loads((tmp_path / "a/run.json").read_text())["seed"]
+    assert max_weight_diff(tmp_path / "a" / "controlnet", tmp_path / "b" / "controlnet") <= 1e-6

@@ -92,6 +92,7 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         previous = rundir.check_owner(self.output, cfg)  # every rank reads before anyone writes
         acc.wait_for_everyone()
+        self.resume_url = self.store.resolve(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         self.seed = self._agree_on_seed(previous)
         if acc.is_main_process and previous is None:
             rundir.write_run(self.output, cfg, self.seed)
@@ -127,6 +128,13 @@ class Trainer:
         return self._loop()
 
     def _agree_on_seed(self, previous: dict | None) -> int:
+        """A resumed run keeps its seed (data order, noise, in-code base); else config, else drawn."""
+        if self.resume_url is not None:
+            state = json.loads(Prefix(self.resume_url).read_text(TRAINER_STATE))
+            if self.cfg.loop.seed is not None and self.cfg.loop.seed != state["seed"] and self.acc.is_main_process:
+                print(f"note: loop.seed={self.cfg.loop.seed} ignored; resuming keeps the checkpoint's seed {state['seed']}",
+                      flush=True)
+            return int(state["seed"])
         if previous is not None:
             return int(previous["seed"])
         if self.cfg.loop.seed is not None:
@@ -323,9 +331,7 @@ class Trainer:
 
     def _resume(self) -> tuple[int, data.Position]:
         acc, cfg = self.acc, self.cfg
-        if not cfg.checkpoint.resume:
-            return 0, data.Position()
-        url = self.store.resolve(cfg.checkpoint.resume)
+        url = self.resume_url
         if url is None:  # `latest` with nothing saved yet: a fresh start (first run of a restartable job)
             return 0, data.Position()
         local = self.work_dir / ".resume"

@@ -67,6 +67,7 @@ class Prefix:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
             with os.fdopen(fd, "w") as f:
                 f.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are shared with readers
             os.replace(tmp, path)
         else:
             with self.fs.open(path, "w") as f:
