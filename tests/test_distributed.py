@@ -62,6 +62,23 @@ def test_two_processes_checkpoint_every_rank_and_resume_exactly(setup):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+def test_deepspeed_zero2_checkpoints_without_hanging_and_resumes_exactly(setup):
+    """The reference's checkpoint save hangs under DeepSpeed (only rank 0 calls save_state);
+    here every rank saves its ZeRO shards, the ControlNet is gathered, and resume is exact."""
+    pytest.importorskip("deepspeed")
+    root, config = setup
+    ds = "distributed.strategy=deepspeed"
+    straight = _torchrun(config, f"output={root / 'ds'}", ds)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    ckpt = root / "ds" / "checkpoints" / "step-00000002"
+    assert (ckpt / "COMMITTED").exists() and (ckpt / "pytorch_model").is_dir()  # ZeRO shards
+    assert (ckpt / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+    resumed = _torchrun(config, f"output={root / 'ds-resumed'}", ds, f"checkpoint.resume={ckpt}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _weights(root / "ds"), _weights(root / "ds-resumed")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
 def test_resume_with_another_world_size_is_refused(setup):
     root, config = setup
     ckpt = root / "straight" / "checkpoints" / "step-00000002"

@@ -3,6 +3,8 @@ mixed precision, gradient accumulation. Processes come from torchrun's environme
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,13 +70,63 @@ def build_accelerator(cfg: TrainConfig, work_dir: Path, use_cuda: bool):
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install deepspeed, or use ddp")
         kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg)
-    return Accelerator(
+    # accelerate's `cpu=True` is what makes torchrun processes on CPUs one MULTI_CPU group, but
+    # it silently drops a DeepSpeed plugin; DeepSpeed finds the CPU by itself without it.
+    deepspeed = cfg.distributed.strategy == "deepspeed"
+    force_cpu = not use_cuda and not deepspeed
+    if deepspeed and not use_cuda and torch.cuda.is_available():
+        raise UserError("distributed.strategy=deepspeed with loop.device=cpu on a GPU machine is not supported: use ddp")
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.loop.gradient_accumulation_steps,
         mixed_precision=cfg.loop.mixed_precision,
-        cpu=not use_cuda,
+        cpu=force_cpu,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(work_dir), logging_dir=str(work_dir / cfg.logging.logging_dir)),
         # The zero-conv branch of the first steps leaves no parameter unused; keep DDP's fast path.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         **kwargs,
     )
+    # Fail loudly rather than train N independent copies or lose DeepSpeed without a word.
+    if deepspeed and accelerator.distributed_type.value != "DEEPSPEED":
+        raise RuntimeError(f"DeepSpeed was asked for but accelerate chose {accelerator.distributed_type.value}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if process_ranks().world != world:
+        raise RuntimeError(f"torchrun started {world} processes but only {process_ranks().world} joined the group")
+    return accelerator
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Who this process is, from torch.distributed itself: accelerate 1.15 reports one process
+    and rank 0 on every rank for DeepSpeed on CPUs, which would make every rank the writer."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def process_ranks() -> Ranks:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks(0, 1, 0)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum or mean over all processes (a no-op in one process)."""
+    import torch.distributed as dist
+
+    if process_ranks().world == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size() if op == "mean" else out

@@ -37,9 +37,9 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, accelerator) -> bool:
+    def agreed(self, device) -> bool:
         """True on every rank when any rank was signalled (ranks must checkpoint together)."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        from ctrlnet_trainer.accel import all_reduce
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        return bool(all_reduce(flag).item() > 0)

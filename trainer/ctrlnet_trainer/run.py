@@ -83,6 +83,7 @@ class Trainer:
         self.cfg, self.acc, self.output, self.work_dir, self.stop = cfg, accelerator, output, work_dir, stop
         self.store = CheckpointStore(output, work_dir)
         self.device = accelerator.device
+        self.ranks = accel.process_ranks()
         self.weight_dtype = accel.DTYPES[cfg.loop.mixed_precision]
         self.is_deepspeed = cfg.distributed.strategy == "deepspeed"
         self.last_samples: Path | None = None
@@ -94,7 +95,7 @@ class Trainer:
         acc.wait_for_everyone()
         self.resume_url = self.store.resolve(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         self.seed = self._agree_on_seed(previous)
-        if acc.is_main_process and previous is None:
+        if self.ranks.is_main and previous is None:
             rundir.write_run(self.output, cfg, self.seed)
 
         from accelerate.utils import set_seed
@@ -112,7 +113,7 @@ class Trainer:
         self.examples = data.Examples(source, cfg.data, self.models.tokenizer, self.seed)
         self.source = source
 
-        accum, world = cfg.loop.gradient_accumulation_steps, acc.num_processes
+        accum, world = cfg.loop.gradient_accumulation_steps, self.ranks.world
         self.total_steps = cfg.loop.max_steps or self._steps_for_epochs(len(self.examples), world)
         lr = optim.scaled_lr(cfg.optim, cfg.loop.batch_size, accum, world)
         optimizer = optim.build_optimizer(self.models.controlnet.parameters(), cfg.optim, lr, self.device)
@@ -121,7 +122,7 @@ class Trainer:
         acc.register_for_checkpointing(self.lr_scheduler)
         self._register_checkpoint_format()
         # One noise stream per rank; its state is checkpointed so a resume draws the same noise.
-        self.generator = torch.Generator(device=self.device).manual_seed(self.seed * 7919 + acc.process_index)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed * 7919 + self.ranks.rank)
 
         self.step, position = self._resume()
         self.batches = self._batches(position)
@@ -131,7 +132,7 @@ class Trainer:
         """A resumed run keeps its seed (data order, noise, in-code base); else config, else drawn."""
         if self.resume_url is not None:
             state = json.loads(Prefix(self.resume_url).read_text(TRAINER_STATE))
-            if self.cfg.loop.seed is not None and self.cfg.loop.seed != state["seed"] and self.acc.is_main_process:
+            if self.cfg.loop.seed is not None and self.cfg.loop.seed != state["seed"] and self.ranks.is_main:
                 print(f"note: loop.seed={self.cfg.loop.seed} ignored; resuming keeps the checkpoint's seed {state['seed']}",
                       flush=True)
             return int(state["seed"])
@@ -139,9 +140,12 @@ class Trainer:
             return int(previous["seed"])
         if self.cfg.loop.seed is not None:
             return self.cfg.loop.seed
-        from accelerate.utils import broadcast_object_list
+        drawn = [random.SystemRandom().randrange(2**31)]
+        if self.ranks.world > 1:
+            import torch.distributed as dist
 
-        return int(broadcast_object_list([random.SystemRandom().randrange(2**31)])[0])
+            dist.broadcast_object_list(drawn, src=0)  # every rank must train from the same seed
+        return int(drawn[0])
 
     def _steps_for_epochs(self, rows: int, world: int) -> int:
         per_epoch = (rows // world) // self.cfg.loop.batch_size
@@ -150,9 +154,9 @@ class Trainer:
     def _batches(self, position: data.Position):
         cfg = self.cfg
         if self.source.streaming:
-            return data.StreamingBatches(self.source, self.examples, cfg.loop.batch_size, self.acc.process_index,
-                                         self.acc.num_processes, self.seed, cfg.data.shuffle_buffer, position)
-        return data.MapBatches(self.examples, cfg.loop.batch_size, self.acc.process_index, self.acc.num_processes,
+            return data.StreamingBatches(self.source, self.examples, cfg.loop.batch_size, self.ranks.rank,
+                                         self.ranks.world, self.seed, cfg.data.shuffle_buffer, position)
+        return data.MapBatches(self.examples, cfg.loop.batch_size, self.ranks.rank, self.ranks.world,
                                self.seed, cfg.data.num_workers, position, pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------ loop
@@ -160,15 +164,15 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         encoder = OnlineEncoder(self.models, self.weight_dtype, self.device)
         metrics = None
-        if acc.is_main_process:
+        if self.ranks.is_main:
             if self.output.remote and self.step and self.output.exists("metrics.jsonl"):
                 self.output.download(self.work_dir / "metrics.jsonl", "metrics.jsonl")  # keep the history
             metrics = MetricsLog(self.work_dir / "metrics.jsonl", self.step)
-        if acc.is_main_process and acc.log_with:
+        if self.ranks.is_main and acc.log_with:
             acc.init_trackers(cfg.logging.tracker_project_name, config=_flat_hparams(cfg))
-        pairs = validation.validation_pairs(cfg, self.seed) if acc.is_main_process else []
-        progress = Progress(self.total_steps, self.step, acc.is_local_main_process)
-        samples_per_step = cfg.loop.batch_size * cfg.loop.gradient_accumulation_steps * acc.num_processes
+        pairs = validation.validation_pairs(cfg, self.seed) if self.ranks.is_main else []
+        progress = Progress(self.total_steps, self.step, self.ranks.is_local_main)
+        samples_per_step = cfg.loop.batch_size * cfg.loop.gradient_accumulation_steps * self.ranks.world
         batches = iter(self.batches)
         window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
         max_norm = cfg.optim.max_grad_norm or math.inf
@@ -196,7 +200,7 @@ class Trainer:
             window_steps += 1
 
             if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps:
-                mean_loss = acc.reduce(window_loss, reduction="mean").item() / window_steps
+                mean_loss = accel.all_reduce(window_loss, "mean").item() / window_steps
                 elapsed = time.perf_counter() - window_start
                 row = {"step": self.step, "loss": round(mean_loss, 6), "lr": self.lr_scheduler.get_last_lr()[0],
                        "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
@@ -206,7 +210,7 @@ class Trainer:
                     row["gpu_mem_gib"] = mem
                 if metrics:
                     metrics.write(row)
-                if acc.is_main_process and acc.log_with:
+                if self.ranks.is_main and acc.log_with:
                     acc.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=self.step)
                 progress.update(loss=f"{mean_loss:.4f}")
                 window_loss.zero_()
@@ -214,7 +218,7 @@ class Trainer:
             elif progress.bar:
                 progress.update()
 
-            stop = self.stop.agreed(acc)
+            stop = self.stop.agreed(self.device)
             if self.step % cfg.checkpoint.every_steps == 0 or stop:
                 checkpoint = self._save_checkpoint(metrics)
                 if stop:
@@ -230,7 +234,7 @@ class Trainer:
 
     # ------------------------------------------------------------ validate / save
     def _validate(self, pairs) -> None:
-        if not self.acc.is_main_process or self.cfg.distributed.zero_stage == 3 and self.is_deepspeed:
+        if not self.ranks.is_main or self.cfg.distributed.zero_stage == 3 and self.is_deepspeed:
             return  # ZeRO-3 shards the weights; sampling them needs every rank (not done here)
         image = validation.render_samples(self.models, self.acc.unwrap_model(self.controlnet), pairs, self.cfg,
                                           self.weight_dtype, self.device, self.seed)
@@ -248,7 +252,7 @@ class Trainer:
         state_dict = acc.get_state_dict(self.controlnet) if self.is_deepspeed else None  # collective
         final = self.work_dir / "controlnet"
         repo = curve = None
-        if acc.is_main_process:
+        if self.ranks.is_main:
             acc.unwrap_model(self.controlnet).save_pretrained(final, state_dict=state_dict, safe_serialization=True)
             self.output.upload(final, "controlnet")
             if pairs and self.step % self.cfg.validation.every_steps != 0:
@@ -284,7 +288,7 @@ class Trainer:
         acc = self.acc
 
         def save_hook(models, weights, output_dir):
-            if acc.is_main_process:
+            if self.ranks.is_main:
                 for model in models:
                     acc.unwrap_model(model).save_pretrained(Path(output_dir) / "controlnet", safe_serialization=True)
             weights.clear()  # saved above: accelerate must not write them again
@@ -303,27 +307,27 @@ class Trainer:
     def _save_checkpoint(self, metrics: MetricsLog | None) -> str | None:
         acc, step = self.acc, self.step
         node_local = self.output.remote  # remote output: each node stages in its own temp folder
-        if acc.is_main_process or (node_local and acc.is_local_main_process):
+        if self.ranks.is_main or (node_local and self.ranks.is_local_main):
             self.store.clear_staging(step)
         acc.wait_for_everyone()
         folder = self.store.staging_dir(step)
         acc.save_state(str(folder))  # every rank: DeepSpeed saves shards collectively
-        torch.save(self.generator.get_state(), folder / f"noise_rng_{acc.process_index}.pt")
+        torch.save(self.generator.get_state(), folder / f"noise_rng_{self.ranks.rank}.pt")
         if self.is_deepspeed:
             state_dict = acc.get_state_dict(self.controlnet)
-            if acc.is_main_process:
+            if self.ranks.is_main:
                 acc.unwrap_model(self.controlnet).save_pretrained(folder / "controlnet", state_dict=state_dict)
-        if acc.is_main_process:
+        if self.ranks.is_main:
             state = {"step": step, "position": self.batches.position.as_dict(), "seed": self.seed,
-                     "total_steps": self.total_steps, "world_size": acc.num_processes,
+                     "total_steps": self.total_steps, "world_size": self.ranks.world,
                      "batch_size": self.cfg.loop.batch_size}
             (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         acc.wait_for_everyone()
-        if node_local and acc.is_local_main_process:
+        if node_local and self.ranks.is_local_main:
             self.store.upload(step)
         acc.wait_for_everyone()
         url = None
-        if acc.is_main_process:
+        if self.ranks.is_main:
             url = self.store.commit(step, self.cfg.checkpoint.total_limit)
             self._upload_logs(None)
         acc.wait_for_everyone()
@@ -335,7 +339,7 @@ class Trainer:
         if url is None:  # `latest` with nothing saved yet: a fresh start (first run of a restartable job)
             return 0, data.Position()
         local = self.work_dir / ".resume"
-        if acc.is_local_main_process and Prefix(url).remote:
+        if self.ranks.is_local_main and Prefix(url).remote:
             shutil.rmtree(local, ignore_errors=True)
             CheckpointStore.fetch(url, local)
         acc.wait_for_everyone()
@@ -344,14 +348,14 @@ class Trainer:
         # The data order is a function of (world size, batch size): another shape cannot continue
         # at "the same batch", so refuse rather than silently train on a different stream.
         saved = (state.get("world_size"), state.get("batch_size"))
-        if saved != (acc.num_processes, cfg.loop.batch_size):
+        if saved != (self.ranks.world, cfg.loop.batch_size):
             raise UserError(
                 f"checkpoint {url} was written with {saved[0]} processes x batch {saved[1]}; this run has "
-                f"{acc.num_processes} x {cfg.loop.batch_size}: resume with the same processes and loop.batch_size"
+                f"{self.ranks.world} x {cfg.loop.batch_size}: resume with the same processes and loop.batch_size"
             )
         acc.load_state(str(folder))
-        self.generator.set_state(torch.load(folder / f"noise_rng_{acc.process_index}.pt"))
-        if acc.is_main_process:
+        self.generator.set_state(torch.load(folder / f"noise_rng_{self.ranks.rank}.pt"))
+        if self.ranks.is_main:
             print(f"resuming from {url} at step {state['step']}", flush=True)
         return int(state["step"]), data.Position(**state["position"])
 
