@@ -13,6 +13,9 @@ from ctrlnet_trainer.models import resolve_location
 
 def generate(base: str, controlnet: str, image: str, prompt: str, out: str, num_images: int = 1,
              steps: int = 20, seed: int = 0, device: str = "auto", height: int | None = None) -> list[Path]:
+    from ctrlnet_trainer.quiet import quiet_library_noise
+
+    quiet_library_noise()
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     if device == "auto":

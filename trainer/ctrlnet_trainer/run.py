@@ -24,6 +24,7 @@ from ctrlnet_trainer import accel, data, models as model_lib, optim, rundir, val
 from ctrlnet_trainer.checkpoints import CheckpointStore
 from ctrlnet_trainer.metrics import MetricsLog, Progress, gpu_memory_gib
 from ctrlnet_trainer.preemption import Preempted, StopFlag
+from ctrlnet_trainer.quiet import quiet_library_noise
 from ctrlnet_trainer.step import OnlineEncoder, controlnet_loss, drop_prompt_mask
 from ctrlnet_trainer.storage import Prefix
 
@@ -41,6 +42,7 @@ class RunResult:
 
 
 def train(cfg: TrainConfig) -> RunResult:
+    quiet_library_noise()
     use_cuda = accel.check_device_options(cfg)
     if cfg.data.streaming and cfg.loop.max_steps is None:
         raise UserError("data.streaming needs loop.max_steps (a stream has no known length): set --max-steps N")
@@ -234,13 +236,13 @@ class Trainer:
 
     # ------------------------------------------------------------ validate / save
     def _validate(self, pairs) -> None:
-        if not self.ranks.is_main or self.cfg.distributed.zero_stage == 3 and self.is_deepspeed:
+        if not self.ranks.is_main or (self.is_deepspeed and self.cfg.distributed.zero_stage == 3):
             return  # ZeRO-3 shards the weights; sampling them needs every rank (not done here)
         image = validation.render_samples(self.models, self.acc.unwrap_model(self.controlnet), pairs, self.cfg,
                                           self.weight_dtype, self.device, self.seed)
         self.last_samples = validation.save_grid(image, self.work_dir / "samples", self.step)
         self.output.upload(self.last_samples, "samples", self.last_samples.name)
-        if self.acc.log_with == ["tensorboard"] or "tensorboard" in str(self.acc.log_with):
+        if self.cfg.logging.report_to == "tensorboard":
             import numpy as np
 
             self.acc.get_tracker("tensorboard").writer.add_image(
@@ -260,11 +262,12 @@ class Trainer:
             metrics.close()
             curve = metrics.plot_loss(self.work_dir / "loss.png")
             self._upload_logs(curve)
-            if self.cfg.hub.push:
-                from ctrlnet_trainer.hub import push_controlnet
-
-                repo = push_controlnet(final, self.cfg.hub, Path(self.output.root).name)
         acc.wait_for_everyone()
+        if self.ranks.is_main and self.cfg.hub.push:
+            # After the last barrier: a failed upload ends this process alone, the others are done.
+            from ctrlnet_trainer.hub import push_controlnet
+
+            repo = push_controlnet(final, self.cfg.hub, Path(self.output.root).name)
         return RunResult(
             controlnet=self.output.url_of("controlnet"),
             samples=self.output.url_of("samples", self.last_samples.name) if self.last_samples else None,
