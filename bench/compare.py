@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def run(cmd: list[str], log: Path) -> str:
 
 def ours(a, base: Path, data: Path, work: Path) -> dict:
     out = work / "ours"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time (the trainer refuses a used output)
     empty = work / "empty.yaml"
     empty.write_text("{}\n")  # every key comes from --set below
     cmd = [sys.executable, "-m", "ctrlnet_trainer", "--config", str(empty),
@@ -48,6 +50,7 @@ def ours(a, base: Path, data: Path, work: Path) -> dict:
 
 
 def reference(a, base: Path, data: Path, work: Path) -> dict:
+    shutil.rmtree(work / "ref", ignore_errors=True)
     cmd = [sys.executable, a.runner, a.reference,
            f"--pretrained_model_name_or_path={base}", f"--train_data_dir={data}",
            f"--output_dir={work / 'ref'}", f"--resolution={a.resolution}",
@@ -55,6 +58,8 @@ def reference(a, base: Path, data: Path, work: Path) -> dict:
            f"--mixed_precision={a.precision}", f"--dataloader_num_workers={a.workers}",
            f"--checkpointing_steps={a.steps * 10}", "--learning_rate=1e-5", "--seed=0",
            "--report_to=tensorboard"]
+    if a.torchvision_shim:
+        cmd.insert(1, str(Path(__file__).resolve().parent / "cpu_shim" / "run_with_shim.py"))
     text = run(cmd, work / "ref.log")
     line = next(l for l in text.splitlines()[::-1] if l.startswith("REFERENCE_RESULT "))
     r = json.loads(line.split(" ", 1)[1])
@@ -76,6 +81,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--only", choices=["ours", "reference"], default=None)
     p.add_argument("--work", default=None)
+    p.add_argument("--torchvision-shim", action="store_true",
+                   help="run the reference with bench/cpu_shim's torchvision.transforms (no torchvision here)")
     a = p.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="ctrlnet-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ def test_helm_enforces_the_schema():
         ({"cluster": {"nodes": 0}}, "minimum"),
         ({"cluster": {"backend": "mpijob"}}, "backend"),
         ({"train": {"loop": {"batch_size": "four"}}}, "batch_size"),
+        ({"train": {"data": {"resolution": 500}}}, "multiple of 8|multipleOf|resolution"),
     ]:
         with pytest.raises(UserError, match=needle):
             helm.render(chart_dir(), values, release="x", namespace="default", how="sdk")

@@ -38,7 +38,7 @@ def test_runs_as_non_root_user():
 
 def test_installs_trainer_and_deepspeed():
     runs = " ".join(_instr("RUN"))
-    assert '".[train,s3]"' in runs and "deepspeed==" in runs and "torch==" in runs
+    assert '".[train]"' in runs and "deepspeed==" in runs and "torch==" in runs
 
 
 def test_no_secrets_in_image():

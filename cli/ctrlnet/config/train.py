@@ -52,7 +52,7 @@ class DataConfig(Section):
     """Train on this many examples only (the same subset on every rank)."""
     proportion_empty_prompts: float = Field(default=0.0, ge=0.0, le=1.0)
     """Fraction of captions replaced by the empty string."""
-    resolution: int = Field(default=512, gt=0)
+    resolution: int = Field(default=512, gt=0, json_schema_extra={"multipleOf": 8})
     """Training resolution in pixels (a multiple of 8): resize the short side, then center-crop."""
     num_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes per rank."""
