@@ -1,6 +1,7 @@
 """Silence import-time warnings from dependencies that say nothing about the user's run."""
 
 import logging
+import os
 
 _NOISE = (
     # bitsandbytes' optional CPU 4-bit kernel; we never use 4-bit layers.
@@ -13,3 +14,8 @@ _NOISE = (
 def quiet_library_noise() -> None:
     for name in _NOISE:
         logging.getLogger(name).setLevel(logging.ERROR)
+    import torch
+
+    if not torch.cuda.is_available():
+        # DeepSpeed (imported by accelerate whenever installed) warns when it has to guess the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
