@@ -84,11 +84,3 @@ class CheckpointStore:
                 "use `latest` or a checkpoints/step-N folder that has one"
             )
         return ckpt.url
-
-    @staticmethod
-    def fetch(url: str, local: Path) -> Path:
-        """A local copy of the checkpoint at `url` (the folder itself when it is local)."""
-        ckpt = Prefix(url)
-        if not ckpt.remote:
-            return Path(ckpt.root)
-        return Path(ckpt.download(local))

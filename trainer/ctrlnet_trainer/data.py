@@ -23,7 +23,7 @@ from PIL import Image
 
 from ctrlnet.config.train import DataConfig
 from ctrlnet.errors import UserError
-from ctrlnet_trainer.storage import is_remote, local_path
+from ctrlnet_trainer.storage import is_remote, local_path, looks_like_path
 
 
 # ---------------------------------------------------------------- sources
@@ -83,7 +83,7 @@ def open_source(cfg: DataConfig, cache_dir: str | None, seed: int) -> Source:
                     "add a metadata.jsonl (imagefolder layout) or point at parquet files"
                 )
             return Source(rows, str(path), cfg.streaming)
-        if src.startswith((".", "/", "~")) or src.count("/") > 1:
+        if looks_like_path(src):
             raise UserError(f"data.dataset {src!r} does not exist: check the path")
         rows = datasets.load_dataset(src, cfg.config_name, split=cfg.split, **common)
         return Source(rows, None, cfg.streaming)
@@ -173,6 +173,11 @@ def open_image(value: Any, root: str | None) -> Image.Image:
     raise UserError(f"cannot read an image from a dataset value of type {type(value).__name__}")
 
 
+def row_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """Randomness of one row in one epoch (caption choice): fixed, so a resume repeats it."""
+    return random.Random(seed * 1_000_003 + epoch * 7919 + index)
+
+
 class Examples:
     """Rows -> {pixel_values [-1, 1], conditioning_pixel_values [0, 1], input_ids}.
 
@@ -186,7 +191,7 @@ class Examples:
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, epoch = key
-        return self.encode(self.rows[index], random.Random(self.seed * 1_000_003 + epoch * 7919 + index))
+        return self.encode(self.rows[index], row_rng(self.seed, epoch, index))
 
     def encode(self, row: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor]:
         c, size = self.cfg, self.cfg.resolution
@@ -297,7 +302,7 @@ class StreamingBatches:
                     break
                 start = self.position.batch * self.batch_size
                 batch = collate([
-                    self.examples.encode(row, random.Random(self.seed * 1_000_003 + epoch * 7919 + start + j))
+                    self.examples.encode(row, row_rng(self.seed, epoch, start + j))
                     for j, row in enumerate(chunk)
                 ])
                 self.position.batch += 1

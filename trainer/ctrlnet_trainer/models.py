@@ -12,7 +12,7 @@ import torch
 
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
-from ctrlnet_trainer.storage import Prefix, is_remote, local_path
+from ctrlnet_trainer.storage import Prefix, is_remote, local_path, looks_like_path
 
 
 @dataclass
@@ -58,7 +58,7 @@ def resolve_location(where: str, key: str, cache_dir: str | None) -> str:
     path = local_path(where)
     if Path(path).exists():
         return path
-    if where.startswith((".", "/", "~")) or where.count("/") > 1:
+    if looks_like_path(where):
         raise UserError(f"{key} {where!r} does not exist: give a diffusers model folder, a URL or a hub id")
     return where  # a hub id
 

@@ -96,6 +96,7 @@ class Trainer:
         previous = rundir.check_owner(self.output, cfg)  # every rank reads before anyone writes
         acc.wait_for_everyone()
         self.resume_url = self.store.resolve(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+        self.resume_state = json.loads(Prefix(self.resume_url).read_text(TRAINER_STATE)) if self.resume_url else None
         self.seed = self._agree_on_seed(previous)
         if self.ranks.is_main and previous is None:
             rundir.write_run(self.output, cfg, self.seed)
@@ -132,8 +133,8 @@ class Trainer:
 
     def _agree_on_seed(self, previous: dict | None) -> int:
         """A resumed run keeps its seed (data order, noise, in-code base); else config, else drawn."""
-        if self.resume_url is not None:
-            state = json.loads(Prefix(self.resume_url).read_text(TRAINER_STATE))
+        if self.resume_state is not None:
+            state = self.resume_state
             if self.cfg.loop.seed is not None and self.cfg.loop.seed != state["seed"] and self.ranks.is_main:
                 print(f"note: loop.seed={self.cfg.loop.seed} ignored; resuming keeps the checkpoint's seed {state['seed']}",
                       flush=True)
@@ -341,13 +342,7 @@ class Trainer:
         url = self.resume_url
         if url is None:  # `latest` with nothing saved yet: a fresh start (first run of a restartable job)
             return 0, data.Position()
-        local = self.work_dir / ".resume"
-        if self.ranks.is_local_main and Prefix(url).remote:
-            shutil.rmtree(local, ignore_errors=True)
-            CheckpointStore.fetch(url, local)
-        acc.wait_for_everyone()
-        folder = local if Prefix(url).remote else CheckpointStore.fetch(url, local)
-        state = json.loads((folder / TRAINER_STATE).read_text())
+        state = self.resume_state
         # The data order is a function of (world size, batch size): another shape cannot continue
         # at "the same batch", so refuse rather than silently train on a different stream.
         saved = (state.get("world_size"), state.get("batch_size"))
@@ -356,6 +351,14 @@ class Trainer:
                 f"checkpoint {url} was written with {saved[0]} processes x batch {saved[1]}; this run has "
                 f"{self.ranks.world} x {cfg.loop.batch_size}: resume with the same processes and loop.batch_size"
             )
+        checkpoint = Prefix(url)
+        folder = Path(checkpoint.root)
+        if checkpoint.remote:
+            folder = self.work_dir / ".resume"  # one download per node, shared by its ranks
+            if self.ranks.is_local_main:
+                shutil.rmtree(folder, ignore_errors=True)
+                checkpoint.download(folder)
+        acc.wait_for_everyone()
         acc.load_state(str(folder))
         self.generator.set_state(torch.load(folder / f"noise_rng_{self.ranks.rank}.pt"))
         if self.ranks.is_main:

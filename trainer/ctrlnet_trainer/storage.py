@@ -21,6 +21,11 @@ def is_remote(url: str) -> bool:
     return protocol not in ("file", "local")
 
 
+def looks_like_path(where: str) -> bool:
+    """A string meant as a filesystem path rather than a hub id (`org/name` has one slash)."""
+    return where.startswith((".", "/", "~")) or where.count("/") > 1
+
+
 def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
