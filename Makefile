@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 # would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint format clean
 
 $(BIN)/ctrlnet: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[train,dev]"
+	$(BIN)/pip install -q -e ".[train,k8s,dev]"
 	touch $@
 
 venv: $(BIN)/ctrlnet
@@ -20,6 +20,15 @@ venv: $(BIN)/ctrlnet
 ## Train the embedded default (tiny random base, synthetic fill50k) on this machine.
 demo: venv
 	$(BIN)/ctrlnet train --output runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+## Format check and lint (ruff; settings in pyproject.toml). `make format` rewrites.
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 ## The test suite (CPU, no network).
 test: venv

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -32,40 +31,80 @@ def ours(a, base: Path, data: Path, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time (the trainer refuses a used output)
     empty = work / "empty.yaml"
     empty.write_text("{}\n")  # every key comes from --set below
-    cmd = [sys.executable, "-m", "ctrlnet_trainer", "--config", str(empty),
-           "--set", f"output={out}", "--set", f"model.base={base}", "--set", f"data.dataset={data}",
-           "--set", f"data.resolution={a.resolution}", "--set", f"data.num_workers={a.workers}",
-           "--set", f"loop.batch_size={a.batch_size}", "--set", f"loop.max_steps={a.steps}",
-           "--set", f"loop.mixed_precision={a.precision}", "--set", "loop.seed=0",
-           "--set", f"checkpoint.every_steps={a.steps * 10}", "--set", "logging.report_to=none",
-           "--set", "optim.learning_rate=1e-5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctrlnet_trainer",
+        "--config",
+        str(empty),
+        "--set",
+        f"output={out}",
+        "--set",
+        f"model.base={base}",
+        "--set",
+        f"data.dataset={data}",
+        "--set",
+        f"data.resolution={a.resolution}",
+        "--set",
+        f"data.num_workers={a.workers}",
+        "--set",
+        f"loop.batch_size={a.batch_size}",
+        "--set",
+        f"loop.max_steps={a.steps}",
+        "--set",
+        f"loop.mixed_precision={a.precision}",
+        "--set",
+        "loop.seed=0",
+        "--set",
+        f"checkpoint.every_steps={a.steps * 10}",
+        "--set",
+        "logging.report_to=none",
+        "--set",
+        "optim.learning_rate=1e-5",
+    ]
     run(cmd, work / "ours.log")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     # metrics rows carry samples/s per step; convert to seconds per step.
     step_s = [a.batch_size / r["samples_per_s"] for r in rows]
-    warm = step_s[len(step_s) // 4:]
+    warm = step_s[len(step_s) // 4 :]
     med = statistics.median(warm)
-    return {"median_step_s": round(med, 4), "samples_per_s": round(a.batch_size / med, 2),
-            "peak_alloc_gib": max((r.get("gpu_mem_gib") or 0) for r in rows) or None}
+    return {
+        "median_step_s": round(med, 4),
+        "samples_per_s": round(a.batch_size / med, 2),
+        "peak_alloc_gib": max((r.get("gpu_mem_gib") or 0) for r in rows) or None,
+    }
 
 
 def reference(a, base: Path, data: Path, work: Path) -> dict:
     shutil.rmtree(work / "ref", ignore_errors=True)
-    cmd = [sys.executable, a.runner, a.reference,
-           f"--pretrained_model_name_or_path={base}", f"--train_data_dir={data}",
-           f"--output_dir={work / 'ref'}", f"--resolution={a.resolution}",
-           f"--train_batch_size={a.batch_size}", f"--max_train_steps={a.steps}",
-           f"--mixed_precision={a.precision}", f"--dataloader_num_workers={a.workers}",
-           f"--checkpointing_steps={a.steps * 10}", "--learning_rate=1e-5", "--seed=0",
-           "--report_to=tensorboard"]
+    cmd = [
+        sys.executable,
+        a.runner,
+        a.reference,
+        f"--pretrained_model_name_or_path={base}",
+        f"--train_data_dir={data}",
+        f"--output_dir={work / 'ref'}",
+        f"--resolution={a.resolution}",
+        f"--train_batch_size={a.batch_size}",
+        f"--max_train_steps={a.steps}",
+        f"--mixed_precision={a.precision}",
+        f"--dataloader_num_workers={a.workers}",
+        f"--checkpointing_steps={a.steps * 10}",
+        "--learning_rate=1e-5",
+        "--seed=0",
+        "--report_to=tensorboard",
+    ]
     if a.torchvision_shim:
         cmd.insert(1, str(Path(__file__).resolve().parent / "cpu_shim" / "run_with_shim.py"))
     text = run(cmd, work / "ref.log")
-    line = next(l for l in text.splitlines()[::-1] if l.startswith("REFERENCE_RESULT "))
+    line = next(ln for ln in text.splitlines()[::-1] if ln.startswith("REFERENCE_RESULT "))
     r = json.loads(line.split(" ", 1)[1])
     med = r["median_step_s"]
-    return {"median_step_s": round(med, 4), "samples_per_s": round(a.batch_size / med, 2),
-            "peak_alloc_gib": r.get("peak_alloc_gib")}
+    return {
+        "median_step_s": round(med, 4),
+        "samples_per_s": round(a.batch_size / med, 2),
+        "peak_alloc_gib": r.get("peak_alloc_gib"),
+    }
 
 
 def main() -> None:
@@ -81,8 +120,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--only", choices=["ours", "reference"], default=None)
     p.add_argument("--work", default=None)
-    p.add_argument("--torchvision-shim", action="store_true",
-                   help="run the reference with bench/cpu_shim's torchvision.transforms (no torchvision here)")
+    p.add_argument(
+        "--torchvision-shim",
+        action="store_true",
+        help="run the reference with bench/cpu_shim's torchvision.transforms (no torchvision here)",
+    )
     a = p.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="ctrlnet-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -92,10 +134,28 @@ def main() -> None:
         run([*ctrlnet, "model", "init", "--out", str(base), "--arch", a.arch], work / "init.log")
     if not (data / "train.parquet").exists():
         rows = a.rows or a.batch_size * (a.steps + 2)
-        run([*ctrlnet, "data", "synth-fill", "--out", str(data), "--rows", str(rows),
-             "--resolution", str(a.resolution)], work / "data.log")
-    result = {"arch": a.arch, "resolution": a.resolution, "batch_size": a.batch_size, "precision": a.precision,
-              "steps": a.steps, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        run(
+            [
+                *ctrlnet,
+                "data",
+                "synth-fill",
+                "--out",
+                str(data),
+                "--rows",
+                str(rows),
+                "--resolution",
+                str(a.resolution),
+            ],
+            work / "data.log",
+        )
+    result = {
+        "arch": a.arch,
+        "resolution": a.resolution,
+        "batch_size": a.batch_size,
+        "precision": a.precision,
+        "steps": a.steps,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     try:
         import torch
 

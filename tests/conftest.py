@@ -1,63 +1,14 @@
-"""Shared helpers for the trainer tests: small configs, weight comparison, a written tiny base."""
-
-import copy
-import json
-from pathlib import Path
+"""Session fixtures shared by the whole suite (helpers live in tests/testkit, not here)."""
 
 import pytest
-
-# Small everywhere: 32 px, batch 4, 2-step validation, no TensorBoard (one test turns it on).
-SMALL = {
-    "data": {"synthetic_rows": 64, "resolution": 32},
-    "optim": {"learning_rate": 1e-3},
-    "loop": {"seed": 0, "batch_size": 4, "max_steps": 3},
-    "checkpoint": {"every_steps": 1000},
-    "validation": {"num_images": 1, "num_inference_steps": 2},
-    "logging": {"report_to": "none"},
-}
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def small_config_dict(output, **sections) -> dict:
-    """SMALL with `sections` merged in, e.g. small_config_dict(out, loop={"max_steps": 6})."""
-    return _merge(SMALL, {"output": str(output), **sections})
 
 
 @pytest.fixture(scope="session")
 def make_cfg():
-    """make_cfg(output, **sections) -> a validated TrainConfig based on SMALL."""
-    from ctrlnet.config.train import TrainConfig
+    """make_cfg(output, **sections) -> a validated TrainConfig based on testkit.training.SMALL."""
+    from testkit.training import small_config
 
-    def make(output, **sections):
-        return TrainConfig.model_validate(small_config_dict(output, **sections))
-
-    return make
-
-
-def controlnet_weights(folder) -> dict:
-    """The saved ControlNet's tensors (diffusers format) keyed by name."""
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
-
-
-def max_weight_diff(a_folder, b_folder) -> float:
-    a, b = controlnet_weights(a_folder), controlnet_weights(b_folder)
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-def metrics_rows(output) -> list[dict]:
-    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return small_config
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +18,16 @@ def tiny_base_dir(tmp_path_factory):
     from ctrlnet_trainer.base_model import write_base
 
     return write_base(tmp_path_factory.mktemp("tiny-base") / "base", arch="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on loopback (moto), shared by the session; its credentials and endpoint
+    are in os.environ (and `s3_server.env`, for pods)."""
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    from testkit.s3 import start_moto
+
+    server = start_moto()
+    yield server
+    server.stop()

@@ -13,7 +13,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ctrlnet_trainer.base_model import ARCHS, build_base, build_tokenizer, write_base
+from ctrlnet_trainer.base_model import build_base, build_tokenizer, write_base
 from ctrlnet_trainer.synthetic import fill_example
 
 PROMPT = "dark slate blue circle with light goldenrod yellow background"
@@ -28,7 +28,10 @@ def test_tokenizer_round_trip_and_text_encoder_runs():
     tokenizer = build_tokenizer()
     assert isinstance(tokenizer, CLIPTokenizer) and tokenizer.model_max_length == 77
     ids = tokenizer(
-        PROMPT, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        PROMPT,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
         return_tensors="pt",
     ).input_ids
     assert ids.shape == (1, 77)

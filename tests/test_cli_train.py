@@ -25,8 +25,15 @@ def env(tmp_path_factory):
 @pytest.fixture
 def ctrlnet(env, tmp_path):
     def run(*args, timeout=300):
-        return subprocess.run([str(CTRLNET), *map(str, args)], check=False, capture_output=True, text=True,
-                              cwd=tmp_path, env=env, timeout=timeout)
+        return subprocess.run(
+            [str(CTRLNET), *map(str, args)],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=timeout,
+        )
 
     return run
 
@@ -55,12 +62,23 @@ def parquet_dir(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("args,words", [
-    (["--resolution", "60"], ["resolution", "multiple of 8", "56"]),
-    (["--set", "train.validation.prompts=[a red circle, a blue circle]",
-      "--set", "train.validation.images=[a.png, b.png, c.png]"], ["validation.prompts", "validation.images"]),
-    (["--set", "train.loop.mixed_precision=fp8"], ["mixed_precision", "fp8"]),
-], ids=["resolution-60", "validation-pairs", "unknown-precision"])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--resolution", "60"], ["resolution", "multiple of 8", "56"]),
+        (
+            [
+                "--set",
+                "train.validation.prompts=[a red circle, a blue circle]",
+                "--set",
+                "train.validation.images=[a.png, b.png, c.png]",
+            ],
+            ["validation.prompts", "validation.images"],
+        ),
+        (["--set", "train.loop.mixed_precision=fp8"], ["mixed_precision", "fp8"]),
+    ],
+    ids=["resolution-60", "validation-pairs", "unknown-precision"],
+)
 def test_invalid_config_is_one_error_line(ctrlnet, tmp_path, args, words):
     proc = ctrlnet("train", "--output", tmp_path / "out", "--max-steps", 2, *args, timeout=120)
     assert_user_error(proc, *words)
@@ -68,10 +86,13 @@ def test_invalid_config_is_one_error_line(ctrlnet, tmp_path, args, words):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-@pytest.mark.parametrize("setting,words", [
-    ("train.loop.mixed_precision=fp16", ["fp16", "GPU"]),
-    ("train.loop.attention=xformers", ["xformers", "GPU"]),
-])
+@pytest.mark.parametrize(
+    "setting,words",
+    [
+        ("train.loop.mixed_precision=fp16", ["fp16", "GPU"]),
+        ("train.loop.attention=xformers", ["xformers", "GPU"]),
+    ],
+)
 def test_gpu_only_option_on_cpu_is_refused(ctrlnet, tmp_path, setting, words):
     proc = ctrlnet("train", "--output", tmp_path / "out", "--max-steps", 2, "--set", setting)
     assert_user_error(proc, *words)
@@ -86,8 +107,7 @@ def test_missing_dataset_path(ctrlnet, tmp_path):
 
 def test_missing_column_then_fixed_rerun_into_the_same_output(ctrlnet, tmp_path, parquet_dir):
     out = tmp_path / "out"
-    common = ["train", "--data", parquet_dir, "--output", out, "--max-steps", 2, "--resolution", 32,
-              "--batch-size", 2]
+    common = ["train", "--data", parquet_dir, "--output", out, "--max-steps", 2, "--resolution", 32, "--batch-size", 2]
     proc = ctrlnet(*common, "--set", "train.data.caption_column=nope")
     line = assert_user_error(proc, "caption_column", "'nope'")
     assert "text" in line  # names the columns there are
@@ -102,8 +122,15 @@ def test_missing_column_then_fixed_rerun_into_the_same_output(ctrlnet, tmp_path,
 def demo(env, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("demo")
     out = cwd / "runs" / "demo"
-    proc = subprocess.run([str(CTRLNET), "train", "--max-steps", "5", "--output", str(out)],
-                          check=False, capture_output=True, text=True, cwd=cwd, env=env, timeout=400)
+    proc = subprocess.run(
+        [str(CTRLNET), "train", "--max-steps", "5", "--output", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=400,
+    )
     return proc, out
 
 
@@ -146,8 +173,23 @@ def test_model_init_then_generate_with_the_demo_controlnet(demo, ctrlnet, tmp_pa
 
     row = fill_example(12345, 64, 0)
     row["conditioning_image"].save(tmp_path / "cond.png")
-    proc = ctrlnet("generate", "--base", base, "--controlnet", out / "controlnet", "--image", tmp_path / "cond.png",
-                   "--prompt", row["text"], "--out", tmp_path / "gen", "--steps", 2, "--device", "cpu")
+    proc = ctrlnet(
+        "generate",
+        "--base",
+        base,
+        "--controlnet",
+        out / "controlnet",
+        "--image",
+        tmp_path / "cond.png",
+        "--prompt",
+        row["text"],
+        "--out",
+        tmp_path / "gen",
+        "--steps",
+        2,
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     pngs = sorted((tmp_path / "gen").glob("*.png"))
     assert len(pngs) == 1 and str(pngs[0]) in proc.stdout
@@ -156,8 +198,19 @@ def test_model_init_then_generate_with_the_demo_controlnet(demo, ctrlnet, tmp_pa
 
 
 def test_generate_with_a_missing_image(ctrlnet, tmp_path):
-    proc = ctrlnet("generate", "--base", tmp_path, "--controlnet", tmp_path, "--image", tmp_path / "nope.png",
-                   "--prompt", "a circle", "--device", "cpu")
+    proc = ctrlnet(
+        "generate",
+        "--base",
+        tmp_path,
+        "--controlnet",
+        tmp_path,
+        "--image",
+        tmp_path / "nope.png",
+        "--prompt",
+        "a circle",
+        "--device",
+        "cpu",
+    )
     assert_user_error(proc, "nope.png", "does not exist")
 
 

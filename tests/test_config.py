@@ -1,4 +1,5 @@
-"""The typed config: diffusers flag table, docs in sync, YAML + --set loading, one-line errors, CLI.
+"""The typed config: diffusers flag table, docs complete (in sync: test_generated.py), YAML + --set
+loading, one-line errors, CLI.
 
 Fast: nothing here imports torch.
 """
@@ -6,7 +7,6 @@ Fast: nothing here imports torch.
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,41 +14,103 @@ import yaml
 
 from ctrlnet.config import JobConfig, TrainConfig, load_job_config, load_train_config
 from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, EXTRAS, FLAG_VALUES, NOTES
-from ctrlnet.config.docs import DOC_PATH, field_at, iter_keys, render_config_docs
 from ctrlnet.errors import UserError
+from tools.gen.config_docs import field_at, iter_keys, render_config_docs
 
-ROOT = Path(__file__).resolve().parent.parent
 CTRLNET = Path(sys.executable).parent / "ctrlnet"
 
 # The 52 flags of diffusers' examples/controlnet/train_controlnet.py (argparse dest names).
 REFERENCE_FLAGS = (
-    "pretrained_model_name_or_path", "controlnet_model_name_or_path", "revision", "variant",
-    "tokenizer_name", "output_dir", "cache_dir", "seed", "resolution", "train_batch_size",
-    "num_train_epochs", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
-    "resume_from_checkpoint", "gradient_accumulation_steps", "gradient_checkpointing", "learning_rate",
-    "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "use_8bit_adam",
-    "dataloader_num_workers", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "max_grad_norm", "push_to_hub", "hub_token", "hub_model_id", "logging_dir", "allow_tf32",
-    "report_to", "mixed_precision", "enable_xformers_memory_efficient_attention", "set_grads_to_none",
-    "dataset_name", "dataset_config_name", "train_data_dir", "image_column",
-    "conditioning_image_column", "caption_column", "max_train_samples", "proportion_empty_prompts",
-    "validation_prompt", "validation_image", "num_validation_images", "validation_steps",
+    "pretrained_model_name_or_path",
+    "controlnet_model_name_or_path",
+    "revision",
+    "variant",
+    "tokenizer_name",
+    "output_dir",
+    "cache_dir",
+    "seed",
+    "resolution",
+    "train_batch_size",
+    "num_train_epochs",
+    "max_train_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "resume_from_checkpoint",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "learning_rate",
+    "scale_lr",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_num_cycles",
+    "lr_power",
+    "use_8bit_adam",
+    "dataloader_num_workers",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "max_grad_norm",
+    "push_to_hub",
+    "hub_token",
+    "hub_model_id",
+    "logging_dir",
+    "allow_tf32",
+    "report_to",
+    "mixed_precision",
+    "enable_xformers_memory_efficient_attention",
+    "set_grads_to_none",
+    "dataset_name",
+    "dataset_config_name",
+    "train_data_dir",
+    "image_column",
+    "conditioning_image_column",
+    "caption_column",
+    "max_train_samples",
+    "proportion_empty_prompts",
+    "validation_prompt",
+    "validation_image",
+    "num_validation_images",
+    "validation_steps",
     "tracker_project_name",
 )
 # The reference's `action="store_true"` flags.
 REFERENCE_SWITCHES = {
-    "gradient_checkpointing", "scale_lr", "use_8bit_adam", "push_to_hub", "allow_tf32",
-    "enable_xformers_memory_efficient_attention", "set_grads_to_none",
+    "gradient_checkpointing",
+    "scale_lr",
+    "use_8bit_adam",
+    "push_to_hub",
+    "allow_tf32",
+    "enable_xformers_memory_efficient_attention",
+    "set_grads_to_none",
 }
 # The reference's defaults, where it has one (flags defaulting to None or False left out).
 REFERENCE_DEFAULTS = {
-    "output_dir": "controlnet-model", "resolution": 512, "train_batch_size": 4, "num_train_epochs": 1,
-    "checkpointing_steps": 500, "gradient_accumulation_steps": 1, "learning_rate": 5e-6,
-    "lr_scheduler": "constant", "lr_warmup_steps": 500, "lr_num_cycles": 1, "lr_power": 1.0,
-    "dataloader_num_workers": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2,
-    "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "logging_dir": "logs", "report_to": "tensorboard",
-    "image_column": "image", "conditioning_image_column": "conditioning_image", "caption_column": "text",
-    "proportion_empty_prompts": 0.0, "num_validation_images": 4, "validation_steps": 100,
+    "output_dir": "controlnet-model",
+    "resolution": 512,
+    "train_batch_size": 4,
+    "num_train_epochs": 1,
+    "checkpointing_steps": 500,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 5e-6,
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 500,
+    "lr_num_cycles": 1,
+    "lr_power": 1.0,
+    "dataloader_num_workers": 0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 1e-2,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "logging_dir": "logs",
+    "report_to": "tensorboard",
+    "image_column": "image",
+    "conditioning_image_column": "conditioning_image",
+    "caption_column": "text",
+    "proportion_empty_prompts": 0.0,
+    "num_validation_images": 4,
+    "validation_steps": 100,
     "tracker_project_name": "train_controlnet",
 }
 
@@ -107,28 +169,21 @@ def test_notes_and_extras_name_real_things():
         assert key not in mapped, f"{key} is in EXTRAS but a reference flag maps to it"
 
 
-def test_docs_are_in_sync_with_the_models():
+def test_docs_cover_every_flag_and_key():
     text = render_config_docs()
-    assert (ROOT / DOC_PATH).read_text(encoding="utf-8") == text, (
-        f"{DOC_PATH} is stale: run python tools/gen_config_docs.py"
-    )
     for flag in REFERENCE_FLAGS:
         assert f"`--{flag}`" in text
     for key in LEAF_KEYS:
         assert f"| `{key}` |" in text, f"{key} missing from the key reference"
 
 
-def test_docs_script_check_passes():
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_config_docs.py"), "--check"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-
-
 # --- YAML + --set ------------------------------------------------------------------------------
 
 
 def test_yaml_file_loads(tmp_path):
-    p = _write(tmp_path, """
+    p = _write(
+        tmp_path,
+        """
 train:
   output: s3://bucket/run
   loop: {batch_size: 2, seed: 3, mixed_precision: bf16}
@@ -138,7 +193,8 @@ train:
 cluster:
   nodes: 2
   resources: {memory: 32Gi}
-""")
+""",
+    )
     cfg = load_job_config(p)
     assert cfg.train.output == "s3://bucket/run"
     assert (cfg.train.loop.batch_size, cfg.train.loop.seed, cfg.train.loop.mixed_precision) == (2, 3, "bf16")
@@ -149,16 +205,19 @@ cluster:
 
 def test_overrides_parse_values_as_yaml(tmp_path):
     p = _write(tmp_path, "train:\n  loop:\n    seed: 3\n")
-    cfg = load_job_config(p, [
-        "train.loop.max_steps=100",                          # int
-        "train.optim.learning_rate=1e-4",                    # float without a dot
-        "train.data.proportion_empty_prompts=0.5",           # float
-        "train.loop.gradient_checkpointing=true",            # bool
-        "train.validation.prompts=[a red circle, a blue square]",  # list
-        "train.validation.images=[c.png]",
-        "train.loop.seed=null",                              # null overrides the file's value
-        "train.optim.max_grad_norm=null",
-    ])
+    cfg = load_job_config(
+        p,
+        [
+            "train.loop.max_steps=100",  # int
+            "train.optim.learning_rate=1e-4",  # float without a dot
+            "train.data.proportion_empty_prompts=0.5",  # float
+            "train.loop.gradient_checkpointing=true",  # bool
+            "train.validation.prompts=[a red circle, a blue square]",  # list
+            "train.validation.images=[c.png]",
+            "train.loop.seed=null",  # null overrides the file's value
+            "train.optim.max_grad_norm=null",
+        ],
+    )
     assert cfg.train.loop.max_steps == 100
     assert cfg.train.optim.learning_rate == pytest.approx(1e-4)
     assert cfg.train.data.proportion_empty_prompts == 0.5
@@ -170,12 +229,16 @@ def test_overrides_parse_values_as_yaml(tmp_path):
 
 def test_later_overrides_win_and_nested_keys_are_created(tmp_path):
     p = _write(tmp_path, "train:\n  output: runs/a\n")
-    cfg = load_job_config(p, [
-        "train.loop.max_steps=10", "train.loop.max_steps=20",
-        "train.output=runs/b",
-        "cluster.resources.memory=8Gi",     # neither cluster nor resources is in the file
-        "cluster.secrets.s3=my-s3-secret",
-    ])
+    cfg = load_job_config(
+        p,
+        [
+            "train.loop.max_steps=10",
+            "train.loop.max_steps=20",
+            "train.output=runs/b",
+            "cluster.resources.memory=8Gi",  # neither cluster nor resources is in the file
+            "cluster.secrets.s3=my-s3-secret",
+        ],
+    )
     assert cfg.train.loop.max_steps == 20
     assert cfg.train.output == "runs/b"
     assert cfg.cluster.resources.memory == "8Gi"
@@ -194,10 +257,16 @@ def test_text_stays_text(tmp_path):
     cfg = load_job_config(p)
     assert cfg.train.loop.mixed_precision == "no"
     assert cfg.cluster.resources.cpu == "8"
-    cfg = load_job_config(overrides=[
-        "train.loop.mixed_precision=no", "train.model.revision=0123", "cluster.name=yes",
-        "train.hub.push=yes", "train.validation.prompts=a photo: red circle", "train.validation.images=c.png",
-    ])
+    cfg = load_job_config(
+        overrides=[
+            "train.loop.mixed_precision=no",
+            "train.model.revision=0123",
+            "cluster.name=yes",
+            "train.hub.push=yes",
+            "train.validation.prompts=a photo: red circle",
+            "train.validation.images=c.png",
+        ]
+    )
     assert cfg.train.loop.mixed_precision == "no"
     assert cfg.train.model.revision == "0123"
     assert cfg.cluster.name == "yes"
@@ -314,11 +383,14 @@ def _ctrlnet(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(CTRLNET), *args], capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
-@pytest.mark.parametrize("args, word", [
-    (["--set", "train.data.resolution=63"], "resolution"),
-    (["--set", "train.optim.lr=1"], "train.optim.lr"),
-    (["-f", "missing.yaml"], "missing.yaml"),
-])
+@pytest.mark.parametrize(
+    "args, word",
+    [
+        (["--set", "train.data.resolution=63"], "resolution"),
+        (["--set", "train.optim.lr=1"], "train.optim.lr"),
+        (["-f", "missing.yaml"], "missing.yaml"),
+    ],
+)
 def test_cli_bad_input_is_one_error_line(tmp_path, args, word):
     r = _ctrlnet("config", "show", *args, cwd=tmp_path)
     assert r.returncode == 2, r
@@ -331,8 +403,13 @@ def test_cli_bad_input_is_one_error_line(tmp_path, args, word):
 
 def test_cli_show_prints_the_effective_config(tmp_path):
     _write(tmp_path, "train:\n  loop:\n    batch_size: 2\ncluster:\n  nodes: 3\n", "x.yaml")
-    sets = ["train.loop.max_steps=7", "train.validation.prompts=[p]", "train.validation.images=[c.png]",
-            "train.loop.mixed_precision=no", "cluster.resources.cpu=4"]
+    sets = [
+        "train.loop.max_steps=7",
+        "train.validation.prompts=[p]",
+        "train.validation.images=[c.png]",
+        "train.loop.mixed_precision=no",
+        "cluster.resources.cpu=4",
+    ]
     r = _ctrlnet("config", "show", "-f", "x.yaml", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     shown = JobConfig.model_validate(yaml.safe_load(r.stdout))
@@ -347,17 +424,3 @@ def test_cli_schema(tmp_path):
     assert r.returncode == 0, r.stderr
     schema = json.loads(r.stdout)
     assert {"train", "cluster"} <= set(schema["properties"])
-
-
-def test_help_imports_nothing_heavy():
-    code = (
-        "import sys; from ctrlnet.cli import app; from typer.testing import CliRunner; "
-        "r=CliRunner().invoke(app, ['--help']); assert r.exit_code==0, r.output; "
-        "print(','.join(m for m in ('torch','diffusers','kubernetes','transformers') if m in sys.modules))"
-    )
-    start = time.monotonic()
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    elapsed = time.monotonic() - start
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "", f"`ctrlnet --help` imported: {r.stdout.strip()}"
-    assert elapsed < 5, f"`ctrlnet --help` took {elapsed:.1f}s"

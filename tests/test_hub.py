@@ -13,14 +13,16 @@ SECRET = "hf_secret_value_never_printed"
 
 
 def _cfg(tmp_path, **hub):
-    return TrainConfig.model_validate({
-        "output": str(tmp_path / "run"),
-        "data": {"resolution": 32, "synthetic_rows": 16},
-        "loop": {"seed": 0, "batch_size": 4, "max_steps": 2},
-        "checkpoint": {"every_steps": 1},
-        "logging": {"report_to": "none"},
-        "hub": {"push": True, "model_id": "me/canny", "token_env": "MY_HUB_TOKEN", **hub},
-    })
+    return TrainConfig.model_validate(
+        {
+            "output": str(tmp_path / "run"),
+            "data": {"resolution": 32, "synthetic_rows": 16},
+            "loop": {"seed": 0, "batch_size": 4, "max_steps": 2},
+            "checkpoint": {"every_steps": 1},
+            "logging": {"report_to": "none"},
+            "hub": {"push": True, "model_id": "me/canny", "token_env": "MY_HUB_TOKEN", **hub},
+        }
+    )
 
 
 def test_push_uploads_final_controlnet_only_with_env_token(tmp_path, monkeypatch, capsys):

@@ -16,8 +16,13 @@ SNR = [9.0, 1.0, 1 / 9, 1 / 99]
 
 def sd_scheduler(prediction_type="epsilon"):
     # Stable Diffusion's training schedule.
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", prediction_type=prediction_type)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+    )
 
 
 def test_snr_by_hand():
@@ -41,7 +46,9 @@ def test_min_snr_weights_reject_unknown_prediction_type():
     with pytest.raises(ValueError, match="sample"):
         min_snr_weights(ALPHA_BAR, T, 5.0, "sample")
     with pytest.raises(ValueError, match="sample"):
-        training_target(sd_scheduler(), torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.zeros(1).long(), "sample")
+        training_target(
+            sd_scheduler(), torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.zeros(1).long(), "sample"
+        )
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -67,15 +74,18 @@ def test_loss_without_gamma_is_plain_mse():
     assert denoising_loss(pred.bfloat16(), target.bfloat16(), T, ALPHA_BAR, "epsilon", None).dtype == torch.float32
 
 
-@pytest.mark.parametrize("prediction_type,weights", [
-    ("epsilon", [5 / 9, 1.0, 1.0, 1.0]),
-    ("v_prediction", [0.5, 0.5, 0.1, 0.01]),
-])
+@pytest.mark.parametrize(
+    "prediction_type,weights",
+    [
+        ("epsilon", [5 / 9, 1.0, 1.0, 1.0]),
+        ("v_prediction", [0.5, 0.5, 0.1, 0.01]),
+    ],
+)
 def test_loss_with_gamma_is_the_weighted_per_sample_mean(prediction_type, weights):
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     per_sample = [((pred[i] - target[i]) ** 2).mean().item() for i in range(4)]
-    expected = sum(w * e for w, e in zip(weights, per_sample)) / 4
+    expected = sum(w * e for w, e in zip(weights, per_sample, strict=False)) / 4
     loss = denoising_loss(pred, target, T, ALPHA_BAR, prediction_type, 5.0)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # not the unweighted loss (the weights really apply)

@@ -1,15 +1,9 @@
 """Runs whose data, checkpoints and outputs live in S3: a real S3 HTTP endpoint on loopback
 (moto's server mode), reached through s3fs exactly as a cluster run reaches object storage."""
 
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 
 from ctrlnet.config import TrainConfig
-from ctrlnet_trainer.base_model import write_base
 from ctrlnet_trainer.run import train
 from ctrlnet_trainer.synthetic import write_fill_parquet
 
@@ -17,58 +11,28 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("moto server did not start")
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)
-    import fsspec
-
-    fsspec.config.conf.pop("s3", None)
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("ctrlnet-test")
-    local = tmp_path_factory.mktemp("s3src")
-    write_base(local / "base", "tiny", seed=0)
-    parquet = write_fill_parquet(local / "data", rows=48, resolution=32, seed=0)
-    fs.put(str(local / "base") + "/", "ctrlnet-test/models/base/", recursive=True)
+def s3(s3_server, tiny_base_dir, tmp_path_factory):
+    """The session's S3 endpoint, holding the tiny base and a parquet dataset."""
+    fs = s3_server.fs
+    parquet = write_fill_parquet(tmp_path_factory.mktemp("s3src") / "data", rows=48, resolution=32, seed=0)
+    fs.put(str(tiny_base_dir) + "/", "ctrlnet-test/models/base/", recursive=True)
     fs.put_file(str(parquet), "ctrlnet-test/data/train.parquet")
-    yield fs
-    mp.undo()
-    server.terminate()
-    server.wait(timeout=10)
+    return fs
 
 
 def _cfg(output: str, **loop) -> TrainConfig:
-    return TrainConfig.model_validate({
-        "output": output,
-        "model": {"base": "s3://ctrlnet-test/models/base"},
-        "data": {"dataset": "s3://ctrlnet-test/data/train.parquet", "resolution": 32},
-        "optim": {"learning_rate": 1e-3},
-        "loop": {"seed": 7, "batch_size": 4, "max_steps": 4, **loop},
-        "checkpoint": {"every_steps": 2, "total_limit": 1},
-        "logging": {"report_to": "none"},
-    })
+    return TrainConfig.model_validate(
+        {
+            "output": output,
+            "model": {"base": "s3://ctrlnet-test/models/base"},
+            "data": {"dataset": "s3://ctrlnet-test/data/train.parquet", "resolution": 32},
+            "optim": {"learning_rate": 1e-3},
+            "loop": {"seed": 7, "batch_size": 4, "max_steps": 4, **loop},
+            "checkpoint": {"every_steps": 2, "total_limit": 1},
+            "logging": {"report_to": "none"},
+        }
+    )
 
 
 def _weights(fs, prefix: str) -> dict:

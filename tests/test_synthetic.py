@@ -42,7 +42,7 @@ def test_same_index_gives_identical_pixels_and_seeds_differ():
     assert [r["text"] for r in other_seed] != [r["text"] for r in same_seed]
     assert any(
         x["conditioning_image"].tobytes() != y["conditioning_image"].tobytes()
-        for x, y in zip(other_seed, same_seed)
+        for x, y in zip(other_seed, same_seed, strict=False)
     )
 
 
@@ -133,9 +133,7 @@ def test_parquet_round_trips_through_load_dataset(tmp_path):
     path = write_fill_parquet(tmp_path / "data", rows=2000, resolution=64, seed=3)
     assert path == tmp_path / "data" / "train.parquet" and path.is_file()
 
-    dataset = load_dataset(
-        "parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf-cache")
-    )
+    dataset = load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert len(dataset) == 2000
     assert set(dataset.column_names) == {"image", "conditioning_image", "text"}
     for index in (0, 1234, 1999):

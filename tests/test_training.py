@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import controlnet_weights, max_weight_diff, metrics_rows, small_config_dict
+from testkit.training import controlnet_weights, max_weight_diff, metrics_rows, small_config_dict
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,11 @@ def is_png(path: Path) -> bool:
 def zero_conv_norm(folder) -> float:
     """Total |weight| of the zero convolutions (exactly 0 before training)."""
     weights = controlnet_weights(folder)
-    return sum(v.abs().sum().item() for k, v in weights.items()
-               if k.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")))
+    return sum(
+        v.abs().sum().item()
+        for k, v in weights.items()
+        if k.startswith(("controlnet_down_blocks.", "controlnet_mid_block."))
+    )
 
 
 # ------------------------------------------------------------------ it learns
@@ -71,7 +74,7 @@ def test_trained_controlnet_beats_the_zero_controlnet_on_heldout_rows(learned):
     from diffusers import ControlNetModel
 
     from ctrlnet_trainer import models as model_lib
-    from ctrlnet_trainer.step import heldout_loss
+    from ctrlnet_trainer.validation import heldout_loss
 
     cfg, result = learned
     models = model_lib.load_models(cfg, cfg.loop.seed)  # the same in-code base the run trained on
@@ -132,10 +135,16 @@ def test_saved_controlnet_generates_in_the_stock_diffusers_pipeline(learned, tin
 
     def render(controlnet):
         pipe = StableDiffusionControlNetPipeline.from_pretrained(
-            tiny_base_dir, controlnet=controlnet, safety_checker=None)
+            tiny_base_dir, controlnet=controlnet, safety_checker=None
+        )
         pipe.set_progress_bar_config(disable=True)
-        return pipe(row["text"], image=row["conditioning_image"], num_inference_steps=2,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        return pipe(
+            row["text"],
+            image=row["conditioning_image"],
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images[0]
 
     trained = render(ControlNetModel.from_pretrained(controlnet_dir))
     assert trained.shape == (64, 64, 3) and trained.std() > 0
@@ -150,7 +159,9 @@ def checkpoint_dirs(output) -> list[str]:
 
 
 def test_checkpoint_rotation_and_uncommitted_folders(tmp_path, make_cfg, capsys):
-    from ctrlnet_trainer.checkpoints import CheckpointStore
+    from ctrlnet.config.train import CheckpointConfig
+    from ctrlnet_trainer.accel import Ranks
+    from ctrlnet_trainer.checkpoints import Checkpointer
     from ctrlnet_trainer.run import train
     from ctrlnet_trainer.storage import Prefix
 
@@ -167,13 +178,14 @@ def test_checkpoint_rotation_and_uncommitted_folders(tmp_path, make_cfg, capsys)
     (ckpts / "step-00000009" / "controlnet").mkdir(parents=True)
     (ckpts / "step-00000009" / "controlnet" / "config.json").write_text("{half written")
     (ckpts / "latest").write_text("step-00000009\n")
-    store = CheckpointStore(Prefix(str(out)), out)
+    store = Checkpointer(Prefix(str(out)), None, Ranks(0, 1, 0), CheckpointConfig(), deepspeed=False)
     assert store.committed_steps() == [4, 6]
     assert store.resolve("latest") == str(ckpts / "step-00000006")
 
     capsys.readouterr()
-    result = train(make_cfg(out, loop={"max_steps": 8},
-                            checkpoint={"every_steps": 2, "total_limit": 2, "resume": "latest"}))
+    result = train(
+        make_cfg(out, loop={"max_steps": 8}, checkpoint={"every_steps": 2, "total_limit": 2, "resume": "latest"})
+    )
     assert "resuming from" in capsys.readouterr().out and result.steps == 8
     # Rotation counted only committed checkpoints: 6 and 8 stay; the broken folder is not a checkpoint.
     assert store.committed_steps() == [6, 8]
@@ -210,9 +222,11 @@ def parquet_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def resume_sections(parquet_data, tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("hf-cache"))
-    return dict(RESUME, model={"cache_dir": cache},
-                data={"dataset": str(parquet_data), "resolution": 32, "num_workers": 0,
-                      "proportion_empty_prompts": 0.3})
+    return dict(
+        RESUME,
+        model={"cache_dir": cache},
+        data={"dataset": str(parquet_data), "resolution": 32, "num_workers": 0, "proportion_empty_prompts": 0.3},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -248,14 +262,14 @@ import ctrlnet_trainer.preemption as preemption
 from ctrlnet_trainer.__main__ import main
 
 marker, signalled = Path(sys.argv[1]), []
-handle, commit = preemption.StopFlag._handle, checkpoints.CheckpointStore.commit
+handle, commit = preemption.StopFlag._handle, checkpoints.Checkpointer.commit
 
 def on_sigterm(self, signum, frame):
     signalled.append(signum)
     handle(self, signum, frame)
 
-def commit_then_wait(self, step, total_limit):
-    url = commit(self, step, total_limit)
+def commit_then_wait(self, step):
+    url = commit(self, step)
     if not marker.exists():
         marker.write_text(str(step))
         deadline = time.time() + 300
@@ -264,13 +278,14 @@ def commit_then_wait(self, step, total_limit):
     return url
 
 preemption.StopFlag._handle = on_sigterm
-checkpoints.CheckpointStore.commit = commit_then_wait
+checkpoints.Checkpointer.commit = commit_then_wait
 sys.exit(main(sys.argv[2:]))
 '''
 
 
 def test_sigterm_checkpoints_exits_143_and_resume_latest_matches_straight(
-        straight, tmp_path, make_cfg, resume_sections):
+    straight, tmp_path, make_cfg, resume_sections
+):
     from ctrlnet_trainer.run import train
 
     out = tmp_path / "preempted"
@@ -280,8 +295,9 @@ def test_sigterm_checkpoints_exits_143_and_resume_latest_matches_straight(
     driver.write_text(DRIVER)
     log = tmp_path / "stderr.txt"
     with log.open("w") as err:  # a file, not a pipe: nothing can block on a full pipe while we wait
-        proc = subprocess.Popen([sys.executable, str(driver), str(marker), "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, str(driver), str(marker), "--config", str(config)], stdout=subprocess.DEVNULL, stderr=err
+        )
     try:
         deadline = time.time() + 240
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -313,6 +329,52 @@ def test_sigterm_checkpoints_exits_143_and_resume_latest_matches_straight(
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in metrics_rows(straight)], rel=1e-5)
 
 
+def test_streaming_resume_continues_at_the_same_batch(parquet_data, tmp_path, make_cfg):
+    """A streamed dataset has no length: its position is a count of this rank's batches of the
+    epoch, and a resumed run skips exactly those (crossing into epoch 1 on the way)."""
+    from ctrlnet_trainer.run import train
+
+    sections = {
+        "model": {"cache_dir": str(tmp_path / "cache")},
+        "data": {"dataset": str(parquet_data), "streaming": True, "shuffle_buffer": 8},
+        "loop": {"max_steps": 6, "batch_size": 4},
+        "checkpoint": {"every_steps": 3},
+    }
+    train(make_cfg(tmp_path / "straight", **sections))
+    state = json.loads((tmp_path / "straight/checkpoints/step-00000003/trainer_state.json").read_text())
+    assert state["position"] == {"epoch": 0, "batch": 3}  # 16 rows / batch 4: 4 batches an epoch
+
+    train(make_cfg(tmp_path / "resumed", **dict(sections, loop={"max_steps": 3, "batch_size": 4})))
+    result = train(make_cfg(tmp_path / "resumed", **dict(sections, checkpoint={"every_steps": 3, "resume": "latest"})))
+    assert result.steps == 6
+    assert max_weight_diff(tmp_path / "straight/controlnet", tmp_path / "resumed/controlnet") <= 1e-6
+    # A stream learns that an epoch ended only when it asks for the next batch.
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "straight")] == [0, 0, 0, 0, 1, 1]
+
+
+def test_streaming_without_max_steps_is_refused_by_the_config():
+    from ctrlnet.config import load_train_config
+    from ctrlnet.errors import UserError
+
+    with pytest.raises(UserError, match="data.streaming needs loop.max_steps"):
+        load_train_config(None, ["data.dataset=some/data", "data.streaming=true"])
+
+
+def test_rank0_prints_progress_lines_that_status_reads(tmp_path, make_cfg, capsys):
+    from ctrlnet.config.progress import latest_progress, parse_line
+    from ctrlnet_trainer.run import train
+
+    capsys.readouterr()
+    train(make_cfg(tmp_path / "run", loop={"max_steps": 4}, checkpoint={"every_steps": 2}))
+    lines = capsys.readouterr().out.splitlines()  # not a terminal: lines instead of a bar
+    events = [r["event"] for r in map(parse_line, lines) if r]
+    assert events == ["step", "step", "checkpoint", "step", "step", "checkpoint", "done"]
+    progress = latest_progress(lines)
+    assert progress["step"] == progress["total"] == 4 and progress["event"] == "done"
+    assert progress["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "step-00000004")
+    assert progress["loss"] > 0 and progress["samples_per_s"] > 0 and progress["eta_s"] == 0
+
+
 def test_a_restart_before_any_checkpoint_starts_fresh(tmp_path, make_cfg):
     """resume=latest with nothing saved yet (the first attempt of a restartable job) trains from 0."""
     from ctrlnet_trainer.run import train
@@ -335,11 +397,13 @@ def test_max_train_samples_trains_on_exactly_that_seeded_subset(tmp_path, make_c
 
     seen = []
     getitem = data.SyntheticFillSource.__getitem__
-    monkeypatch.setattr(data.SyntheticFillSource, "__getitem__",
-                        lambda self, i: (seen.append(int(i)), getitem(self, i))[1])
+    monkeypatch.setattr(
+        data.SyntheticFillSource, "__getitem__", lambda self, i: (seen.append(int(i)), getitem(self, i))[1]
+    )
     # No max_steps: 2 epochs of 8 rows / batch 4 = 4 steps.
-    cfg = make_cfg(tmp_path / "run", data={"max_train_samples": 8},
-                   loop={"max_steps": None, "num_epochs": 2, "batch_size": 4})
+    cfg = make_cfg(
+        tmp_path / "run", data={"max_train_samples": 8}, loop={"max_steps": None, "num_epochs": 2, "batch_size": 4}
+    )
     result = train(cfg)
     assert result.steps == 4
     assert sorted(seen) == sorted(rows_a * 2)  # each subset row once per epoch, nothing else
@@ -358,12 +422,16 @@ def test_imagefolder_with_conditioning_paths_trains(tmp_path, make_cfg):
         row = fill_example(i, 32, 0)
         row["image"].save(folder / "img" / f"{i}.png")
         row["conditioning_image"].save(folder / "cond" / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"img/{i}.png", "conditioning_image": f"cond/{i}.png",
-                                 "text": row["text"]}))
+        lines.append(
+            json.dumps({"file_name": f"img/{i}.png", "conditioning_image": f"cond/{i}.png", "text": row["text"]})
+        )
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    result = train(make_cfg(out, model={"cache_dir": str(tmp_path / "cache")},
-                            data={"dataset": str(folder)}, loop={"max_steps": 3}))
+    result = train(
+        make_cfg(
+            out, model={"cache_dir": str(tmp_path / "cache")}, data={"dataset": str(folder)}, loop={"max_steps": 3}
+        )
+    )
     assert result.steps == 3
     assert all(math.isfinite(r["loss"]) for r in metrics_rows(out))
     assert zero_conv_norm(out / "controlnet") > 0
@@ -401,8 +469,9 @@ def test_two_runs_in_one_process_with_different_precision(tmp_path, make_cfg):
     from ctrlnet_trainer.run import train
 
     assert train(make_cfg(tmp_path / "a", loop={"max_steps": 1})).steps == 1
-    result = train(make_cfg(tmp_path / "b", loop={"max_steps": 2, "mixed_precision": "bf16",
-                                                   "gradient_accumulation_steps": 2}))
+    result = train(
+        make_cfg(tmp_path / "b", loop={"max_steps": 2, "mixed_precision": "bf16", "gradient_accumulation_steps": 2})
+    )
     assert result.steps == 2 and [r["step"] for r in metrics_rows(tmp_path / "b")] == [1, 2]
 
 
@@ -415,5 +484,8 @@ def test_resume_without_a_seed_keeps_the_checkpoints_seed(tmp_path, make_cfg):
     train(make_cfg(tmp_path / "a", **unseeded))
     sections = dict(unseeded, checkpoint={"every_steps": 1, "resume": str(tmp_path / "a/checkpoints/step-00000001")})
     train(make_cfg(tmp_path / "b", **sections))
-    assert json.loads((tmp_path / "b/run.json").read_text())["seed"] == json.loads((tmp_path / "a/run.json").read_text())["seed"]
+    assert (
+        json.loads((tmp_path / "b/run.json").read_text())["seed"]
+        == json.loads((tmp_path / "a/run.json").read_text())["seed"]
+    )
     assert max_weight_diff(tmp_path / "a" / "controlnet", tmp_path / "b" / "controlnet") <= 1e-6

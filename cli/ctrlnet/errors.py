@@ -1,6 +1,8 @@
-"""The one exception type that means "the user gave us something we cannot use".
+"""The exception types the CLI prints as one line, without a traceback.
 
-The CLI prints it as a single line and exits 2; anything else is a bug and keeps its traceback.
+`UserError` (exit 2): the user gave us something we cannot use. `ClusterError` (exit 1): the
+input was fine but the cluster said no or could not be reached. Anything else is a bug and keeps
+its traceback.
 """
 
 
@@ -8,3 +10,10 @@ class UserError(Exception):
     """A problem with the user's input: the message names the problem and the fix."""
 
     exit_code = 2
+
+
+class ClusterError(UserError):
+    """A cluster-side failure (unreachable, forbidden, operator missing, job failed): the message
+    names what the cluster said and what to do about it."""
+
+    exit_code = 1

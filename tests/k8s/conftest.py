@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.yaml"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render(example: str, sets: tuple[str, ...] = ()) -> list[dict]:
     from ctrlnet.config import load_job_config
     from ctrlnet.k8s.render import render_objects
@@ -36,7 +36,11 @@ def ctrlnet(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
     """Run the real CLI entry point (main(): UserError -> one line, exit 2) in a subprocess."""
     return subprocess.run(
         [sys.executable, "-c", "from ctrlnet.cli import main; main()", *args],
-        cwd=ROOT, capture_output=True, text=True, input=stdin, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=120,
     )
 
 

@@ -7,10 +7,14 @@ import importlib.util
 import json
 import re
 
+from ctrlnet.config import contract
+
 from .conftest import ROOT
 
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
-LINES = [ln.strip() for ln in re.sub(r"\\\n", " ", DOCKERFILE).splitlines() if ln.strip() and not ln.strip().startswith("#")]
+LINES = [
+    ln.strip() for ln in re.sub(r"\\\n", " ", DOCKERFILE).splitlines() if ln.strip() and not ln.strip().startswith("#")
+]
 
 
 def _instr(name):
@@ -32,13 +36,18 @@ def test_runs_as_non_root_user():
     users = _instr("USER")
     assert users, "no USER: the image would run as root"
     user = users[-1].split(":")[0]
-    assert user.isdigit() and int(user) != 0, "USER must be a numeric non-root uid (runAsNonRoot can verify only numbers)"
+    assert user.isdigit() and int(user) != 0, (
+        "USER must be a numeric non-root uid (runAsNonRoot can verify only numbers)"
+    )
     assert LINES.index(f"USER {users[-1]}") > max(i for i, ln in enumerate(LINES) if ln.startswith("RUN"))
 
 
 def test_installs_trainer_and_deepspeed():
     runs = " ".join(_instr("RUN"))
     assert '".[train]"' in runs and "deepspeed==" in runs and "torch==" in runs
+    # The trainer only: the workstation's Kubernetes tooling (ctrlnet[k8s]) has no business in a pod.
+    installs = re.findall(r'pip install [^&]*?"(\.\[[^\]]*\])"', runs)
+    assert installs == [".[train]"], installs
 
 
 def test_no_secrets_in_image():
@@ -52,12 +61,16 @@ def test_no_secrets_in_image():
 
 def test_entrypoint_is_importable():
     entry = json.loads(_instr("ENTRYPOINT")[-1])
-    assert entry[:2] == ["tini", "-g"] and entry[-3:] == ["python", "-m", "ctrlnet.k8s.launch"]
-    assert importlib.util.find_spec("ctrlnet.k8s.launch") is not None
+    assert entry[:2] == ["tini", "-g"] and entry[-3:] == ["python", "-m", "ctrlnet_trainer.launch"]
+    assert entry[-1] == contract.LAUNCH_MODULE
+    assert importlib.util.find_spec("ctrlnet_trainer.launch") is not None
     cmd = json.loads(_instr("CMD")[-1])
     module = cmd[cmd.index("-m") + 1]
+    assert module == contract.TRAINER_MODULE and cmd[cmd.index("--config") + 1] == contract.CONFIG_PATH
     assert importlib.util.find_spec(module) is not None, f"{module} is not importable"
-    assert importlib.util.find_spec(f"{module}.__main__") is not None, f"`python -m {module}` needs {module}/__main__.py"
+    assert importlib.util.find_spec(f"{module}.__main__") is not None, (
+        f"`python -m {module}` needs {module}/__main__.py"
+    )
 
 
 def test_dockerignore_keeps_context_clean():

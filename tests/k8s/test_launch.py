@@ -11,16 +11,18 @@ import time
 
 import pytest
 
-from ctrlnet.k8s.launch import exit_code_for
+from ctrlnet_trainer.launch import exit_code_for
 
 
 def test_exit_code_mapping():
     assert exit_code_for([0, 0]) == 0
-    assert exit_code_for([3, 0]) == 3            # a bug: permanent
-    assert exit_code_for([143, 143]) == 143      # preempted, checkpointed: retry
-    assert exit_code_for([-9]) == 137            # OOM-killed / SIGKILL: retry
-    assert exit_code_for([1, 143]) == 143        # a peer's collective error is a consequence
+    assert exit_code_for([3, 0]) == 3  # a bug: permanent
+    assert exit_code_for([143, 143]) == 143  # preempted, checkpointed: retry
+    assert exit_code_for([-9]) == 137  # OOM-killed / SIGKILL: retry
+    assert exit_code_for([1, 143]) == 143  # a peer's collective error is a consequence
     assert exit_code_for([1, 2]) == 1
+    assert exit_code_for([3, -15]) == 3  # torchrun's teardown SIGTERM of the peer is not a cause
+    assert exit_code_for([-15, -15]) == 143  # ...unless it is all there is (the pod was stopped)
 
 
 WORKER = """
@@ -44,8 +46,19 @@ def _launch(tmp_path, mode):
     (tmp_path / "w.py").write_text(WORKER)
     env = {**os.environ, "MODE": mode, "READY": str(tmp_path), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "20"}
     return subprocess.Popen(
-        [sys.executable, "-m", "ctrlnet.k8s.launch", "--standalone", "--nnodes=1", "--nproc-per-node=2", str(tmp_path / "w.py")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ctrlnet_trainer.launch",
+            "--standalone",
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            str(tmp_path / "w.py"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -61,7 +74,9 @@ def test_sigterm_is_retryable(tmp_path):
     proc = _launch(tmp_path, "preempt")
     deadline = time.time() + 90
     while not ((tmp_path / "0").exists() and (tmp_path / "1").exists()):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "workers never started"
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stderr.read() if proc.poll() is not None else "workers never started"
+        )
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

@@ -11,7 +11,8 @@ import yaml
 from ctrlnet.config import load_job_config, load_train_config
 from ctrlnet.k8s import helm
 from ctrlnet.k8s.chart import chart_dir, chart_values
-from ctrlnet.k8s.render import dump_objects, parse_manifests
+from ctrlnet.k8s.render import rendered_objects
+from ctrlnet.k8s.yamlio import dump_objects, parse_manifests
 
 from .conftest import EXAMPLES, ROOT, by_kind, ctrlnet, render_example
 
@@ -27,7 +28,9 @@ def test_golden_render(example):
     if UPDATE:
         golden.write_text(text)
     assert golden.is_file(), f"no golden file {golden}: run with CTRLNET_UPDATE_GOLDEN=1"
-    assert text == golden.read_text(), f"{example} renders differently from {golden}; if intended, CTRLNET_UPDATE_GOLDEN=1"
+    assert text == golden.read_text(), (
+        f"{example} renders differently from {golden}; if intended, CTRLNET_UPDATE_GOLDEN=1"
+    )
 
 
 def test_cli_render_equals_helm_engine(tmp_path):
@@ -37,7 +40,7 @@ def test_cli_render_equals_helm_engine(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cfg = load_job_config(example, ["cluster.nodes=3"])
     direct = helm.render(chart_dir(), chart_values(cfg), release=cfg.cluster.name, namespace="ml-training", how="sdk")
-    assert parse_manifests([proc.stdout]) == parse_manifests(list(direct.values()))
+    assert parse_manifests([proc.stdout]) == rendered_objects(direct)
     worker = by_kind(parse_manifests([proc.stdout]), "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Worker"]
     assert worker["replicas"] == 2
 
@@ -48,13 +51,17 @@ def test_binary_and_sdk_engines_agree():
     args = dict(release=cfg.cluster.name, namespace="ml-training")
     a = helm.render(chart_dir(), chart_values(cfg), how="binary", **args)
     b = helm.render(chart_dir(), chart_values(cfg), how="sdk", **args)
-    assert parse_manifests(list(a.values())) == parse_manifests(list(b.values()))
+    assert rendered_objects(a) == rendered_objects(b)
 
 
 def test_render_output_dir(tmp_path):
     proc = ctrlnet("render", "-f", "examples/single-gpu.yaml", "-o", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["configmap.yaml", "pytorchjob.yaml", "serviceaccount.yaml"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "configmap.yaml",
+        "pytorchjob.yaml",
+        "serviceaccount.yaml",
+    ]
     job = yaml.safe_load((tmp_path / "out" / "pytorchjob.yaml").read_text())
     assert job["kind"] == "PyTorchJob" and job["metadata"]["name"] == "fill50k-single-gpu"
 
@@ -70,7 +77,10 @@ def test_configmap_is_the_train_section(example, tmp_path):
 
 def test_null_survives_helm(tmp_path):
     """Helm drops nulls that override a chart default; `train` has none, so null stays null."""
-    cm = by_kind(render_example("single-gpu.yaml", "train.optim.max_grad_norm=null", "train.optim.learning_rate=3e-7"), "ConfigMap")
+    cm = by_kind(
+        render_example("single-gpu.yaml", "train.optim.max_grad_norm=null", "train.optim.learning_rate=3e-7"),
+        "ConfigMap",
+    )
     path = tmp_path / "config.yaml"
     path.write_text(cm["data"]["config.yaml"])
     train = load_train_config(path)
@@ -109,8 +119,15 @@ def test_pod_essentials_single_gpu():
     pod = specs["Master"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["name"] == "pytorch"
-    assert c["command"] == ["python", "-m", "ctrlnet.k8s.launch"]
-    assert c["args"] == ["--nnodes=1", "--nproc-per-node=1", "-m", "ctrlnet_trainer", "--config", "/etc/ctrlnet/config.yaml"]
+    assert c["command"] == ["python", "-m", "ctrlnet_trainer.launch"]
+    assert c["args"] == [
+        "--nnodes=1",
+        "--nproc-per-node=1",
+        "-m",
+        "ctrlnet_trainer",
+        "--config",
+        "/etc/ctrlnet/config.yaml",
+    ]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
@@ -119,7 +136,9 @@ def test_pod_essentials_single_gpu():
     assert specs["Master"]["restartPolicy"] == "ExitCode"
     assert job["spec"]["runPolicy"] == {"cleanPodPolicy": "Running", "backoffLimit": 3}
     labels = job["metadata"]["labels"]
-    assert labels["app.kubernetes.io/name"] == "ctrlnet" and labels["app.kubernetes.io/instance"] == "fill50k-single-gpu"
+    assert (
+        labels["app.kubernetes.io/name"] == "ctrlnet" and labels["app.kubernetes.io/instance"] == "fill50k-single-gpu"
+    )
 
 
 def test_multi_node_deepspeed():
@@ -133,7 +152,10 @@ def test_multi_node_deepspeed():
         assert "--nnodes=2" in c["args"] and "--nproc-per-node=8" in c["args"]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
         assert rs["template"]["spec"]["priorityClassName"] == "training-high"
-    assert "distributed:\n  offload_optimizer: false\n  strategy: deepspeed\n  zero_stage: 2" in by_kind(objs, "ConfigMap")["data"]["config.yaml"]
+    assert (
+        "distributed:\n  offload_optimizer: false\n  strategy: deepspeed\n  zero_stage: 2"
+        in by_kind(objs, "ConfigMap")["data"]["config.yaml"]
+    )
     assert by_kind(objs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
@@ -143,8 +165,14 @@ def test_queues():
     assert kueue["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "research"
     assert kueue["spec"]["runPolicy"]["suspend"] is True
     volcano = by_kind(render_example("volcano.yaml"), "PyTorchJob")
-    assert volcano["spec"]["runPolicy"]["schedulingPolicy"] == {"queue": "research", "minAvailable": 2, "scheduleTimeoutSeconds": 3600}
-    assert all(rs["template"]["spec"]["schedulerName"] == "volcano" for rs in volcano["spec"]["pytorchReplicaSpecs"].values())
+    assert volcano["spec"]["runPolicy"]["schedulingPolicy"] == {
+        "queue": "research",
+        "minAvailable": 2,
+        "scheduleTimeoutSeconds": 3600,
+    }
+    assert all(
+        rs["template"]["spec"]["schedulerName"] == "volcano" for rs in volcano["spec"]["pytorchReplicaSpecs"].values()
+    )
     tj = by_kind(render_example("trainjob.yaml", "cluster.kueue.queue=team-a"), "TrainJob")
     assert tj["spec"]["suspend"] is True and tj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
 
@@ -154,7 +182,11 @@ def test_trainjob_backend():
     assert [o["kind"] for o in objs] == ["ServiceAccount", "ConfigMap", "TrainJob"]
     tj = by_kind(objs, "TrainJob")
     assert tj["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
-    assert tj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "torch-distributed"}
+    assert tj["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": "torch-distributed",
+    }
     t = tj["spec"]["trainer"]
     assert t["numNodes"] == 2 and t["numProcPerNode"] == 4 and t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
     assert not any(e["name"].startswith("PET_") for e in t["env"])  # Trainer injects those
@@ -189,9 +221,15 @@ def test_secrets_only_by_reference(example):
         for path, value in _walk(obj):
             if value in secret_names:
                 assert path.endswith(".valueFrom.secretKeyRef.name"), f"{obj['kind']}{path} = {value}"
-            if path.endswith(".name") and isinstance(value, str) and value in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "WANDB_API_KEY"):
+            if (
+                path.endswith(".name")
+                and isinstance(value, str)
+                and value in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "WANDB_API_KEY")
+            ):
                 env_path = path[: -len(".name")]
-                assert any(p == env_path + ".valueFrom.secretKeyRef.key" for p, _ in _walk(obj)), f"{obj['kind']}{env_path} is not a secretKeyRef"
+                assert any(p == env_path + ".valueFrom.secretKeyRef.key" for p, _ in _walk(obj)), (
+                    f"{obj['kind']}{env_path} is not a secretKeyRef"
+                )
 
 
 def test_render_bad_input_is_one_line():

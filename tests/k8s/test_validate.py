@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ctrlnet.k8s.rules import RULES
 from ctrlnet.k8s.validate import validate_objects
 
 from .conftest import EXAMPLES, by_kind, ctrlnet, render_example
@@ -34,158 +35,332 @@ def only(problems, needle):
     return hits
 
 
-def test_worker_with_zero_replicas():
-    def m(objs):
-        by_kind(objs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = 0
-    only(problems_after("multi-node-deepspeed.yaml", m), "Worker.replicas: is 0: omit Worker")
+# --- every rule, and a real mistake it catches -----------------------------------------------------
+# A case = (rule, example, mutation of its render, text of the problem the rule reports).
 
 
-def test_master_replicas_must_be_one():
-    def m(objs):
-        _master(objs)["replicas"] = 2
-    only(problems_after("single-gpu.yaml", m), "Master replicas must be 1")
+def _job(objs):
+    return next(o for o in objs if o["kind"] in ("PyTorchJob", "TrainJob"))
 
 
-def test_container_must_be_named_pytorch():
-    def m(objs):
-        _container(objs)["name"] = "trainer"
-    only(problems_after("single-gpu.yaml", m), "no container named pytorch")
+def _node_pod(objs):
+    """The TrainJob's runtime patch of its node pod."""
+    (patch,) = by_kind(objs, "TrainJob")["spec"]["runtimePatches"]
+    return patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
 
 
-def test_gpu_limit_must_equal_processes_per_node():
-    def m(objs):
-        res = _container(objs, "Worker")["resources"]
-        res["limits"]["nvidia.com/gpu"] = res["requests"]["nvidia.com/gpu"] = "4"
-    only(problems_after("multi-node-deepspeed.yaml", m), "GPU limit 4 != 8 processes per node")
+def rename_config_map(objs):
+    by_kind(objs, "ConfigMap")["metadata"]["name"] = "Config_Map"
 
 
-def test_nproc_flag_must_match():
-    def m(objs):
-        c = _container(objs)
-        c["args"] = [a.replace("--nproc-per-node=1", "--nproc-per-node=2") for a in c["args"]]
-    only(problems_after("single-gpu.yaml", m), "--nproc-per-node=2 but the job says 1")
+def bad_label_value(objs):
+    by_kind(objs, "ConfigMap")["metadata"]["labels"]["team"] = "ml team"
 
 
-def test_nnodes_must_match_replicas():
-    def m(objs):
-        by_kind(objs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = 3
-    only(problems_after("multi-node-deepspeed.yaml", m), "--nnodes=2 but the job has 4 pods")
+def inline_secret(objs):
+    _container(objs)["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "wJalrXUtnFEMI"})
 
 
-def test_inline_secret_value():
-    def m(objs):
-        _container(objs)["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "wJalrXUtnFEMI"})
-    only(problems_after("single-gpu.yaml", m), "AWS_SECRET_ACCESS_KEY has an inline value")
+def inline_secret_in_trainjob(objs):
+    by_kind(objs, "TrainJob")["spec"]["trainer"]["env"].append({"name": "HF_TOKEN", "value": "hf_abc"})
 
 
-def test_inline_secret_value_in_trainjob():
-    def m(objs):
-        by_kind(objs, "TrainJob")["spec"]["trainer"]["env"].append({"name": "HF_TOKEN", "value": "hf_abc"})
-    only(problems_after("trainjob.yaml", m), "HF_TOKEN has an inline value")
+def unnamed_secret_reference(objs):
+    env = _container(objs)["env"]
+    next(e for e in env if e["name"] == "HF_TOKEN")["valueFrom"]["secretKeyRef"].pop("name")
 
 
-def test_secret_reference_must_name_secret_and_key():
-    def m(objs):
-        env = _container(objs)["env"]
-        ref = next(e for e in env if e["name"] == "HF_TOKEN")["valueFrom"]["secretKeyRef"]
-        ref.pop("name")
-    only(problems_after("single-gpu.yaml", m), "HF_TOKEN: name the Secret and its key")
+def add_secret_object(objs):
+    objs.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-credentials"},
+            "stringData": {"AWS_SECRET_ACCESS_KEY": "x"},
+        }
+    )
 
 
-def test_secret_object_in_manifests():
-    def m(objs):
-        objs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"}, "stringData": {"AWS_SECRET_ACCESS_KEY": "x"}})
-    only(problems_after("single-gpu.yaml", m), "Secret/s3-credentials: a Secret in the manifests")
+def resolution_500(objs):
+    cm = by_kind(objs, "ConfigMap")
+    cm["data"]["config.yaml"] = cm["data"]["config.yaml"].replace("resolution: 512", "resolution: 500")
 
 
-def test_resolution_not_multiple_of_8():
-    def m(objs):
-        cm = by_kind(objs, "ConfigMap")
-        cm["data"]["config.yaml"] = cm["data"]["config.yaml"].replace("resolution: 512", "resolution: 500")
-    only(problems_after("single-gpu.yaml", m), "data.resolution: must be a multiple of 8")
-
-
-def test_restartable_pods_must_resume_from_latest():
+def drop_resume(objs):
     import yaml
 
-    def m(objs):
-        cm = by_kind(objs, "ConfigMap")
-        train = yaml.safe_load(cm["data"]["config.yaml"])
-        train["checkpoint"].pop("resume")
-        cm["data"]["config.yaml"] = yaml.safe_dump(train)
-    only(problems_after("single-gpu.yaml", m), "train.checkpoint.resume is unset")
+    cm = by_kind(objs, "ConfigMap")
+    train = yaml.safe_load(cm["data"]["config.yaml"])
+    train["checkpoint"].pop("resume")
+    cm["data"]["config.yaml"] = yaml.safe_dump(train)
 
 
-def test_dns1035_job_name():
-    def m(objs):
-        by_kind(objs, "PyTorchJob")["metadata"]["name"] = "Fill50k_Run"
-    only(problems_after("single-gpu.yaml", m), "is not a DNS-1035 label")
+def launcher_replica(objs):
+    by_kind(objs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Launcher"] = {"replicas": 1}
+
+
+def two_masters(objs):
+    _master(objs)["replicas"] = 2
+
+
+def worker_zero_replicas(objs):
+    by_kind(objs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = 0
+
+
+def elastic(objs):
+    by_kind(objs, "PyTorchJob")["spec"]["elasticPolicy"] = {"minReplicas": 1, "maxReplicas": 4}
+
+
+def clean_pod_policy_always(objs):
+    by_kind(objs, "PyTorchJob")["spec"]["runPolicy"]["cleanPodPolicy"] = "Always"
+
+
+def not_suspended(objs):
+    del by_kind(objs, "PyTorchJob")["spec"]["runPolicy"]["suspend"]
+
+
+def trainjob_not_suspended(objs):
+    by_kind(objs, "TrainJob")["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] = "team-a"
+
+
+def gang_of_five(objs):
+    by_kind(objs, "PyTorchJob")["spec"]["runPolicy"]["schedulingPolicy"]["minAvailable"] = 5
+
+
+def nproc_auto(objs):
+    by_kind(objs, "PyTorchJob")["spec"]["nprocPerNode"] = "auto"
+
+
+def restart_on_exit_code(objs):
+    _master(objs)["restartPolicy"] = "OnExitCode"
+
+
+def rename_container(objs):
+    _container(objs)["name"] = "trainer"
+
+
+def drop_image(objs):
+    del _container(objs)["image"]
+
+
+def drop_scheduler(objs):
+    del _master(objs)["template"]["spec"]["schedulerName"]
+
+
+def three_workers(objs):
+    by_kind(objs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = 3
+
+
+def drop_ports(objs):
+    del _container(objs)["ports"]
+
+
+def unnamed_pull_secret(objs):
+    _master(objs)["template"]["spec"]["imagePullSecrets"] = [{"name": ""}]
+
+
+def unnamed_runtime(objs):
+    by_kind(objs, "TrainJob")["spec"]["runtimeRef"]["name"] = ""
+
+
+def drop_trainer_image(objs):
+    del by_kind(objs, "TrainJob")["spec"]["trainer"]["image"]
+
+
+def three_num_nodes(objs):
+    by_kind(objs, "TrainJob")["spec"]["trainer"]["numNodes"] = 3
+
+
+def env_in_runtime_patch(objs):
+    _node_pod(objs)["containers"][0]["env"] = [{"name": "NCCL_DEBUG", "value": "INFO"}]
+
+
+def drop_node_container_patch(objs):
+    del _node_pod(objs)["containers"]
+
+
+def reserved_env_in_trainjob(objs):
+    by_kind(objs, "TrainJob")["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "3"})
+
+
+def gpu_request_below_limit(objs):
+    _container(objs)["resources"]["requests"]["nvidia.com/gpu"] = "4"
+
+
+def four_gpus_per_worker(objs):
+    res = _container(objs, "Worker")["resources"]
+    res["limits"]["nvidia.com/gpu"] = res["requests"]["nvidia.com/gpu"] = "4"
+
+
+def two_processes(objs):
+    c = _container(objs)
+    c["args"] = [a.replace("--nproc-per-node=1", "--nproc-per-node=2") for a in c["args"]]
+
+
+def disk_backed_shm(objs):
+    vols = _master(objs)["template"]["spec"]["volumes"]
+    next(v for v in vols if v["name"] == "dshm")["emptyDir"] = {}
+
+
+def unmount_config(objs):
+    c = _container(objs)
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "config"]
+
+
+def run_as_root(objs):
+    sc = _master(objs)["template"]["spec"]["securityContext"]
+    sc.pop("runAsNonRoot")
+    sc["runAsUser"] = 0
+    _container(objs)["securityContext"].pop("runAsNonRoot")
+
+
+def privileged(objs):
+    _container(objs)["securityContext"]["privileged"] = True
+
+
+def short_grace(objs):
+    _master(objs)["template"]["spec"]["terminationGracePeriodSeconds"] = 5
+
+
+def drop_config_map(objs):
+    objs[:] = [o for o in objs if o["kind"] != "ConfigMap"]
+
+
+def bad_job_name(objs):
+    _job(objs)["metadata"]["name"] = "Fill50k_Run"
+
+
+CASES = [
+    ("object_name", "single-gpu.yaml", bad_job_name, "is not a DNS-1035 label"),
+    ("object_name", "single-gpu.yaml", rename_config_map, "'Config_Map' is not a DNS-1123 name"),
+    ("label_values", "single-gpu.yaml", bad_label_value, "'ml team' is not a valid label value"),
+    ("credentials_by_reference", "single-gpu.yaml", inline_secret, "AWS_SECRET_ACCESS_KEY has an inline value"),
+    ("credentials_by_reference", "trainjob.yaml", inline_secret_in_trainjob, "HF_TOKEN has an inline value"),
+    ("credentials_by_reference", "single-gpu.yaml", unnamed_secret_reference, "HF_TOKEN: name the Secret and its key"),
+    ("no_secret_objects", "single-gpu.yaml", add_secret_object, "Secret/s3-credentials: a Secret in the manifests"),
+    ("trainer_config_loads", "single-gpu.yaml", resolution_500, "data.resolution: must be a multiple of 8"),
+    ("restarted_pods_resume", "single-gpu.yaml", drop_resume, "train.checkpoint.resume is unset"),
+    ("replica_types", "single-gpu.yaml", launcher_replica, "Launcher: unknown replica type"),
+    ("one_master", "single-gpu.yaml", two_masters, "Master replicas must be 1"),
+    ("no_empty_worker", "multi-node-deepspeed.yaml", worker_zero_replicas, "Worker.replicas: is 0: omit Worker"),
+    ("no_elastic_policy", "single-gpu.yaml", elastic, "elastic training is not supported"),
+    ("clean_pod_policy", "single-gpu.yaml", clean_pod_policy_always, "'Always': use one of None, Running, All"),
+    ("queued_jobs_start_suspended", "kueue.yaml", not_suspended, "queued in Kueue but not created suspended"),
+    (
+        "queued_jobs_start_suspended",
+        "trainjob.yaml",
+        trainjob_not_suspended,
+        "spec.suspend: queued in Kueue but not created suspended",
+    ),
+    ("gang_fits", "volcano.yaml", gang_of_five, "5 > 2 pods: the gang can never be scheduled"),
+    ("nproc_per_node_is_a_number", "single-gpu.yaml", nproc_auto, "'auto': give the number of processes per node"),
+    (
+        "restart_policy",
+        "single-gpu.yaml",
+        restart_on_exit_code,
+        "'OnExitCode': use one of Always, OnFailure, Never, ExitCode",
+    ),
+    ("container_named_pytorch", "single-gpu.yaml", rename_container, "no container named pytorch"),
+    ("containers_have_images", "single-gpu.yaml", drop_image, "containers[0].image: is required"),
+    ("volcano_scheduler", "volcano.yaml", drop_scheduler, "set schedulerName: volcano"),
+    ("nnodes_matches_pods", "multi-node-deepspeed.yaml", three_workers, "--nnodes=2 but the job has 4 pods"),
+    ("master_port_named", "single-gpu.yaml", drop_ports, "no port named pytorchjob-port"),
+    ("pull_secrets_named", "single-gpu.yaml", unnamed_pull_secret, "name the pull Secret"),
+    ("runtime_named", "trainjob.yaml", unnamed_runtime, "name the (Cluster)TrainingRuntime"),
+    ("trainer_image", "trainjob.yaml", drop_trainer_image, "spec.trainer.image: is required"),
+    ("nnodes_matches_num_nodes", "trainjob.yaml", three_num_nodes, "--nnodes=2 but numNodes is 3"),
+    ("no_env_in_runtime_patches", "trainjob.yaml", env_in_runtime_patch, "goes in spec.trainer.env"),
+    ("node_container_patched", "trainjob.yaml", drop_node_container_patch, "no patch of the node container"),
+    ("no_reserved_env", "trainjob.yaml", reserved_env_in_trainjob, "PET_NNODES is injected"),
+    (
+        "gpu_request_equals_limit",
+        "multi-node-deepspeed.yaml",
+        gpu_request_below_limit,
+        "nvidia.com/gpu request 4 != limit 8",
+    ),
+    ("one_process_per_gpu", "multi-node-deepspeed.yaml", four_gpus_per_worker, "GPU limit 4 != 8 processes per node"),
+    ("one_process_per_gpu", "single-gpu.yaml", two_processes, "--nproc-per-node=2 but the job says 1"),
+    (
+        "dev_shm_in_memory",
+        "single-gpu.yaml",
+        disk_backed_shm,
+        "/dev/shm must be an emptyDir with medium: Memory and a sizeLimit",
+    ),
+    ("config_mounted", "single-gpu.yaml", unmount_config, "the trainer config is not mounted at /etc/ctrlnet"),
+    ("runs_as_non_root", "single-gpu.yaml", run_as_root, "runAsNonRoot is not set"),
+    ("uid_is_not_root", "single-gpu.yaml", run_as_root, "0 is root"),
+    ("unprivileged", "single-gpu.yaml", privileged, "privileged / allowPrivilegeEscalation"),
+    (
+        "grace_period_fits_a_checkpoint",
+        "single-gpu.yaml",
+        short_grace,
+        "5s is too short to finish a step and checkpoint",
+    ),
+    (
+        "mounted_configmaps_present",
+        "single-gpu.yaml",
+        drop_config_map,
+        "mounts ConfigMap fill50k-single-gpu-config, which is not among the rendered objects",
+    ),
+]
+
+
+@pytest.mark.parametrize("rule, example, mutate, needle", CASES, ids=[f"{c[0]}-{c[2].__name__}" for c in CASES])
+def test_rule_catches(rule, example, mutate, needle):
+    objs = render_example(example)
+    mutate(objs)
+    problems = validate_objects(objs)
+    only([str(p) for p in problems], needle)
+    assert rule in {p.rule for p in problems if needle in str(p)}, f"{needle!r} was not reported by {rule}"
+
+
+def test_every_rule_is_documented_and_caught_by_a_case():
+    rules = [r for rs in RULES.values() for r in rs]
+    assert [r.__name__ for r in rules if not (r.__doc__ or "").strip()] == [], "a rule without a docstring"
+    assert {r.__name__ for r in rules} - {c[0] for c in CASES} == set(), "a rule no case triggers: add one to CASES"
+
+
+def test_enums_are_the_config_models():
+    from typing import get_args
+
+    from ctrlnet.config.cluster import ClusterConfig
+    from ctrlnet.k8s.rules import CLEAN_POD_POLICIES, RESTART_POLICIES
+
+    assert RESTART_POLICIES == get_args(ClusterConfig.model_fields["restart_policy"].annotation)
+    assert CLEAN_POD_POLICIES == get_args(ClusterConfig.model_fields["clean_pod_policy"].annotation)
+
+
+# --- schemas ---------------------------------------------------------------------------------------
 
 
 def test_unknown_field_is_a_schema_problem():
     def m(objs):
         by_kind(objs, "PyTorchJob")["spec"]["runPolicy"]["backofLimit"] = 3
+
     only(problems_after("single-gpu.yaml", m), "'backofLimit' was unexpected")
 
 
 def test_core_kind_schema():
     def m(objs):
         by_kind(objs, "ConfigMap")["data"]["config.yaml"] = 7
-    only(problems_after("single-gpu.yaml", m), "ConfigMap/fill50k-single-gpu-config: data.config.yaml: 7 is not of type 'string'")
+
+    only(
+        problems_after("single-gpu.yaml", m),
+        "ConfigMap/fill50k-single-gpu-config: data.config.yaml: 7 is not of type 'string'",
+    )
 
 
-def test_restart_policy_enum():
-    def m(objs):
-        _master(objs)["restartPolicy"] = "OnExitCode"
-    only(problems_after("single-gpu.yaml", m), "'OnExitCode': use one of Always, OnFailure, Never, ExitCode")
+def test_schema_problems_is_importable_from_validate():
+    """The test cluster's API server checks objects with it."""
+    from ctrlnet.k8s import schemas, validate
+
+    assert validate.schema_problems is schemas.schema_problems
+    assert validate.schema_problems({"kind": "ConfigMap"}) == [
+        validate.Problem("ConfigMap/?", "", "apiVersion and kind are required")
+    ]
 
 
-def test_kueue_job_must_be_created_suspended():
-    def m(objs):
-        del by_kind(objs, "PyTorchJob")["spec"]["runPolicy"]["suspend"]
-    only(problems_after("kueue.yaml", m), "queued in Kueue but not created suspended")
-
-
-def test_volcano_needs_its_scheduler():
-    def m(objs):
-        del _master(objs)["template"]["spec"]["schedulerName"]
-    only(problems_after("volcano.yaml", m), "set schedulerName: volcano")
-
-
-def test_dev_shm_must_be_memory_backed():
-    def m(objs):
-        vols = _master(objs)["template"]["spec"]["volumes"]
-        next(v for v in vols if v["name"] == "dshm")["emptyDir"] = {}
-    only(problems_after("single-gpu.yaml", m), "/dev/shm must be an emptyDir with medium: Memory and a sizeLimit")
-
-
-def test_runs_as_non_root():
-    def m(objs):
-        sc = _master(objs)["template"]["spec"]["securityContext"]
-        sc.pop("runAsNonRoot")
-        sc["runAsUser"] = 0
-        _container(objs)["securityContext"].pop("runAsNonRoot")
-    probs = problems_after("single-gpu.yaml", m)
-    only(probs, "runAsNonRoot is not set")
-    only(probs, "0 is root")
-
-
-def test_grace_period_long_enough_to_checkpoint():
-    def m(objs):
-        _master(objs)["template"]["spec"]["terminationGracePeriodSeconds"] = 5
-    only(problems_after("single-gpu.yaml", m), "5s is too short to finish a step and checkpoint")
-
-
-def test_missing_configmap():
-    def m(objs):
-        objs[:] = [o for o in objs if o["kind"] != "ConfigMap"]
-    only(problems_after("single-gpu.yaml", m), "mounts ConfigMap fill50k-single-gpu-config, which is not among the rendered objects")
-
-
-def test_trainjob_reserved_env():
-    def m(objs):
-        by_kind(objs, "TrainJob")["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "3"})
-    only(problems_after("trainjob.yaml", m), "PET_NNODES is injected")
+# --- the CLI ---------------------------------------------------------------------------------------
 
 
 def test_cli_validate_ok_and_problems(tmp_path):
@@ -194,8 +369,7 @@ def test_cli_validate_ok_and_problems(tmp_path):
     assert ok.stdout.startswith("ok: 4 object(s) valid") and "needs Secrets: hf-token, s3-credentials" in ok.stdout
 
     rendered = ctrlnet("render", "-f", "examples/multi-node-deepspeed.yaml").stdout
-    broken = (rendered.replace("name: pytorch\n", "name: trainer\n", 1)
-                      .replace("resolution: 512", "resolution: 500"))
+    broken = rendered.replace("name: pytorch\n", "name: trainer\n", 1).replace("resolution: 512", "resolution: 500")
     (tmp_path / "job.yaml").write_text(broken)
     bad = ctrlnet("validate", "--manifests", str(tmp_path / "job.yaml"))
     assert bad.returncode == 1
@@ -244,7 +418,9 @@ class TestClusterConfig:
         assert "only 1 nodes" in self._err("cluster.volcano.queue=q", "cluster.volcano.min_available=2")
 
     def test_rwo_cache_on_several_nodes(self):
-        assert "ReadWriteMany" in self._err("cluster.nodes=2", "cluster.cache.enabled=true", "cluster.cache.access_mode=ReadWriteOnce")
+        assert "ReadWriteMany" in self._err(
+            "cluster.nodes=2", "cluster.cache.enabled=true", "cluster.cache.access_mode=ReadWriteOnce"
+        )
 
     def test_pytorchjob_only_keys_on_trainjob(self):
         assert "PyTorchJob setting" in self._err("cluster.backend=trainjob", "cluster.ttl_seconds_after_finished=60")

@@ -24,8 +24,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = train(cfg)
         except Preempted as p:
-            print(f"preempted at step {p.step}; checkpoint {p.checkpoint}; exiting {PREEMPTED_EXIT_CODE} to be restarted",
-                  file=sys.stderr, flush=True)
+            print(
+                f"preempted at step {p.step}; checkpoint {p.checkpoint or 'written with rank 0'}; "
+                f"exiting {PREEMPTED_EXIT_CODE} to be restarted",
+                file=sys.stderr,
+                flush=True,
+            )
             return PREEMPTED_EXIT_CODE
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

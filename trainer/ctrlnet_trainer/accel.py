@@ -68,20 +68,26 @@ def build_accelerator(cfg: TrainConfig, work_dir: Path, use_cuda: bool):
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install deepspeed, or use ddp")
+            raise UserError(
+                "distributed.strategy=deepspeed needs the deepspeed package: pip install deepspeed, or use ddp"
+            )
         kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg)
     # accelerate's `cpu=True` is what makes torchrun processes on CPUs one MULTI_CPU group, but
     # it silently drops a DeepSpeed plugin; DeepSpeed finds the CPU by itself without it.
     deepspeed = cfg.distributed.strategy == "deepspeed"
     force_cpu = not use_cuda and not deepspeed
     if deepspeed and not use_cuda and torch.cuda.is_available():
-        raise UserError("distributed.strategy=deepspeed with loop.device=cpu on a GPU machine is not supported: use ddp")
+        raise UserError(
+            "distributed.strategy=deepspeed with loop.device=cpu on a GPU machine is not supported: use ddp"
+        )
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.loop.gradient_accumulation_steps,
         mixed_precision=cfg.loop.mixed_precision,
         cpu=force_cpu,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=str(work_dir), logging_dir=str(work_dir / cfg.logging.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(work_dir), logging_dir=str(work_dir / cfg.logging.logging_dir)
+        ),
         # The zero-conv branch of the first steps leaves no parameter unused; keep DDP's fast path.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         **kwargs,

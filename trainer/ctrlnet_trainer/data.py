@@ -13,9 +13,10 @@ from __future__ import annotations
 import io
 import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from PIL import Image
 
 from ctrlnet.config.train import DataConfig
 from ctrlnet.errors import UserError
+from ctrlnet_trainer.seeds import epoch_order_seed, row_rng
 from ctrlnet_trainer.storage import is_remote, local_path, looks_like_path
 
 
@@ -69,7 +71,9 @@ def open_source(cfg: DataConfig, cache_dir: str | None, seed: int) -> Source:
         path = Path(local_path(src))
         if path.is_file():
             if path.suffix != ".parquet":
-                raise UserError(f"data.dataset {src!r}: a file must be .parquet; for images use a folder with metadata.jsonl")
+                raise UserError(
+                    f"data.dataset {src!r}: a file must be .parquet; for images use a folder with metadata.jsonl"
+                )
             rows = datasets.load_dataset("parquet", data_files=str(path), split="train", **common)
             return Source(rows, str(path.parent), cfg.streaming)
         if path.is_dir():
@@ -169,13 +173,10 @@ def open_image(value: Any, root: str | None) -> Image.Image:
             with fsspec.open(url, "rb") as f:
                 return Image.open(io.BytesIO(f.read())).convert("RGB")
         except FileNotFoundError:
-            raise UserError(f"image file {url!r} named in the dataset does not exist: fix the path in the data") from None
+            raise UserError(
+                f"image file {url!r} named in the dataset does not exist: fix the path in the data"
+            ) from None
     raise UserError(f"cannot read an image from a dataset value of type {type(value).__name__}")
-
-
-def row_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """Randomness of one row in one epoch (caption choice): fixed, so a resume repeats it."""
-    return random.Random(seed * 1_000_003 + epoch * 7919 + index)
 
 
 class Examples:
@@ -222,7 +223,8 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- batch streams
 @dataclass
 class Position:
-    """Where the next batch starts: epoch and batch index (map-style) or rows (streaming)."""
+    """Where the next batch starts: the epoch, and the number of this rank's batches of that epoch
+    already consumed (map-style and streaming alike: a count of batches, not of rows)."""
 
     epoch: int = 0
     batch: int = 0
@@ -245,7 +247,9 @@ class ShardedBatchSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for epoch in itertools.count(self.start.epoch):
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            order = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(epoch_order_seed(self.seed, epoch))
+            ).tolist()
             shard = order[self.rank :: self.world][: self.batches_per_epoch * self.batch_size]
             first = self.start.batch if epoch == self.start.epoch else 0
             for b in range(first, self.batches_per_epoch):
@@ -255,13 +259,26 @@ class ShardedBatchSampler:
 class MapBatches:
     """Resumable batches from a map-style source, loaded by DataLoader workers."""
 
-    def __init__(self, examples: Examples, batch_size: int, rank: int, world: int, seed: int,
-                 num_workers: int, start: Position, pin_memory: bool):
+    def __init__(
+        self,
+        examples: Examples,
+        batch_size: int,
+        rank: int,
+        world: int,
+        seed: int,
+        num_workers: int,
+        start: Position,
+        pin_memory: bool,
+    ):
         self.sampler = ShardedBatchSampler(len(examples), batch_size, rank, world, seed, start)
         self.position = Position(start.epoch, start.batch)
         self.loader = torch.utils.data.DataLoader(
-            examples, batch_sampler=self.sampler, collate_fn=collate, num_workers=num_workers,
-            pin_memory=pin_memory, persistent_workers=False,
+            examples,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=False,
         )
 
     @property
@@ -278,12 +295,22 @@ class MapBatches:
 
 
 class StreamingBatches:
-    """Batches from a streaming dataset: each rank reads its own shard; position counts rows."""
+    """Batches from a streaming dataset: each rank reads its own shard. The position counts this
+    rank's batches of the epoch; a resume skips batch x batch_size rows of the shard to reach it."""
 
     batches_per_epoch = None
 
-    def __init__(self, source: Source, examples: Examples, batch_size: int, rank: int, world: int,
-                 seed: int, shuffle_buffer: int, start: Position):
+    def __init__(
+        self,
+        source: Source,
+        examples: Examples,
+        batch_size: int,
+        rank: int,
+        world: int,
+        seed: int,
+        shuffle_buffer: int,
+        start: Position,
+    ):
         from datasets.distributed import split_dataset_by_node
 
         rows = source.rows.shuffle(seed=seed, buffer_size=shuffle_buffer)
@@ -297,17 +324,22 @@ class StreamingBatches:
             self.rows.set_epoch(epoch)
             rows = itertools.islice(iter(self.rows), skip, None)
             produced = False
-            for chunk in iter(lambda: list(itertools.islice(rows, self.batch_size)), []):
+            for chunk in _chunks(rows, self.batch_size):
                 if len(chunk) < self.batch_size:
                     break
                 start = self.position.batch * self.batch_size
-                batch = collate([
-                    self.examples.encode(row, row_rng(self.seed, epoch, start + j))
-                    for j, row in enumerate(chunk)
-                ])
+                batch = collate(
+                    [self.examples.encode(row, row_rng(self.seed, epoch, start + j)) for j, row in enumerate(chunk)]
+                )
                 self.position.batch += 1
                 produced = True
                 yield batch
             if not produced and skip == 0:
                 raise UserError("the streaming dataset yielded less than one batch: lower loop.batch_size or add data")
             self.position = Position(epoch + 1, 0)
+
+
+def _chunks(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` rows (the last one may be shorter)."""
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk

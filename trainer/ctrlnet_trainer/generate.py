@@ -11,8 +11,18 @@ from ctrlnet_trainer.data import open_image
 from ctrlnet_trainer.models import resolve_location
 
 
-def generate(base: str, controlnet: str, image: str, prompt: str, out: str, num_images: int = 1,
-             steps: int = 20, seed: int = 0, device: str = "auto", height: int | None = None) -> list[Path]:
+def generate(
+    base: str,
+    controlnet: str,
+    image: str,
+    prompt: str,
+    out: str,
+    num_images: int = 1,
+    steps: int = 20,
+    seed: int = 0,
+    device: str = "auto",
+    height: int | None = None,
+) -> list[Path]:
     from ctrlnet_trainer.quiet import quiet_library_noise
 
     quiet_library_noise()
@@ -30,18 +40,27 @@ def generate(base: str, controlnet: str, image: str, prompt: str, out: str, num_
     try:
         cn = ControlNetModel.from_pretrained(cn_path, torch_dtype=dtype)
         pipe = StableDiffusionControlNetPipeline.from_pretrained(
-            base_path, controlnet=cn, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
+            base_path, controlnet=cn, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
+        )
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load the models ({str(e).splitlines()[0][:200]}): --base must be a Stable "
-                        "Diffusion diffusers folder or hub id, --controlnet a ControlNet folder") from None
+        raise UserError(
+            f"could not load the models ({str(e).splitlines()[0][:200]}): --base must be a Stable "
+            "Diffusion diffusers folder or hub id, --controlnet a ControlNet folder"
+        ) from None
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     cond = open_image(image, None)
     size = height or (cond.height // 8 * 8)
     generator = torch.Generator(device=device).manual_seed(seed)
-    images = pipe([prompt] * num_images, cond, height=size, width=cond.width // 8 * 8 if not height else size,
-                  num_inference_steps=steps, generator=generator).images
+    images = pipe(
+        [prompt] * num_images,
+        cond,
+        height=size,
+        width=cond.width // 8 * 8 if not height else size,
+        num_inference_steps=steps,
+        generator=generator,
+    ).images
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -15,7 +15,9 @@ from ctrlnet.errors import UserError
 def hub_token(cfg: HubConfig) -> str:
     token = os.environ.get(cfg.token_env, "")
     if not token:
-        raise UserError(f"hub.push is on but ${cfg.token_env} is empty: export the hub token in it (or set hub.token_env)")
+        raise UserError(
+            f"hub.push is on but ${cfg.token_env} is empty: export the hub token in it (or set hub.token_env)"
+        )
     return token
 
 
@@ -26,8 +28,12 @@ def push_controlnet(folder: Path, cfg: HubConfig, default_name: str) -> str:
         from huggingface_hub import create_repo, upload_folder
 
         repo_id = create_repo(repo, token=token, private=cfg.private, exist_ok=True).repo_id
-        upload_folder(repo_id=repo_id, folder_path=str(folder), token=token, commit_message="ctrlnet: trained ControlNet")
+        upload_folder(
+            repo_id=repo_id, folder_path=str(folder), token=token, commit_message="ctrlnet: trained ControlNet"
+        )
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(token, "***")[:200]
-        raise UserError(f"pushing the ControlNet to hub repo {repo!r} failed ({reason}); the local copy is in {folder}") from None
+        raise UserError(
+            f"pushing the ControlNet to hub repo {repo!r} failed ({reason}); the local copy is in {folder}"
+        ) from None
     return repo_id

@@ -1,12 +1,23 @@
-"""metrics.jsonl (one line per logged step), TensorBoard through accelerate, and a loss curve PNG."""
+"""What a run reports while it trains: the `Meter` (windowed loss and samples/s between logging
+steps) writes metrics.jsonl (one line per logged step), the tracker (TensorBoard through
+accelerate), a progress bar in a terminal or progress lines (ctrlnet.config.progress) on a pod's
+stdout; at the end, a loss curve PNG."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from ctrlnet.config.contract import METRICS_FILE
+from ctrlnet.config.progress import format_line
+from ctrlnet_trainer.storage import Prefix
+
+LOSS_CURVE = "loss.png"
 
 
 def gpu_memory_gib() -> float | None:
@@ -47,13 +58,15 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps, losses = zip(*points)
+        steps, losses = zip(*points, strict=False)
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
         window = max(1, len(losses) // 20)
         if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-                      for i in range(len(losses))]
+            smooth = [
+                sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                for i in range(len(losses))
+            ]
             ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
         ax.set_xlabel("step")
         ax.set_ylabel("denoising loss")
@@ -82,3 +95,124 @@ class Progress:
     def close(self) -> None:
         if self.bar:
             self.bar.close()
+
+
+class Meter:
+    """Loss and throughput over the window since the last logging step, reported every
+    `logging.every_steps` and at the last step. samples/s counts training time only: checkpoints
+    and validation run inside `paused()`."""
+
+    def __init__(
+        self,
+        output: Prefix,
+        accelerator,
+        *,
+        every: int,
+        total_steps: int,
+        start_step: int,
+        samples_per_step: int,
+        is_main: bool,
+        is_local_main: bool,
+        device: torch.device,
+        logging_dir: str,
+    ):
+        self.output, self.acc, self.every, self.total = output, accelerator, every, total_steps
+        self.samples_per_step, self.logging_dir = samples_per_step, logging_dir
+        self.log_file: MetricsLog | None = None
+        if is_main:
+            if start_step and output.exists(METRICS_FILE):
+                output.fetch(METRICS_FILE)  # a resumed run keeps its history
+            self.log_file = MetricsLog(output.local(METRICS_FILE), start_step)
+        self.progress = Progress(total_steps, start_step, is_local_main)
+        # Off a terminal (a pod, a pipe), rank 0 prints progress lines for `ctrlnet status`.
+        self.progress_lines = is_main and not sys.stdout.isatty()
+        self.window_loss = torch.zeros((), device=device)
+        self.window_steps = 0
+        self.window_start = time.perf_counter()
+        self.paused_seconds = 0.0
+
+    def add(self, loss: torch.Tensor) -> None:
+        """One optimizer step's mean loss (a device tensor: no host sync until the window is logged)."""
+        self.window_loss += loss.detach()
+        self.window_steps += 1
+
+    def log(self, step: int, *, lr: float, grad_norm, epoch: int) -> dict | None:
+        """Report the window when `step` is a logging step (collective: every rank calls it)."""
+        if step % self.every != 0 and step != self.total:
+            self.progress.update()
+            return None
+        from ctrlnet_trainer.accel import all_reduce
+
+        mean_loss = all_reduce(self.window_loss, "mean").item() / self.window_steps
+        elapsed = time.perf_counter() - self.window_start - self.paused_seconds
+        row = {
+            "step": step,
+            "loss": round(mean_loss, 6),
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+            "samples_per_s": round(self.samples_per_step * self.window_steps / max(elapsed, 1e-9), 3),
+            "epoch": epoch,
+        }
+        if (mem := gpu_memory_gib()) is not None:
+            row["gpu_mem_gib"] = mem
+        if self.progress_lines:
+            left = (self.total - step) * self.samples_per_step / max(row["samples_per_s"], 1e-9)
+            print(
+                format_line(
+                    "step",
+                    step=step,
+                    total=self.total,
+                    loss=row["loss"],
+                    samples_per_s=row["samples_per_s"],
+                    eta_s=round(left),
+                    epoch=epoch,
+                ),
+                flush=True,
+            )
+        if self.log_file:
+            self.log_file.write(row)
+            if self.acc.log_with:
+                self.acc.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
+        self.progress.update(loss=f"{mean_loss:.4f}")
+        self.window_loss.zero_()
+        self.window_steps, self.window_start, self.paused_seconds = 0, time.perf_counter(), 0.0
+        return row
+
+    def checkpointed(self, step: int, url: str) -> None:
+        """A checkpoint was committed: tell status (and publish the metrics written so far)."""
+        if self.progress_lines:
+            print(format_line("checkpoint", step=step, total=self.total, checkpoint=url), flush=True)
+        self.publish()
+
+    def done(self, step: int, controlnet: str) -> None:
+        if self.progress_lines:
+            print(format_line("done", step=step, total=self.total, controlnet=controlnet), flush=True)
+
+    @contextmanager
+    def paused(self):
+        """Time spent in here (checkpointing, validation) is not training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
+
+    def publish(self) -> None:
+        """Bring the metrics and TensorBoard logs written so far into the output (main process)."""
+        if not self.log_file:
+            return
+        self.output.publish(METRICS_FILE)
+        if self.output.local(self.logging_dir).exists():
+            self.output.publish(self.logging_dir)
+
+    def close(self) -> str | None:
+        """Finish the bar and the log; plot and publish the loss curve. Its URL, if one was drawn."""
+        self.progress.close()
+        if not self.log_file:
+            return None
+        self.log_file.close()
+        curve = self.log_file.plot_loss(self.output.local(LOSS_CURVE))
+        if curve:
+            self.output.publish(LOSS_CURVE)
+        self.publish()
+        return self.output.url_of(LOSS_CURVE) if curve else None

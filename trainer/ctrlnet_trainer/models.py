@@ -41,9 +41,12 @@ def _fetch_remote(url: str, cache_dir: str | None) -> str:
     # Keyed on the objects' names, sizes and versions, so a changed model is fetched again.
     prefix = Prefix(url)
     listing = prefix.fs.find(prefix.root, detail=True)
-    fingerprint = json.dumps(sorted(
-        (name, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
-        for name, info in listing.items()))
+    fingerprint = json.dumps(
+        sorted(
+            (name, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified")))
+            for name, info in listing.items()
+        )
+    )
     key = hashlib.sha1((url + fingerprint).encode()).hexdigest()[:16]
     root = Path(cache_dir or tempfile.gettempdir()) / "ctrlnet-models" / key
     if not (root / ".complete").exists():
@@ -73,9 +76,13 @@ def detect_family(base: str, cfg: TrainConfig) -> str:
         from diffusers import DiffusionPipeline
 
         try:
-            name = DiffusionPipeline.load_config(base, revision=cfg.model.revision, cache_dir=cfg.model.cache_dir).get("_class_name", "")
+            name = DiffusionPipeline.load_config(base, revision=cfg.model.revision, cache_dir=cfg.model.cache_dir).get(
+                "_class_name", ""
+            )
         except Exception as e:  # hub unreachable, no such repo, ...
-            raise UserError(f"model.base {cfg.model.base!r} could not be loaded ({_short(e)}): give a local diffusers folder or a reachable hub id") from None
+            raise UserError(
+                f"model.base {cfg.model.base!r} could not be loaded ({_short(e)}): give a local diffusers folder or a reachable hub id"
+            ) from None
     return "sdxl" if "XL" in name else "sd"
 
 
@@ -86,12 +93,19 @@ def load_models(cfg: TrainConfig, seed: int) -> Models:
         parts = build_base("tiny", seed=seed)
         family, base = "sd", None
         tokenizer, text_encoder, vae, unet, scheduler = (
-            parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler)
+            parts.tokenizer,
+            parts.text_encoder,
+            parts.vae,
+            parts.unet,
+            parts.noise_scheduler,
+        )
     else:
         base = resolve_location(cfg.model.base, "model.base", cfg.model.cache_dir)
         family = detect_family(base, cfg)
         if family == "sdxl":
-            raise UserError("model.base is an SDXL model; this trainer supports SD1.x/2.x so far: use an SD1.x/2.x base")
+            raise UserError(
+                "model.base is an SDXL model; this trainer supports SD1.x/2.x so far: use an SD1.x/2.x base"
+            )
         tokenizer, text_encoder, vae, unet, scheduler = _load_sd(base, cfg)
 
     if cfg.model.controlnet:
@@ -110,7 +124,9 @@ def load_models(cfg: TrainConfig, seed: int) -> Models:
 
     prediction_type = cfg.model.prediction_type or scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise UserError(f"the base scheduler predicts {prediction_type!r}; set model.prediction_type to epsilon or v_prediction")
+        raise UserError(
+            f"the base scheduler predicts {prediction_type!r}; set model.prediction_type to epsilon or v_prediction"
+        )
     if cfg.model.prediction_type:
         scheduler.register_to_config(prediction_type=prediction_type)
     return Models(family, tokenizer, text_encoder, vae, unet, scheduler, controlnet, prediction_type, cfg.model.base)
@@ -133,8 +149,10 @@ def _load_sd(base: str, cfg: TrainConfig):
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **weights)
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights)
     except Exception as e:
-        raise UserError(f"model.base {m.base!r} could not be loaded ({_short(e)}): it must hold a Stable Diffusion "
-                        "diffusers layout (tokenizer/, text_encoder/, vae/, unet/, scheduler/)") from None
+        raise UserError(
+            f"model.base {m.base!r} could not be loaded ({_short(e)}): it must hold a Stable Diffusion "
+            "diffusers layout (tokenizer/, text_encoder/, vae/, unet/, scheduler/)"
+        ) from None
     return tokenizer, text_encoder, vae, unet, scheduler
 
 
@@ -151,6 +169,8 @@ def prepare_for_training(models: Models, cfg: TrainConfig, device: torch.device,
         models.controlnet.enable_gradient_checkpointing()
     if cfg.loop.attention == "xformers":
         if importlib.util.find_spec("xformers") is None:
-            raise UserError("loop.attention=xformers needs the xformers package: pip install xformers, or use attention=sdpa")
+            raise UserError(
+                "loop.attention=xformers needs the xformers package: pip install xformers, or use attention=sdpa"
+            )
         models.unet.enable_xformers_memory_efficient_attention()
         models.controlnet.enable_xformers_memory_efficient_attention()

@@ -32,6 +32,10 @@ def build_lr_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
 
     # One scheduler step per optimizer step (we step it ourselves; no per-process multiplier).
     return get_scheduler(
-        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-        num_training_steps=total_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=total_steps,
+        num_cycles=cfg.lr_num_cycles,
+        power=cfg.lr_power,
     )

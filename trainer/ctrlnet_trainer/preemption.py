@@ -23,7 +23,7 @@ class StopFlag:
         self.requested = False
         self._previous = None
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. inside a test runner thread): no handler

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import time
 
+from ctrlnet.config.contract import RUN_FILE
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
 from ctrlnet_trainer.storage import Prefix
-
-RUN_FILE = "run.json"
 
 
 def read_run(output: Prefix) -> dict | None:
@@ -34,6 +33,9 @@ def check_owner(output: Prefix, cfg: TrainConfig) -> dict | None:
 
 
 def write_run(output: Prefix, cfg: TrainConfig, seed: int) -> None:
-    record = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": seed,
-              "config": cfg.model_dump(mode="json")}
+    record = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seed": seed,
+        "config": cfg.model_dump(mode="json"),
+    }
     output.write_text(json.dumps(record, indent=2) + "\n", RUN_FILE)

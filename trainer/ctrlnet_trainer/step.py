@@ -51,14 +51,20 @@ def controlnet_loss(
     )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     down, mid = controlnet(
-        noisy, timesteps, encoder_hidden_states=encoder_hidden_states,
-        controlnet_cond=conditioning, return_dict=False,
+        noisy,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
+        controlnet_cond=conditioning,
+        return_dict=False,
     )
     dtype = latents.dtype
     model_pred = models.unet(
-        noisy, timesteps, encoder_hidden_states=encoder_hidden_states,
+        noisy,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
         down_block_additional_residuals=[r.to(dtype) for r in down],
-        mid_block_additional_residual=mid.to(dtype), return_dict=False,
+        mid_block_additional_residual=mid.to(dtype),
+        return_dict=False,
     )[0]
     target = training_target(scheduler, latents, noise, timesteps, models.prediction_type)
     return denoising_loss(model_pred, target, timesteps, scheduler.alphas_cumprod, models.prediction_type, snr_gamma)
@@ -68,19 +74,3 @@ def drop_prompt_mask(batch_size: int, proportion: float, generator: torch.Genera
     if proportion <= 0:
         return None
     return torch.rand(batch_size, generator=generator, device=device) < proportion
-
-
-@torch.no_grad()
-def heldout_loss(models: Models, controlnet: torch.nn.Module, batches: list[dict], weight_dtype, device, seed: int = 1234) -> float:
-    """Mean denoising loss on fixed batches with fixed noise: comparable across ControlNets."""
-    encoder = OnlineEncoder(models, weight_dtype, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = controlnet.training
-    controlnet.eval()
-    total = 0.0
-    for batch in batches:
-        latents, text = encoder.encode(batch, None, generator)
-        cond = batch["conditioning_pixel_values"].to(device, dtype=weight_dtype)
-        total += controlnet_loss(models, controlnet, latents, text, cond, generator, None).item()
-    controlnet.train(was_training)
-    return total / len(batches)

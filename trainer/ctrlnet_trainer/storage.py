@@ -1,11 +1,15 @@
 """Every path is a URL: plain paths, file://, s3://, gs://, ... through fsspec.
 
-The trainer writes into a local working folder and `Prefix.upload` copies files to the run's
-prefix when that prefix is remote, so checkpoints, samples and metrics land in object storage.
+The trainer reads and writes local files only, through one mirror operation that behaves the same
+for a folder and a bucket: `Prefix.local(...)` is where a file of the prefix lives on this machine
+(the file itself for a folder; a node-local staging copy for a bucket), `publish(...)` makes a
+local file part of the prefix, and `fetch(...)` brings one to this machine. For a folder both are
+no-ops, so code written against them never asks "is this remote?".
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import shutil
@@ -27,7 +31,14 @@ def looks_like_path(where: str) -> bool:
 
 
 def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def staging_root(url: str) -> Path:
+    """Node-local folder mirroring a remote prefix: the same path for every rank on a node, so a
+    node's ranks share one staged checkpoint. CTRLNET_WORK_DIR moves it (e.g. onto a big disk)."""
+    base = os.environ.get("CTRLNET_WORK_DIR") or os.path.join(tempfile.gettempdir(), "ctrlnet-work")
+    return Path(base) / hashlib.sha1(url.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -43,6 +54,43 @@ class Prefix:
     @property
     def remote(self) -> bool:
         return is_remote(self.url)
+
+    @property
+    def staged(self) -> bool:
+        """Files are written to a node-local mirror and published (a bucket), rather than in
+        place (a folder, shared by every node that mounts it)."""
+        return self.remote
+
+    # --- the mirror: one way to read and write, for a folder and a bucket alike ----------------
+    def local(self, *parts: str) -> Path:
+        """Where `<prefix>/<parts>` lives on this machine: the path itself for a folder, the
+        node-local mirror for a bucket. Write here, then `publish`."""
+        if self.staged:
+            return staging_root(self.url).joinpath(*parts)
+        return Path(self.join(*parts))
+
+    def publish(self, *parts: str) -> None:
+        """Make the local file or folder `<parts>` part of the prefix (a no-op for a folder)."""
+        if self.staged:
+            self.upload(self.local(*parts), *parts)
+
+    def fetch(self, *parts: str) -> Path:
+        """`<prefix>/<parts>` on this machine (downloaded afresh into the mirror for a bucket;
+        the path itself for a folder)."""
+        local = self.local(*parts)
+        if self.staged:
+            if local.is_dir():
+                shutil.rmtree(local)
+            elif local.exists():
+                local.unlink()
+            local.parent.mkdir(parents=True, exist_ok=True)  # a fresh machine (a new pod) has no mirror yet
+            self.download(local, *parts)
+        return local
+
+    def drop_local(self, *parts: str) -> None:
+        """Free the mirror copy of published files (a no-op for a folder: there the copy is the file)."""
+        if self.staged:
+            shutil.rmtree(self.local(*parts), ignore_errors=True)
 
     def join(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)

@@ -11,11 +11,12 @@ This module deliberately imports neither torch nor datasets at import time.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from ctrlnet_trainer.seeds import synthetic_row_rng
 
 # The CSS named colours (CSS Color 4, 'gray' spellings only, so no colour appears twice under two
 # spellings), written as the words a caption uses. The CSS name is the words with spaces removed,
@@ -198,7 +199,7 @@ def fill_example(index: int, resolution: int = 512, seed: int = 0) -> dict:
     Depends only on (index, resolution, seed): the random stream is seeded by an integer mix of
     seed and index (not hash(), which is salted per process for strings).
     """
-    rng = random.Random(seed * 1_000_003 + index)
+    rng = synthetic_row_rng(seed, index)
     fill = rng.choice(_NAMES)
     # Different names can share an RGB (aqua/cyan, fuchsia/magenta): compare colours, not names.
     background = rng.choice([n for n in _NAMES if CSS_COLOURS[n] != CSS_COLOURS[fill]])
@@ -238,14 +239,13 @@ def write_fill_parquet(out: str | Path, rows: int, resolution: int = 512, seed: 
     """
     import tempfile
 
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "train.parquet"
-    features = Features(
-        {"image": ImageFeature(), "conditioning_image": ImageFeature(), "text": Value("string")}
-    )
+    features = Features({"image": ImageFeature(), "conditioning_image": ImageFeature(), "text": Value("string")})
     # from_generator materialises into an Arrow cache; keep that cache out of ~/.cache and
     # throw it away once the parquet file is written.
     with tempfile.TemporaryDirectory() as cache_dir:

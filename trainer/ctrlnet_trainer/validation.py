@@ -1,8 +1,9 @@
-"""Validation: prompts x conditioning images -> one grid PNG per step, reusing in-memory models."""
+"""Validation: prompts x conditioning images -> one grid PNG per step, reusing in-memory models.
+
+`Validator` holds the one rule of when it runs: every `validation.every_steps` steps, and once at
+the end if the last step was not one of those."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -10,6 +11,9 @@ from PIL import Image
 from ctrlnet.config.train import TrainConfig
 from ctrlnet_trainer.data import open_image, resize_center_crop
 from ctrlnet_trainer.models import Models
+from ctrlnet_trainer.storage import Prefix
+
+SAMPLES_DIR = "samples"
 
 
 def validation_pairs(cfg: TrainConfig, seed: int) -> list[tuple[str, Image.Image]]:
@@ -35,15 +39,28 @@ def grid(rows: list[list[Image.Image]]) -> Image.Image:
 
 
 @torch.no_grad()
-def render_samples(models: Models, controlnet: torch.nn.Module, pairs, cfg: TrainConfig,
-                   weight_dtype: torch.dtype, device: torch.device, seed: int) -> Image.Image:
+def render_samples(
+    models: Models,
+    controlnet: torch.nn.Module,
+    pairs,
+    cfg: TrainConfig,
+    weight_dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+) -> Image.Image:
     """A grid: one row per pair, the conditioning image then `num_images` samples."""
     from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     pipe = StableDiffusionControlNetPipeline(
-        vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
-        controlnet=controlnet, scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=models.vae,
+        text_encoder=models.text_encoder,
+        tokenizer=models.tokenizer,
+        unet=models.unet,
+        controlnet=controlnet,
+        scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     size = cfg.data.resolution
@@ -59,8 +76,12 @@ def render_samples(models: Models, controlnet: torch.nn.Module, pairs, cfg: Trai
             cond = resize_center_crop(image, size)
             with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
                 images = pipe(
-                    [prompt] * cfg.validation.num_images, cond, height=size, width=size,
-                    num_inference_steps=cfg.validation.num_inference_steps, generator=generator,
+                    [prompt] * cfg.validation.num_images,
+                    cond,
+                    height=size,
+                    width=size,
+                    num_inference_steps=cfg.validation.num_inference_steps,
+                    generator=generator,
                 ).images
             rows.append([cond, *images])
     finally:
@@ -77,8 +98,70 @@ def _to_dtype(out, dtype: torch.dtype):
     return out
 
 
-def save_grid(image: Image.Image, folder: Path, step: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step}.png"
-    image.save(path)
-    return path
+class Validator:
+    """Samples from the ControlNet being trained, into `<output>/samples/step-N.png` (and
+    TensorBoard). Runs on the main process; a no-op elsewhere and when there is nothing to sample."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        models: Models,
+        controlnet: torch.nn.Module,
+        output: Prefix,
+        accelerator,
+        *,
+        weight_dtype: torch.dtype,
+        seed: int,
+        enabled: bool,
+    ):
+        self.cfg, self.models, self.controlnet, self.output, self.acc = cfg, models, controlnet, output, accelerator
+        self.weight_dtype, self.seed = weight_dtype, seed
+        self.every = cfg.validation.every_steps
+        self.pairs = validation_pairs(cfg, seed) if enabled else []
+        self.last_samples: str | None = None  # URL of the newest grid
+
+    def due(self, step: int, last: bool) -> bool:
+        on_schedule = step % self.every == 0
+        # At the end: only if the last step was off schedule (on schedule, it has just run).
+        return bool(self.pairs) and (on_schedule != last)
+
+    def maybe_run(self, step: int, last: bool = False) -> None:
+        if self.due(step, last):
+            self.run(step)
+
+    def run(self, step: int) -> None:
+        image = render_samples(
+            self.models, self.controlnet, self.pairs, self.cfg, self.weight_dtype, self.acc.device, self.seed
+        )
+        name = f"step-{step}.png"
+        path = self.output.local(SAMPLES_DIR, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        self.output.publish(SAMPLES_DIR, name)
+        self.last_samples = self.output.url_of(SAMPLES_DIR, name)
+        if self.cfg.logging.report_to == "tensorboard":
+            import numpy as np
+
+            self.acc.get_tracker("tensorboard").writer.add_image(
+                "validation", np.asarray(image), step, dataformats="HWC"
+            )
+
+
+@torch.no_grad()
+def heldout_loss(
+    models: Models, controlnet: torch.nn.Module, batches: list[dict], weight_dtype, device, seed: int = 1234
+) -> float:
+    """Mean denoising loss on fixed batches with fixed noise: comparable across ControlNets."""
+    from ctrlnet_trainer.step import OnlineEncoder, controlnet_loss
+
+    encoder = OnlineEncoder(models, weight_dtype, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = controlnet.training
+    controlnet.eval()
+    total = 0.0
+    for batch in batches:
+        latents, text = encoder.encode(batch, None, generator)
+        cond = batch["conditioning_pixel_values"].to(device, dtype=weight_dtype)
+        total += controlnet_loss(models, controlnet, latents, text, cond, generator, None).item()
+    controlnet.train(was_training)
+    return total / len(batches)

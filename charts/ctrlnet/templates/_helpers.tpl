@@ -1,6 +1,15 @@
 {{/*
 ctrlnet chart helpers. The values are the ctrlnet JobConfig: `.Values.train` (the trainer's
 config, written verbatim into the ConfigMap) and `.Values.cluster` (everything below).
+
+One source per fact:
+- Values the chart shares with ctrlnet's Python code (the config mount path and file name, the
+  launcher and trainer modules, the defaults of train.hub.token_env and train.output) live in
+  cli/ctrlnet/config/contract.py; `python tools/generate.py` writes them into _generated.tpl as
+  named templates "ctrlnet.contract.*", which the templates include instead of retyping them.
+- values.yaml and values.schema.json are generated from the config model the same way, so Helm
+  rejects what `ctrlnet render` rejects (including the job-name pattern and length).
+- Both backends' pods come from "ctrlnet.podTemplate"; the rest of a pod from the helpers below.
 */}}
 
 {{- define "ctrlnet.name" -}}
@@ -66,15 +75,15 @@ PET_NODE_RANK (and PET_NNODES / PET_NPROC_PER_NODE, which these flags match). */
 - --nnodes={{ .Values.cluster.nodes }}
 - --nproc-per-node={{ include "ctrlnet.procsPerNode" . }}
 - -m
-- ctrlnet_trainer
+- {{ include "ctrlnet.contract.trainerModule" . }}
 - --config
-- /etc/ctrlnet/config.yaml
+- {{ include "ctrlnet.contract.configDir" . }}/{{ include "ctrlnet.contract.configFile" . }}
 {{- end -}}
 
 {{- define "ctrlnet.command" -}}
 - python
 - -m
-- ctrlnet.k8s.launch
+- {{ include "ctrlnet.contract.launchModule" . }}
 {{- end -}}
 
 {{/* Environment of the trainer container: plain values, then Secrets by secretKeyRef only. */}}
@@ -107,7 +116,7 @@ PET_NODE_RANK (and PET_NNODES / PET_NPROC_PER_NODE, which these flags match). */
     secretKeyRef: {name: {{ . | quote }}, key: AWS_REGION, optional: true}
 {{- end }}
 {{- with $c.secrets.hub_token }}
-- name: {{ dig "hub" "token_env" "HF_TOKEN" ($.Values.train | default dict) }}
+- name: {{ dig "hub" "token_env" (include "ctrlnet.contract.hubTokenEnv" $) ($.Values.train | default dict) }}
   valueFrom:
     secretKeyRef: {name: {{ . | quote }}, key: {{ $c.secrets.hub_token_key | quote }}}
 {{- end }}
@@ -148,7 +157,7 @@ seccompProfile:
 
 {{- define "ctrlnet.volumeMounts" -}}
 - name: config
-  mountPath: /etc/ctrlnet
+  mountPath: {{ include "ctrlnet.contract.configDir" . }}
   readOnly: true
 - name: dshm
   mountPath: /dev/shm
@@ -196,54 +205,80 @@ affinity:
 {{- end }}
 {{- end -}}
 
-{{/* The PyTorchJob pod template (Master and Workers are identical but for their env, which the
-Training Operator injects). */}}
-{{- define "ctrlnet.pytorchPodTemplate" -}}
-{{- $c := .Values.cluster -}}
+{{/* The container-level parts every trainer container shares. */}}
+{{- define "ctrlnet.containerShared" -}}
+securityContext:
+  {{- include "ctrlnet.containerSecurityContext" . | nindent 2 }}
+volumeMounts:
+  {{- include "ctrlnet.volumeMounts" . | nindent 2 }}
+{{- end -}}
+
+{{/* A trainer pod template, for both backends: (dict "root" $ "containers" <YAML list>).
+PyTorchJob renders it for Master and Workers (identical but for the env the Training Operator
+injects); TrainJob as its runtime patch of the `node` replicated job, whose schema admits fewer
+pod fields: automountServiceAccountToken, schedulerName and priorityClassName are PyTorchJob-only
+(TrainJob: the runtime sets them; the chart's ServiceAccount disables token automount). */}}
+{{- define "ctrlnet.podTemplate" -}}
+{{- $root := .root -}}
+{{- $c := $root.Values.cluster -}}
+{{- $pytorchjob := eq $c.backend "pytorchjob" -}}
 metadata:
   labels:
-    {{- include "ctrlnet.labels" . | nindent 4 }}
+    {{- include "ctrlnet.labels" $root | nindent 4 }}
   {{- with $c.annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
-  serviceAccountName: {{ include "ctrlnet.serviceAccountName" . }}
+  serviceAccountName: {{ include "ctrlnet.serviceAccountName" $root }}
+  {{- if $pytorchjob }}
   automountServiceAccountToken: false
+  {{- end }}
   terminationGracePeriodSeconds: {{ $c.termination_grace_period_seconds }}
-  {{- if $c.volcano.queue }}
+  {{- if and $pytorchjob $c.volcano.queue }}
   schedulerName: volcano
   {{- end }}
-  {{- with $c.priority_class_name }}
-  priorityClassName: {{ . }}
+  {{- if and $pytorchjob $c.priority_class_name }}
+  priorityClassName: {{ $c.priority_class_name }}
   {{- end }}
   {{- with $c.image_pull_secrets }}
   imagePullSecrets:
-    {{- include "ctrlnet.imagePullSecrets" $ | nindent 4 }}
+    {{- include "ctrlnet.imagePullSecrets" $root | nindent 4 }}
   {{- end }}
   securityContext:
-    {{- include "ctrlnet.podSecurityContext" . | nindent 4 }}
-  {{- include "ctrlnet.placement" . | nindent 2 }}
+    {{- include "ctrlnet.podSecurityContext" $root | nindent 4 }}
+  {{- include "ctrlnet.placement" $root | nindent 2 }}
   containers:
-    - name: pytorch
-      image: {{ $c.image }}
-      imagePullPolicy: {{ $c.image_pull_policy }}
-      command:
-        {{- include "ctrlnet.command" . | nindent 8 }}
-      args:
-        {{- include "ctrlnet.args" . | nindent 8 }}
-      ports:
-        - name: pytorchjob-port
-          containerPort: {{ $c.master_port }}
-          protocol: TCP
-      env:
-        {{- include "ctrlnet.env" . | nindent 8 }}
-      resources:
-        {{- include "ctrlnet.resources" . | nindent 8 }}
-      securityContext:
-        {{- include "ctrlnet.containerSecurityContext" . | nindent 8 }}
-      volumeMounts:
-        {{- include "ctrlnet.volumeMounts" . | nindent 8 }}
+    {{- .containers | nindent 4 }}
   volumes:
-    {{- include "ctrlnet.volumes" . | nindent 4 }}
+    {{- include "ctrlnet.volumes" $root | nindent 4 }}
+{{- end -}}
+
+{{/* The PyTorchJob's container: named pytorch (the Training Operator requires it and reads its
+exit code), with the port the operator derives MASTER_PORT from. */}}
+{{- define "ctrlnet.pytorchContainer" -}}
+{{- $c := .Values.cluster -}}
+- name: pytorch
+  image: {{ $c.image }}
+  imagePullPolicy: {{ $c.image_pull_policy }}
+  command:
+    {{- include "ctrlnet.command" . | nindent 4 }}
+  args:
+    {{- include "ctrlnet.args" . | nindent 4 }}
+  ports:
+    - name: pytorchjob-port
+      containerPort: {{ $c.master_port }}
+      protocol: TCP
+  env:
+    {{- include "ctrlnet.env" . | nindent 4 }}
+  resources:
+    {{- include "ctrlnet.resources" . | nindent 4 }}
+  {{- include "ctrlnet.containerShared" . | nindent 2 }}
+{{- end -}}
+
+{{/* The TrainJob's patch of the runtime's trainer container: image, command, args, env and
+resources go in spec.trainer instead (Trainer rejects env here). */}}
+{{- define "ctrlnet.trainjobContainer" -}}
+- name: {{ .Values.cluster.trainjob.container }}
+  {{- include "ctrlnet.containerShared" . | nindent 2 }}
 {{- end -}}

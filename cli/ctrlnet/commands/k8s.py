@@ -24,7 +24,9 @@ def _config(file: str | None, set_: list[str] | None):
 
 
 def _read_manifests(paths: list[str]) -> list[dict]:
-    from ctrlnet.k8s.validate import iter_yaml_objects
+    import yaml
+
+    from ctrlnet.k8s.yamlio import parse_manifests
 
     texts = []
     for raw in paths:
@@ -39,10 +41,8 @@ def _read_manifests(paths: list[str]) -> list[dict]:
             raise UserError(f"--manifests {p} does not exist: pass a YAML file or a folder of them")
         for f in files:
             texts.append(typer.get_text_stream("stdin").read() if str(f) == "-" else f.read_text())
-    import yaml
-
     try:
-        return iter_yaml_objects(texts)
+        return parse_manifests(texts)
     except yaml.YAMLError as e:
         raise UserError(f"--manifests: not valid YAML ({str(e).splitlines()[0]})") from None
 
@@ -52,10 +52,14 @@ def register(app: typer.Typer) -> None:
     def render(
         file: ConfigFile = None,
         set_: Overrides = None,
-        out: Annotated[str | None, typer.Option("-o", "--output-dir", help="Write one file per object into this folder instead of printing.")] = None,
+        out: Annotated[
+            str | None,
+            typer.Option("-o", "--output-dir", help="Write one file per object into this folder instead of printing."),
+        ] = None,
     ) -> None:
         """Render the job's Kubernetes objects from the Helm chart (PyTorchJob or TrainJob, ConfigMap, ...)."""
-        from ctrlnet.k8s.render import dump_objects, render_objects, write_objects
+        from ctrlnet.k8s.render import render_objects
+        from ctrlnet.k8s.yamlio import dump_objects, write_objects
 
         cfg = _config(file, set_)
         objs = render_objects(cfg)
@@ -69,7 +73,13 @@ def register(app: typer.Typer) -> None:
     def validate(
         file: ConfigFile = None,
         set_: Overrides = None,
-        manifests: Annotated[list[str] | None, typer.Option("--manifests", help="Check these rendered YAML files or folders (or - for stdin) instead of rendering -f.")] = None,
+        manifests: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--manifests",
+                help="Check these rendered YAML files or folders (or - for stdin) instead of rendering -f.",
+            ),
+        ] = None,
         kube_version: KubeVersion = "1.30",
     ) -> None:
         """Check the job's objects offline: Kubernetes and CRD schemas, plus the rules they do not encode.

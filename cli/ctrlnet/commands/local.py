@@ -7,6 +7,7 @@ import typer
 
 from ctrlnet.commands.options import ConfigFile, Overrides
 from ctrlnet.errors import UserError
+from ctrlnet.extras import require
 
 # `ctrlnet train` shortcut flags -> config keys.
 SHORTCUTS = {
@@ -23,6 +24,14 @@ SHORTCUTS = {
 
 def _demo_preset() -> str:
     return str(resources.files("ctrlnet.presets").joinpath("demo.yaml"))
+
+
+def _trainer(module: str):
+    """A module of the trainer; without ctrlnet[train]: one line saying how to install it.
+    torch and diffusers first: the trainer's modules may import them only when they run."""
+    require("train", "torch")
+    require("train", "diffusers")
+    return require("train", module)
 
 
 def register(app: typer.Typer) -> None:
@@ -42,16 +51,22 @@ def register(app: typer.Typer) -> None:
         """Train a ControlNet on this machine. With no -f: the embedded demo (tiny base, synthetic data)."""
         from ctrlnet.config import load_job_config
 
-        values = dict(base=base, data=data, output=output, max_steps=max_steps, resolution=resolution,
-                      batch_size=batch_size, checkpoint_every=checkpoint_every, resume=resume)
+        values = dict(
+            base=base,
+            data=data,
+            output=output,
+            max_steps=max_steps,
+            resolution=resolution,
+            batch_size=batch_size,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+        )
         overrides = [f"{SHORTCUTS[k]}={v}" for k, v in values.items() if v is not None]
         if file is None:
             typer.echo("no -f given: training the embedded demo (tiny random-init base, synthetic fill50k data)")
         cfg = load_job_config(file or _demo_preset(), [*overrides, *(set_ or [])])
 
-        from ctrlnet_trainer.run import train as run_training
-
-        result = run_training(cfg.train)
+        result = _trainer("ctrlnet_trainer.run").train(cfg.train)
         typer.echo(f"controlnet:  {result.controlnet}")
         if result.samples:
             typer.echo(f"samples:     {result.samples}")
@@ -70,9 +85,9 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of colours and circles.")] = 0,
     ) -> None:
         """Write a synthetic fill50k look-alike as parquet (image, conditioning_image, text)."""
-        from ctrlnet_trainer.synthetic import write_fill_parquet
-
-        path = write_fill_parquet(out, rows=rows, resolution=resolution, seed=seed)
+        path = _trainer("ctrlnet_trainer.synthetic").write_fill_parquet(
+            out, rows=rows, resolution=resolution, seed=seed
+        )
         typer.echo(f"wrote {rows} rows to {path}")
 
     model_app = typer.Typer(help="Base models for offline runs and benchmarks.", no_args_is_help=True)
@@ -85,11 +100,10 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     ) -> None:
         """Write a random-init Stable Diffusion base (unet, vae, text_encoder, tokenizer, scheduler)."""
-        from ctrlnet_trainer.base_model import ARCHS, write_base
-
-        if arch not in ARCHS:
-            raise UserError(f"--arch {arch!r} is unknown: use one of {', '.join(ARCHS)}")
-        path = write_base(out, arch=arch, seed=seed)
+        base_model = _trainer("ctrlnet_trainer.base_model")
+        if arch not in base_model.ARCHS:
+            raise UserError(f"--arch {arch!r} is unknown: use one of {', '.join(base_model.ARCHS)}")
+        path = base_model.write_base(out, arch=arch, seed=seed)
         typer.echo(f"wrote {arch} base to {path}")
 
     @app.command()
@@ -105,8 +119,16 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     ) -> None:
         """Generate images with StableDiffusionControlNetPipeline."""
-        from ctrlnet_trainer.generate import generate as run_generate
-
-        for path in run_generate(base=base, controlnet=controlnet, image=image, prompt=prompt, out=out,
-                                 num_images=num_images, steps=steps, seed=seed, device=device):
+        generator = _trainer("ctrlnet_trainer.generate")
+        for path in generator.generate(
+            base=base,
+            controlnet=controlnet,
+            image=image,
+            prompt=prompt,
+            out=out,
+            num_images=num_images,
+            steps=steps,
+            seed=seed,
+            device=device,
+        ):
             typer.echo(f"wrote {path}")

@@ -21,10 +21,21 @@ MAX_NAME = 50
 """Longest job name: pods and their Services are `<name>-worker-<index>`, at most 63 characters."""
 
 # Variables the launcher and the Training Operator / Trainer set; a user value would break rendezvous.
-RESERVED_ENV = frozenset({
-    "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
-    "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK",
-})
+RESERVED_ENV = frozenset(
+    {
+        "PET_NNODES",
+        "PET_NPROC_PER_NODE",
+        "PET_NODE_RANK",
+        "PET_MASTER_ADDR",
+        "PET_MASTER_PORT",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "NODE_RANK",
+    }
+)
 _SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
 
 
@@ -157,7 +168,9 @@ class TrainJobConfig(Section):
 
 
 class ClusterConfig(Section):
-    name: str = "ctrlnet"
+    # The pattern and length also go into the chart's values.schema.json, so plain `helm install`
+    # refuses the names `ctrlnet render` refuses; the validator below words the error for humans.
+    name: str = Field(default="ctrlnet", json_schema_extra={"pattern": DNS1035.pattern, "maxLength": MAX_NAME})
     """Job name (DNS-1035: lowercase letters, digits, '-', starting with a letter; at most 50
     characters). Jobs are immutable: use one name per run."""
     namespace: str | None = None
@@ -197,11 +210,14 @@ class ClusterConfig(Section):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     termination_grace_period_seconds: int = Field(default=600, ge=30)
     """Time between SIGTERM and SIGKILL: the trainer finishes its step and writes a checkpoint in it."""
-    restart_policy: Literal["ExitCode", "OnFailure", "Never", "Always"] = "ExitCode"
+    # In Kubeflow's order (common_types.go); `ctrlnet validate` lists the values in this order.
+    restart_policy: Literal["Always", "OnFailure", "Never", "ExitCode"] = "ExitCode"
     """PyTorchJob replica restart policy. `ExitCode`: exit codes 1-127 fail the job for good,
     128-255 (SIGTERM -> 143, SIGKILL -> 137) restart the pod, which resumes from its last checkpoint."""
     backoff_limit: int = Field(default=3, ge=0)
-    """Pod restarts before the job is marked failed."""
+    """In-place container restarts (restart_policy OnFailure/Always) before the job is marked
+    failed. Training Operator v1.9 does not count pods it re-creates after a retryable exit
+    under ExitCode."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     """Fail the job after running this long; unset: no deadline."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
@@ -262,15 +278,31 @@ class ClusterConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterConfig":
         if self.kueue.queue and self.volcano.queue:
-            raise ValueError("kueue.queue and volcano.queue are both set: a job goes through one queueing system, pick one")
+            raise ValueError(
+                "kueue.queue and volcano.queue are both set: a job goes through one queueing system, pick one"
+            )
         if self.volcano.min_available is not None and self.volcano.min_available > self.nodes:
-            raise ValueError(f"volcano.min_available is {self.volcano.min_available} but there are only {self.nodes} nodes")
-        if self.cache.enabled and self.cache.existing_claim is None and self.nodes > 1 and self.cache.access_mode != "ReadWriteMany":
-            raise ValueError(f"cache.access_mode {self.cache.access_mode} cannot be mounted by {self.nodes} nodes: use ReadWriteMany")
+            raise ValueError(
+                f"volcano.min_available is {self.volcano.min_available} but there are only {self.nodes} nodes"
+            )
+        if (
+            self.cache.enabled
+            and self.cache.existing_claim is None
+            and self.nodes > 1
+            and self.cache.access_mode != "ReadWriteMany"
+        ):
+            raise ValueError(
+                f"cache.access_mode {self.cache.access_mode} cannot be mounted by {self.nodes} nodes: use ReadWriteMany"
+            )
         if self.backend == "trainjob":
-            for key, value in (("priority_class_name", self.priority_class_name), ("ttl_seconds_after_finished", self.ttl_seconds_after_finished)):
+            for key, value in (
+                ("priority_class_name", self.priority_class_name),
+                ("ttl_seconds_after_finished", self.ttl_seconds_after_finished),
+            ):
                 if value is not None:
-                    raise ValueError(f"{key} is a PyTorchJob setting: with backend trainjob set it in the training runtime, or unset it")
+                    raise ValueError(
+                        f"{key} is a PyTorchJob setting: with backend trainjob set it in the training runtime, or unset it"
+                    )
         names = [e.name for e in self.secrets.env]
         for n in names:
             if names.count(n) > 1:

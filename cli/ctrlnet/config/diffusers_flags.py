@@ -88,7 +88,7 @@ NOTES: dict[str, str] = {
     "max_grad_norm": "`null` turns clipping off.",
     "dataset_name": "One key for both `--dataset_name` and `--train_data_dir`.",
     "train_data_dir": "Same key as `--dataset_name`: point `train.data.dataset` at the folder.",
-    "validation_prompt": "A YAML list; `--set train.validation.prompts=\"a prompt\"` makes a one-item list.",
+    "validation_prompt": 'A YAML list; `--set train.validation.prompts="a prompt"` makes a one-item list.',
     "validation_image": "A YAML list, paired with the prompts as the reference pairs them.",
     "report_to": "`tensorboard`, `wandb` or `none` (no `comet_ml`, no `all`); metrics.jsonl is always written.",
     "hub_token": "Takes the name of an environment variable, never the token; on Kubernetes it comes from `cluster.secrets.hub_token`.",

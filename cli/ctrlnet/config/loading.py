@@ -32,9 +32,7 @@ _Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Yaml12Loader.add_implicit_resolver(
-    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
+_Yaml12Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def parse_yaml(text: str) -> Any:
@@ -51,7 +49,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {p} cannot be read ({e.__class__.__name__}): pass a readable UTF-8 YAML file") from None
+        raise UserError(
+            f"config file {p} cannot be read ({e.__class__.__name__}): pass a readable UTF-8 YAML file"
+        ) from None
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as e:
@@ -116,8 +116,7 @@ def _hint(model: type[BaseModel], path: list[str], part: str) -> str:
 def _unknown_key(model: type[BaseModel], path: list[str], part: str) -> str:
     where = ".".join(path) or "the top level"
     return (
-        f"unknown key {part!r} at {where}{_hint(model, path, part)}; "
-        f"allowed: {', '.join(sorted(model.model_fields))}"
+        f"unknown key {part!r} at {where}{_hint(model, path, part)}; allowed: {', '.join(sorted(model.model_fields))}"
     )
 
 
@@ -212,7 +211,9 @@ def _coerce(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
     loc = [str(p) for p in err["loc"]]
-    key = ".".join(loc) or "config"
+    if not loc:  # a rule across sections (a model validator): its message names the keys
+        return err["msg"].removeprefix("Value error, ")
+    key = ".".join(loc)
     if err["type"] == "extra_forbidden":
         parent = _model_at(model, loc[:-1])
         if parent is not None:

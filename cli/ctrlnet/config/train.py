@@ -9,9 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ctrlnet.config.section import Section
 
-LrScheduler = Literal[
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-]
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
 class ModelConfig(Section):
@@ -67,9 +65,7 @@ class DataConfig(Section):
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         if v % 8:
-            raise ValueError(
-                f"must be a multiple of 8 (the VAE downsamples by 8), e.g. {max(8, v // 8 * 8)}"
-            )
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), e.g. {max(8, v // 8 * 8)}")
         return v
 
 
@@ -178,7 +174,7 @@ class ValidationConfig(Section):
             prompts = prompts * len(images)
         if len(images) == 1:
             images = images * len(prompts)
-        return list(zip(prompts, images))
+        return list(zip(prompts, images, strict=False))
 
 
 class LoggingConfig(Section):
@@ -215,3 +211,10 @@ class TrainConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        # Rules across sections, here so `ctrlnet validate` and `config show` catch them before a pod starts.
+        if self.data.streaming and self.loop.max_steps is None:
+            raise ValueError("data.streaming needs loop.max_steps (a stream has no known length): set --max-steps N")
+        return self

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrlnet.errors import UserError
+from ctrlnet.extras import require
 
 _SOURCE = re.compile(r"^# Source: (\S+)\s*$", re.M)
 
@@ -34,22 +35,23 @@ def engine() -> str:
 
 def _sdk():
     try:
-        import helm_python
-    except ImportError:
-        raise UserError(
-            "rendering needs the Helm engine: install the Python package helm-python-sdk "
-            "(pip install helm-python-sdk) or put a `helm` binary on PATH"
-        ) from None
+        # No helm-python-sdk wheel for some platforms (Intel macOS): a helm binary does the same job.
+        return require("k8s", "helm_python", alternative="put a `helm` binary on PATH")
     except OSError as e:  # wheel without a native library for this platform
         raise UserError(f"helm-python-sdk cannot load its native library ({e}): put a `helm` binary on PATH") from None
-    return helm_python
 
 
-def render(chart: Path, values: dict[str, Any], *, release: str, namespace: str, how: str | None = None) -> dict[str, str]:
+def render(
+    chart: Path, values: dict[str, Any], *, release: str, namespace: str, how: str | None = None
+) -> dict[str, str]:
     """Render `chart` with `values`: template path (e.g. ctrlnet/templates/configmap.yaml) -> text.
     NOTES.txt and templates that render to nothing are left out."""
     how = how or engine()
-    out = _render_binary(chart, values, release, namespace) if how == "binary" else _render_sdk(chart, values, release, namespace)
+    out = (
+        _render_binary(chart, values, release, namespace)
+        if how == "binary"
+        else _render_sdk(chart, values, release, namespace)
+    )
     return {path: text for path, text in out.items() if not path.endswith("NOTES.txt") and text.strip()}
 
 
@@ -68,7 +70,9 @@ def _render_binary(chart: Path, values: dict[str, Any], release: str, namespace:
         vf.write_text(json.dumps(values))
         proc = subprocess.run(
             ["helm", "template", release, str(chart), "--namespace", namespace, "-f", str(vf)],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
     if proc.returncode != 0:
         raise UserError(f"helm template failed: {_one_line(proc.stderr)}")
@@ -80,7 +84,9 @@ def _render_binary(chart: Path, values: dict[str, Any], release: str, namespace:
     return out
 
 
-def lint(chart: Path, values: dict[str, Any] | None = None, *, strict: bool = True, how: str | None = None) -> list[str]:
+def lint(
+    chart: Path, values: dict[str, Any] | None = None, *, strict: bool = True, how: str | None = None
+) -> list[str]:
     """`helm lint` findings as lines "[SEVERITY] path: message" (empty list: clean)."""
     how = how or engine()
     if how == "binary":
@@ -95,7 +101,9 @@ def lint(chart: Path, values: dict[str, Any] | None = None, *, strict: bool = Tr
     helm = _sdk()
     report = helm.lint(str(chart), values, strict=strict)
     names = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
-    lines = [f"[{names.get(m['severity'], m['severity'])}] {m['path']}: {m['error']}" for m in report.get("messages", [])]
+    lines = [
+        f"[{names.get(m['severity'], m['severity'])}] {m['path']}: {m['error']}" for m in report.get("messages", [])
+    ]
     lines += [f"[ERROR] {e}" for e in report.get("errors", []) if not any(e in ln for ln in lines)]
     return lines
 

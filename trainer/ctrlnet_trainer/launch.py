@@ -1,6 +1,6 @@
 """The pod's entrypoint: `torchrun`, with exit codes that Kubeflow's restart policy can act on.
 
-    python -m ctrlnet.k8s.launch --nnodes=2 --nproc-per-node=8 -m ctrlnet_trainer --config /etc/ctrlnet/config.yaml
+    python -m ctrlnet_trainer.launch --nnodes=2 --nproc-per-node=8 -m ctrlnet_trainer --config /etc/ctrlnet/config.yaml
 
 It takes exactly torchrun's command line (rendezvous from the PET_* variables the Training
 Operator / Trainer inject) and runs torchrun's own code in-process. Why not plain torchrun:
@@ -16,7 +16,9 @@ would end the job instead of resuming it. Here:
 * a worker exited 1-127 (a bug, bad config, bad data) -> that code: permanent, no retry loop;
 * success -> 0.
 
-This module imports torch only inside main(): `ctrlnet --help` never pays for it.
+It lives in the trainer package because it runs in the trainer image (which installs only
+ctrlnet[train]). It imports torch only inside main(), so importing it (tests, the image's
+import check) is cheap.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ def exit_code_for(worker_codes: Iterable[int]) -> int:
     """One exit code for the pod from the workers' exit codes (negative: killed by that signal).
 
     A retryable code wins over a permanent one: when one rank is preempted, the others fail
-    with collective errors that are consequences, not causes."""
-    codes = [128 - c if c < 0 else c for c in worker_codes]
+    with collective errors that are consequences, not causes. A worker killed by a bare SIGTERM
+    (-15: it had no handler, or died before installing it) is torchrun tearing the group down
+    after another worker failed: a consequence too, so it counts only when nothing else failed."""
+    raw = [c for c in worker_codes if c != 0]
+    causes = [c for c in raw if c != -signal.SIGTERM] or raw
+    codes = [128 - c if c < 0 else c for c in causes]
     failed = [c for c in codes if c != 0]
     if not failed:
         return 0
@@ -59,13 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except SignalException as e:
-        print(f"ctrlnet.launch: stopped by signal {int(e.sigval)}; exiting {128 + int(e.sigval)} (retryable)", file=sys.stderr, flush=True)
+        print(
+            f"ctrlnet_trainer.launch: stopped by signal {int(e.sigval)}; exiting {128 + int(e.sigval)} (retryable)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         code = exit_code_for(f.exitcode for f in e.failures.values())
         kind = "retryable" if code >= RETRYABLE_MIN else "permanent"
-        print(f"ctrlnet.launch: worker(s) failed with {sorted(f.exitcode for f in e.failures.values())}; exiting {code} ({kind})",
-              file=sys.stderr, flush=True)
+        print(
+            f"ctrlnet_trainer.launch: worker(s) failed with {sorted(f.exitcode for f in e.failures.values())}; exiting {code} ({kind})",
+            file=sys.stderr,
+            flush=True,
+        )
         return code or 1
     return 0
 

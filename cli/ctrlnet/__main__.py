@@ -1,0 +1,5 @@
+"""`python -m ctrlnet` = the `ctrlnet` command."""
+
+from ctrlnet.cli import main
+
+main()

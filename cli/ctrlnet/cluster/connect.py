@@ -1,0 +1,109 @@
+"""Cluster access the way kubectl users expect: the kubeconfig from KUBECONFIG (a ':'-separated
+list) or ~/.kube/config, `--context`, the context's namespace as the default for `-n`, and the
+in-cluster service account inside a pod. Nothing here prints a credential: errors name files,
+contexts and servers only (a server URL is shown without any user:password part)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from ctrlnet.errors import UserError
+from ctrlnet.extras import require
+
+_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass
+class Connection:
+    """An authenticated client for one cluster, and where commands act by default."""
+
+    api: object  # kubernetes.client.ApiClient
+    namespace: str
+    context: str  # "in-cluster" inside a pod
+    server: str  # API server URL, without credentials
+
+
+def kubeconfig_paths() -> list[Path]:
+    raw = os.environ.get("KUBECONFIG") or "~/.kube/config"
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p]
+
+
+def public_url(url: str) -> str:
+    """`url` without a user:password part (a kubeconfig server may carry one)."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)
+
+
+def connect(context: str | None = None, namespace: str | None = None) -> Connection:
+    """A Connection for `context` (default: the kubeconfig's current one, or in-cluster in a pod)."""
+    require("k8s", "kubernetes")
+    from kubernetes import client, config
+
+    if namespace is not None and (not _NAMESPACE.match(namespace) or len(namespace) > 63):
+        raise UserError(f"-n {namespace!r} is not a namespace name (lowercase letters, digits and '-')")
+    paths = [p for p in kubeconfig_paths() if p.is_file()]
+    if not paths and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return _in_cluster(namespace)
+    if not paths:
+        where = os.environ.get("KUBECONFIG") and f"KUBECONFIG={os.environ['KUBECONFIG']}" or "~/.kube/config"
+        raise UserError(
+            f"no kubeconfig found ({where}): point KUBECONFIG at one or create ~/.kube/config "
+            "(e.g. `aws eks update-kubeconfig`, `gcloud container clusters get-credentials`, `kind export kubeconfig`)"
+        )
+    files = os.pathsep.join(str(p) for p in paths)
+    try:
+        contexts, current = config.list_kube_config_contexts(config_file=files)
+    except config.ConfigException as e:
+        raise UserError(f"the kubeconfig ({files}) cannot be read: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - a malformed file raises whatever its parser raises
+        raise UserError(f"the kubeconfig ({files}) cannot be read ({type(e).__name__}): fix or replace it") from None
+    names = [c["name"] for c in contexts or []]
+    if context is not None and context not in names:
+        raise UserError(
+            f"context {context!r} is not in the kubeconfig ({files}); its contexts: {', '.join(names) or 'none'}"
+        )
+    if context is None and not current:
+        raise UserError(f"the kubeconfig ({files}) has no current context: pass --context (one of: {', '.join(names)})")
+    chosen = next(c for c in contexts if c["name"] == (context or current["name"]))
+    configuration = client.Configuration()
+    try:
+        config.load_kube_config(
+            config_file=files, context=chosen["name"], client_configuration=configuration, persist_config=False
+        )
+    except config.ConfigException as e:
+        raise UserError(f"context {chosen['name']!r} in {files} cannot be used: {_first_line(e)}") from None
+    default_ns = (chosen.get("context") or {}).get("namespace") or "default"
+    return Connection(
+        client.ApiClient(configuration), namespace or default_ns, chosen["name"], public_url(configuration.host)
+    )
+
+
+def _in_cluster(namespace: str | None) -> Connection:
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException as e:
+        raise UserError(
+            f"in-cluster configuration failed: {_first_line(e)}; mount a service account token or use a kubeconfig"
+        ) from None
+    ns_file = _SA_DIR / "namespace"
+    default_ns = ns_file.read_text().strip() if ns_file.is_file() else "default"
+    return Connection(
+        client.ApiClient(configuration), namespace or default_ns, "in-cluster", public_url(configuration.host)
+    )
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]

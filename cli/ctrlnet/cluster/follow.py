@@ -1,0 +1,124 @@
+"""`ctrlnet status -w` and `submit --wait`: follow a run until it ends, driven by watches.
+
+Two watch streams (the job by name, its pods by label) wake the loop when something changes;
+then the status is read once and redrawn. Training progress lives in the rank-0 log, which no
+watch announces, so it alone is refreshed on a timer. In a terminal the screen is redrawn in
+place; elsewhere one line is appended per change.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import TextIO
+
+from ctrlnet.cluster import status as st
+from ctrlnet.cluster.kube import Kube
+from ctrlnet.cluster.runs import Run
+from ctrlnet.errors import ClusterError
+
+PROGRESS_EVERY_S = 5.0
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+def watch_forever(kube: Kube, kind: str, changes: queue.Queue, stop: threading.Event, **selectors) -> None:
+    """Put `(kind, event)` on `changes` for every watch event, starting with a synthetic
+    `{"type": "LIST", "items": [...]}`; when a watch ends (timeout, 410 Gone) list again and go on.
+    A ClusterError is put on the queue and ends the thread."""
+    while not stop.is_set():
+        try:
+            listing = kube.request("GET", kube_path(kube, kind), query=_query(selectors), verb="list")
+            changes.put((kind, {"type": "LIST", "items": listing.get("items") or []}))
+            version = (listing.get("metadata") or {}).get("resourceVersion")
+            for event in kube.watch(kind, resource_version=version, timeout_s=60, **selectors):
+                if stop.is_set():
+                    return
+                if event.get("type") != "BOOKMARK":
+                    changes.put((kind, event))
+        except ClusterError as e:
+            changes.put(e)
+            return
+
+
+def kube_path(kube: Kube, kind: str) -> str:
+    from ctrlnet.cluster.kube import RESOURCES
+
+    return RESOURCES[kind].path(kube.namespace)
+
+
+def _query(selectors: dict) -> list[tuple[str, str]]:
+    names = {"labels": "labelSelector", "fields": "fieldSelector"}
+    return [(names[k], v) for k, v in selectors.items() if v and k in names]
+
+
+def follow_status(kube: Kube, run: Run, out: TextIO, *, tty: bool, fmt: str = "text") -> st.RunStatus:
+    """Redraw `run`'s status on every change until it finishes; its final status."""
+    from ctrlnet.cluster.runs import find_run
+
+    kube.namespace = run.namespace
+    changes: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    watchers = [
+        threading.Thread(
+            target=watch_forever,
+            args=(kube, run.backend.resource.kind, changes, stop),
+            kwargs={"fields": f"metadata.name={run.name}"},
+            daemon=True,
+        ),
+        threading.Thread(
+            target=watch_forever,
+            args=(kube, "Pod", changes, stop),
+            kwargs={"labels": run.backend.pod_selector(run.name)},
+            daemon=True,
+        ),
+    ]
+    for w in watchers:
+        w.start()
+    last_line = None
+    status = None
+    try:
+        while True:
+            run = find_run(kube, run.name, run.namespace)
+            status = st.gather(kube, run)
+            _draw(status, out, tty=tty, fmt=fmt, previous=last_line)
+            last_line = st.summary_line(status)
+            if status.finished:
+                return status
+            deadline = time.monotonic() + PROGRESS_EVERY_S
+            while True:  # wait for a change, refreshing progress on the timer
+                try:
+                    item = changes.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                time.sleep(0.2)  # let a burst of events settle into one redraw
+                _drain(changes)
+                break
+    finally:
+        stop.set()
+
+
+def _drain(q: queue.Queue) -> None:
+    while True:
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(item, Exception):
+            raise item
+
+
+def _draw(status: st.RunStatus, out: TextIO, *, tty: bool, fmt: str, previous: str | None) -> None:
+    if fmt == "json":
+        import json
+
+        out.write(json.dumps(status.as_dict(), default=str) + "\n")  # one document per line (JSON Lines)
+    elif tty:
+        out.write(_CLEAR + st.render(status) + "\n")
+    else:
+        line = st.summary_line(status)
+        if line != previous:
+            out.write(f"{time.strftime('%H:%M:%S')} {status.name}: {line}\n")
+    out.flush()

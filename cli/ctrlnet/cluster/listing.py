@@ -1,0 +1,58 @@
+"""`ctrlnet list`: this tool's runs in a namespace (or all), one row each."""
+
+from __future__ import annotations
+
+from ctrlnet.cluster.kube import Kube
+from ctrlnet.cluster.runs import BACKENDS, Run, tool_selector
+from ctrlnet.cluster.status import age_seconds, human_duration, job_phase, read_progress
+
+
+def list_runs(kube: Kube, *, all_namespaces: bool = False) -> list[dict]:
+    """Rows: name, namespace, backend, phase, pods (ready/total), step, total, age_s, output.
+    The step comes from each running job's rank-0 log (one short read per running run)."""
+    rows = []
+    for backend in BACKENDS.values():
+        if not kube.served(backend.resource):
+            continue
+        for job in kube.list(backend.resource.kind, all_namespaces=all_namespaces, labels=tool_selector()):
+            run = Run(job, backend)
+            pods = kube.list("Pod", run.namespace, labels=backend.pod_selector(run.name))
+            ready = sum(
+                1
+                for p in pods
+                if all(cs.get("ready") for cs in (p.get("status") or {}).get("containerStatuses") or [{}])
+            )
+            phase = job_phase(job, backend.name)[0]
+            progress = (
+                read_progress(kube, run, pods) if phase in ("Running", "Restarting", "Succeeded", "Failed") else None
+            )
+            rows.append(
+                {
+                    "name": run.name,
+                    "namespace": run.namespace,
+                    "backend": backend.name,
+                    "phase": phase,
+                    "pods_ready": ready,
+                    "pods": len(pods),
+                    "step": (progress or {}).get("step"),
+                    "total": (progress or {}).get("total"),
+                    "age_s": age_seconds(job["metadata"].get("creationTimestamp")),
+                    "output": run.output,
+                }
+            )
+    rows.sort(key=lambda r: (r["namespace"], r["age_s"] if r["age_s"] is not None else 0))
+    return rows
+
+
+def render_table(rows: list[dict], with_namespace: bool) -> str:
+    header = (["NAMESPACE"] if with_namespace else []) + ["NAME", "BACKEND", "PHASE", "PODS", "STEP", "AGE"]
+    table = [header]
+    for r in rows:
+        step = f"{r['step']}/{r['total']}" if r["step"] is not None else "-"
+        age = human_duration(r["age_s"]) if r["age_s"] is not None else "-"
+        table.append(
+            ([r["namespace"]] if with_namespace else [])
+            + [r["name"], r["backend"], r["phase"], f"{r['pods_ready']}/{r['pods']}", step, age]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in table)

@@ -1,0 +1,130 @@
+"""What makes a ctrlnet run findable on a cluster: its labels, its backend, its pods.
+
+Label scheme (set by the chart on every object it renders, and on the pods):
+
+    app.kubernetes.io/part-of: ctrlnet      this tool's objects (`ctrlnet list` selects on it)
+    app.kubernetes.io/instance: <run name>  one run's objects: the job, its ConfigMap,
+                                            ServiceAccount, PVC and pods (`delete` selects on it)
+    app.kubernetes.io/managed-by: ctrlnet   submitted by `ctrlnet submit` (Helm releases say Helm)
+
+and one annotation on the job and its pods:
+
+    ctrlnet.io/output: <URL>                where the run writes (checkpoints, model, metrics)
+
+The operators add their own pod labels, which find a job's pods with their rank:
+PyTorchJob `training.kubeflow.org/job-name`, `.../replica-type`, `.../replica-index`;
+TrainJob (through JobSet) `jobset.sigs.k8s.io/jobset-name` and `.../job-index`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ctrlnet.cluster.kube import RESOURCES, Kube, Resource
+from ctrlnet.errors import ClusterError, UserError
+
+PART_OF = "app.kubernetes.io/part-of"
+INSTANCE = "app.kubernetes.io/instance"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+OUTPUT_ANNOTATION = "ctrlnet.io/output"
+TOOL = "ctrlnet"
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+def tool_selector() -> str:
+    return f"{PART_OF}={TOOL}"
+
+
+def run_selector(name: str) -> str:
+    return f"{PART_OF}={TOOL},{INSTANCE}={name}"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How one job kind is read: its resource, its pods' labels, where suspend lives."""
+
+    name: str
+    resource: Resource
+    pod_job_label: str  # pod label whose value is the job name
+    suspend_path: tuple[str, ...]
+
+    def pod_selector(self, job: str) -> str:
+        return f"{self.pod_job_label}={job}"
+
+    def suspended(self, job: dict) -> bool:
+        node = job
+        for key in self.suspend_path:
+            node = (node or {}).get(key)
+        return bool(node)
+
+    def suspend_patch(self, value: bool) -> dict:
+        patch: dict = {}
+        node = patch
+        for key in self.suspend_path[:-1]:
+            node = node.setdefault(key, {})
+        node[self.suspend_path[-1]] = value
+        return patch
+
+
+PYTORCHJOB = Backend(
+    "pytorchjob", RESOURCES["PyTorchJob"], "training.kubeflow.org/job-name", ("spec", "runPolicy", "suspend")
+)
+TRAINJOB = Backend("trainjob", RESOURCES["TrainJob"], "jobset.sigs.k8s.io/jobset-name", ("spec", "suspend"))
+BACKENDS = {b.name: b for b in (PYTORCHJOB, TRAINJOB)}
+BY_KIND = {b.resource.kind: b for b in BACKENDS.values()}
+
+
+@dataclass
+class Run:
+    job: dict
+    backend: Backend
+
+    @property
+    def name(self) -> str:
+        return self.job["metadata"]["name"]
+
+    @property
+    def namespace(self) -> str:
+        return self.job["metadata"]["namespace"]
+
+    @property
+    def output(self) -> str | None:
+        return (self.job["metadata"].get("annotations") or {}).get(OUTPUT_ANNOTATION)
+
+
+def pod_rank(pod: dict) -> tuple[int, str]:
+    """(global node rank, short name): master-0 -> (0, "master-0"), worker-2 -> (3, "worker-2")."""
+    labels = pod["metadata"].get("labels") or {}
+    rtype = labels.get("training.kubeflow.org/replica-type")
+    if rtype:
+        index = int(labels.get("training.kubeflow.org/replica-index", "0"))
+        rank = index if rtype == "master" else index + 1
+        return rank, f"{rtype}-{index}"
+    index = int(labels.get("jobset.sigs.k8s.io/job-index", labels.get("batch.kubernetes.io/job-completion-index", "0")))
+    return index, f"node-{index}"
+
+
+def find_run(kube: Kube, name: str, namespace: str | None = None) -> Run:
+    """The run called `name` in the namespace, whichever backend it was submitted with."""
+    ns = namespace or kube.namespace
+    served = [b for b in BACKENDS.values() if kube.served(b.resource)]
+    if not served:
+        raise no_training_operator(kube)
+    for backend in served:
+        job = kube.get(backend.resource.kind, name, ns)
+        if job is not None:
+            job.setdefault("kind", backend.resource.kind)
+            return Run(job, backend)
+    raise UserError(
+        f"no ctrlnet run {name!r} in namespace {ns} (context {kube.conn.context}): "
+        f"`ctrlnet list -n {ns}` shows the runs there"
+    )
+
+
+def no_training_operator(kube: Kube) -> ClusterError:
+    return ClusterError(
+        f"neither PyTorchJob (kubeflow.org/v1) nor TrainJob (trainer.kubeflow.org/v1alpha1) is "
+        f"installed on the cluster of context {kube.conn.context}: install "
+        f"{PYTORCHJOB.resource.installed_by} or {TRAINJOB.resource.installed_by}"
+    )

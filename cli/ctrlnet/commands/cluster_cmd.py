@@ -1,0 +1,264 @@
+"""The workstation loop: `submit`, `status`, `logs`, `list`, `delete`, `suspend`, `resume`.
+
+Command bodies parse options and print; the work is in ctrlnet.cluster (imported inside the
+bodies, so `ctrlnet --help` never loads the kubernetes client)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from ctrlnet.commands.options import ConfigFile, Overrides
+from ctrlnet.errors import UserError
+
+Namespace = Annotated[
+    str | None, typer.Option("-n", "--namespace", help="Namespace (default: the context's, else default).")
+]
+Context = Annotated[str | None, typer.Option("--context", help="kubeconfig context (default: the current one).")]
+Format = Annotated[str, typer.Option("-o", "--output", help="text, json or yaml.")]
+FORMATS = ("text", "json", "yaml")
+
+
+def _format(value: str, allowed: tuple[str, ...] = FORMATS) -> str:
+    if value not in allowed:
+        raise UserError(f"-o {value!r}: use one of {', '.join(allowed)}")
+    return value
+
+
+def _kube(context: str | None, namespace: str | None):
+    from ctrlnet.cluster.connect import connect
+    from ctrlnet.cluster.kube import Kube
+
+    return Kube(connect(context, namespace))
+
+
+def _emit(doc, fmt: str) -> None:
+    if fmt == "json":
+        typer.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        import yaml
+
+        typer.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def submit(
+        file: ConfigFile = None,
+        set_: Overrides = None,
+        name: Annotated[
+            str | None, typer.Option("--name", help="Run name (default: cluster.name plus a random suffix).")
+        ] = None,
+        namespace: Namespace = None,
+        context: Context = None,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="Let the API server validate everything; persist nothing.")
+        ] = False,
+        wait: Annotated[
+            bool, typer.Option("--wait", help="Follow the run to its end: exit 0 if it succeeds, 1 if it fails.")
+        ] = False,
+        output: Format = "text",
+        kube_version: Annotated[
+            str, typer.Option("--kube-version", help="Schemas to check core objects against.")
+        ] = "1.30",
+    ) -> None:
+        """Submit a new run: validate, render through the chart, server-side apply (a new name and output prefix each time)."""
+        from ctrlnet.cluster import submit as sub
+
+        fmt = _format(output, ("text", "json"))
+        if file is None and not set_:
+            raise UserError("no job config: pass one with -f job.yaml (see examples/)")
+        kube = _kube(context, namespace)
+        plan = sub.plan(file, set_ or [], name=name, namespace=namespace or kube.namespace)
+        problems = sub.problems(plan, kube_version)
+        if problems:
+            for line in problems:
+                typer.echo(line)
+            typer.echo(f"{len(problems)} problem(s) in the objects of run {plan.name}; nothing was sent", err=True)
+            raise typer.Exit(1)
+        sub.check_cluster(kube, plan)
+        applied = sub.apply(kube, plan, dry_run=dry_run)
+        if fmt == "json":
+            _emit(
+                {
+                    "name": plan.name,
+                    "namespace": plan.namespace,
+                    "backend": plan.backend.name,
+                    "output": plan.output,
+                    "dry_run": dry_run,
+                    "objects": applied
+                    if dry_run
+                    else [{"kind": o["kind"], "name": o["metadata"]["name"]} for o in applied],
+                },
+                "json",
+            )
+        elif dry_run:
+            from ctrlnet.k8s.render import dump_objects
+
+            typer.echo(dump_objects(applied), nl=False)
+            typer.echo(
+                f"dry run: the API server accepted {len(applied)} object(s) for run {plan.name} in "
+                f"{plan.namespace}; nothing was created",
+                err=True,
+            )
+        else:
+            ns = f" -n {plan.namespace}"
+            typer.echo(f"submitted {plan.backend.resource.kind} {plan.name} in namespace {plan.namespace}")
+            typer.echo(f"  outputs:  {plan.output}")
+            if sub.queue_of(plan):
+                typer.echo(f"  queued in Kueue LocalQueue {sub.queue_of(plan)}: it starts when admitted")
+            typer.echo(f"  status:   ctrlnet status {plan.name}{ns} -w")
+            typer.echo(f"  logs:     ctrlnet logs {plan.name}{ns} -f")
+            typer.echo(f"  delete:   ctrlnet delete {plan.name}{ns}")
+            if warning := sub.output_warning(plan):
+                typer.echo(f"note: {warning}", err=True)
+        if wait and not dry_run:
+            from ctrlnet.cluster.follow import follow_status
+            from ctrlnet.cluster.runs import find_run
+
+            final = follow_status(kube, find_run(kube, plan.name, plan.namespace), sys.stdout, tty=False)
+            raise typer.Exit(0 if final.phase == "Succeeded" else 1)
+
+    @app.command()
+    def status(
+        name: Annotated[str, typer.Argument(help="Run name (as `ctrlnet list` shows it).")],
+        namespace: Namespace = None,
+        context: Context = None,
+        watch: Annotated[bool, typer.Option("-w", "--watch", help="Redraw as the run changes, until it ends.")] = False,
+        output: Format = "text",
+    ) -> None:
+        """Show a run: phase and why, queue, every rank's pod, training progress."""
+        from ctrlnet.cluster import status as st
+        from ctrlnet.cluster.runs import find_run
+
+        fmt = _format(output)
+        kube = _kube(context, namespace)
+        run = find_run(kube, name)
+        if watch:
+            from ctrlnet.cluster.follow import follow_status
+
+            final = follow_status(kube, run, sys.stdout, tty=sys.stdout.isatty() and fmt == "text", fmt=fmt)
+            raise typer.Exit(0 if final.phase != "Failed" else 1)
+        s = st.gather(kube, run)
+        if fmt == "text":
+            typer.echo(st.render(s))
+        else:
+            _emit(s.as_dict(), fmt)
+
+    @app.command()
+    def logs(
+        name: Annotated[str, typer.Argument(help="Run name.")],
+        namespace: Namespace = None,
+        context: Context = None,
+        follow: Annotated[
+            bool,
+            typer.Option("-f", "--follow", help="Stream: wait for pods to start, follow restarts, end with the job."),
+        ] = False,
+        rank: Annotated[
+            int | None, typer.Option("--rank", min=0, help="Only this node rank's pod (0 = master).")
+        ] = None,
+        pod: Annotated[
+            str | None, typer.Option("--pod", help="Only this pod (full name or role, e.g. worker-1).")
+        ] = None,
+        tail: Annotated[
+            int | None, typer.Option("--tail", min=0, help="Start with the last N lines of each pod.")
+        ] = None,
+        since: Annotated[str | None, typer.Option("--since", help="Only lines newer than this, e.g. 10m.")] = None,
+        previous: Annotated[
+            bool, typer.Option("--previous", "-p", help="The previous (crashed) container's log.")
+        ] = False,
+        timestamps: Annotated[bool, typer.Option("--timestamps", help="Prefix each line with its time.")] = False,
+    ) -> None:
+        """Print every rank's log, prefixed per pod; -f follows the run to its end."""
+        from ctrlnet.cluster.logs import LogOptions, RunLogs, parse_since
+        from ctrlnet.cluster.runs import find_run
+
+        if rank is not None and pod is not None:
+            raise UserError("give --rank or --pod, not both")
+        if previous and follow:
+            raise UserError("--previous shows a finished container's log: it cannot be followed; drop -f")
+        options = LogOptions(
+            follow=follow,
+            tail=tail,
+            since_s=parse_since(since),
+            previous=previous,
+            timestamps=timestamps,
+            rank=rank,
+            pod=pod,
+        )
+        kube = _kube(context, namespace)
+        run_logs = RunLogs(kube, find_run(kube, name), sys.stdout, options)
+        run_logs.follow() if follow else run_logs.print_once()
+
+    @app.command("list")
+    def list_runs(
+        namespace: Namespace = None,
+        all_namespaces: Annotated[
+            bool, typer.Option("-A", "--all-namespaces", help="Runs in every namespace.")
+        ] = False,
+        context: Context = None,
+        output: Format = "text",
+    ) -> None:
+        """List this tool's runs: name, backend, phase, pods ready, step, age."""
+        from ctrlnet.cluster.listing import list_runs as gather_runs
+        from ctrlnet.cluster.listing import render_table
+
+        fmt = _format(output, ("text", "json"))
+        kube = _kube(context, namespace)
+        rows = gather_runs(kube, all_namespaces=all_namespaces)
+        if fmt == "json":
+            _emit(rows, "json")
+        elif rows:
+            typer.echo(render_table(rows, all_namespaces))
+        else:
+            where = "any namespace" if all_namespaces else f"namespace {kube.namespace}"
+            typer.echo(f"no ctrlnet runs in {where}", err=True)
+
+    @app.command()
+    def delete(
+        name: Annotated[str, typer.Argument(help="Run name.")],
+        namespace: Namespace = None,
+        context: Context = None,
+        yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    ) -> None:
+        """Delete a run: the job and every object submitted with it. Its outputs are kept."""
+        from ctrlnet.cluster.lifecycle import delete_run
+        from ctrlnet.cluster.runs import find_run
+
+        kube = _kube(context, namespace)
+        run = find_run(kube, name)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UserError(f"delete {name}: confirm with --yes (no terminal to ask on)")
+            typer.confirm(
+                f"delete run {name} in namespace {run.namespace} (its pods stop; outputs are kept)?", abort=True
+            )
+        deleted = delete_run(kube, run)
+        typer.echo(f"deleted {', '.join(deleted)}")
+        if run.output:
+            typer.echo(f"outputs kept at {run.output}")
+
+    @app.command()
+    def suspend(
+        name: Annotated[str, typer.Argument(help="Run name.")], namespace: Namespace = None, context: Context = None
+    ) -> None:
+        """Suspend a run: its pods stop (the trainer checkpoints on SIGTERM); `ctrlnet resume` continues it."""
+        from ctrlnet.cluster.lifecycle import set_suspended
+        from ctrlnet.cluster.runs import find_run
+
+        kube = _kube(context, namespace)
+        typer.echo(set_suspended(kube, find_run(kube, name), True))
+
+    @app.command()
+    def resume(
+        name: Annotated[str, typer.Argument(help="Run name.")], namespace: Namespace = None, context: Context = None
+    ) -> None:
+        """Resume a suspended run: new pods continue from its latest checkpoint."""
+        from ctrlnet.cluster.lifecycle import set_suspended
+        from ctrlnet.cluster.runs import find_run
+
+        kube = _kube(context, namespace)
+        typer.echo(set_suspended(kube, find_run(kube, name), False))

@@ -1,0 +1,41 @@
+"""Facts that the chart, `ctrlnet validate` and the trainer image share, each written once here.
+
+The chart cannot import Python, so `python tools/generate.py` writes these values into
+charts/ctrlnet/templates/_generated.tpl as named templates (tests/test_generated.py keeps that
+file in sync); ctrlnet.k8s.rules checks rendered pods against the same constants, and
+tests/k8s/test_docker.py checks docker/Dockerfile's entrypoint against them.
+"""
+
+from ctrlnet.config.train import HubConfig, TrainConfig
+
+CONFIG_DIR = "/etc/ctrlnet"
+"""Where the job's ConfigMap is mounted in the trainer container."""
+CONFIG_FILE = "config.yaml"
+"""The ConfigMap key that holds the `train` section, and so the file name under CONFIG_DIR."""
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+"""What the trainer reads in a pod (`--config`)."""
+
+LAUNCH_MODULE = "ctrlnet_trainer.launch"
+"""The pod's entrypoint, `python -m LAUNCH_MODULE`: torchrun with exit codes Kubeflow can act on."""
+TRAINER_MODULE = "ctrlnet_trainer"
+"""What the launcher starts in every process: `-m TRAINER_MODULE --config CONFIG_PATH`."""
+
+DEFAULT_HUB_TOKEN_ENV: str = HubConfig.model_fields["token_env"].default
+"""The variable that carries the hub token when the job leaves `train.hub.token_env` unset."""
+DEFAULT_OUTPUT: str = TrainConfig.model_fields["output"].default
+"""The run's output when the job leaves `train.output` unset."""
+
+# The layout of a run's output prefix, written by the trainer and read by `ctrlnet status` /
+# `ctrlnet submit` (docs: README "What a run writes").
+RUN_FILE = "run.json"
+"""Seed and config of the run that owns the prefix."""
+CHECKPOINTS_DIR = "checkpoints"
+COMMITTED = "COMMITTED"
+"""Written last into a checkpoint folder: a checkpoint without it does not exist."""
+LATEST = "latest"
+"""checkpoints/latest: the name of the newest committed checkpoint folder."""
+TRAINER_STATE = "trainer_state.json"
+"""The loop's position in a checkpoint: step, total_steps, data position, seed, run shape."""
+METRICS_FILE = "metrics.jsonl"
+FINAL_MODEL_DIR = "controlnet"
+"""The final ControlNet (diffusers format); checkpoints hold the same folder name."""

@@ -1,0 +1,276 @@
+"""The Trainer: `__init__` builds everything, `train()` is the loop.
+
+    build   models, data, optimizer + LR schedule, accelerate state, checkpointer, meter, validator
+    loop    train_step -> meter.log -> checkpointer.maybe_save -> validator.maybe_run
+    finish  final ControlNet (diffusers format), last validation, loss curve, hub push
+
+Each stage's details live in a named component (models, data, step, optim, checkpoints, metrics,
+validation); this file shows how they fit together.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ctrlnet.config.contract import FINAL_MODEL_DIR, METRICS_FILE
+from ctrlnet.config.train import TrainConfig
+from ctrlnet_trainer import accel, data, optim, rundir, seeds
+from ctrlnet_trainer import models as model_lib
+from ctrlnet_trainer.checkpoints import Checkpointer, ResumePoint
+from ctrlnet_trainer.metrics import Meter
+from ctrlnet_trainer.preemption import Preempted, StopFlag
+from ctrlnet_trainer.step import OnlineEncoder, controlnet_loss, drop_prompt_mask
+from ctrlnet_trainer.storage import Prefix
+from ctrlnet_trainer.validation import Validator
+
+
+@dataclass
+class RunResult:
+    controlnet: str
+    samples: str | None
+    loss_curve: str | None
+    metrics: str
+    steps: int
+    hub_repo: str | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, accelerator, output: Prefix, stop: StopFlag):
+        self.cfg, self.acc, self.output, self.stop = cfg, accelerator, output, stop
+        self.device = accelerator.device
+        self.ranks = accel.process_ranks()
+        self.weight_dtype = accel.DTYPES[cfg.loop.mixed_precision]
+        deepspeed = cfg.distributed.strategy == "deepspeed"
+
+        # --- the run: which output, which checkpoint to continue, which seed
+        previous = rundir.check_owner(output, cfg)  # every rank reads before anyone writes
+        accelerator.wait_for_everyone()
+        self.checkpointer = Checkpointer(output, accelerator, self.ranks, cfg.checkpoint, deepspeed)
+        resume = self.checkpointer.find(cfg.checkpoint.resume, world=self.ranks.world, batch_size=cfg.loop.batch_size)
+        self.seed = self._agree_on_seed(resume, previous)
+        if self.ranks.is_main and previous is None:
+            rundir.write_run(output, cfg, self.seed)
+
+        # --- models (the same ControlNet init on every rank)
+        from accelerate.utils import set_seed
+
+        set_seed(self.seed)
+        self.models = model_lib.load_models(cfg, self.seed)
+        model_lib.prepare_for_training(self.models, cfg, self.device, self.weight_dtype)
+        if cfg.loop.allow_tf32 and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.encoder = OnlineEncoder(self.models, self.weight_dtype, self.device)
+
+        # --- data
+        source = data.open_source(cfg.data, cfg.model.cache_dir, self.seed)
+        data.check_columns(source, cfg.data)
+        self.source = data.subset(source, cfg.data.max_train_samples, self.seed)
+        self.examples = data.Examples(self.source, cfg.data, self.models.tokenizer, self.seed)
+
+        # --- optimizer, LR schedule, accelerate state
+        accum = cfg.loop.gradient_accumulation_steps
+        self.total_steps = cfg.loop.max_steps or self._steps_for_epochs(len(self.examples))
+        lr = optim.scaled_lr(cfg.optim, cfg.loop.batch_size, accum, self.ranks.world)
+        optimizer = optim.build_optimizer(self.models.controlnet.parameters(), cfg.optim, lr, self.device)
+        self.lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optim, self.total_steps)
+        self.controlnet, self.optimizer = accelerator.prepare(self.models.controlnet, optimizer)
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+        self.max_grad_norm = cfg.optim.max_grad_norm or math.inf
+        self.grad_norm: torch.Tensor | None = None
+        # One noise stream per rank; checkpointed, so a resumed run draws the noise it would have.
+        self.noise = torch.Generator(device=self.device).manual_seed(seeds.noise_seed(self.seed, self.ranks.rank))
+
+        # --- where the loop starts: step 0, or exactly where the checkpoint left off
+        self.checkpointer.track(self.controlnet, self.noise, self.state_dict)
+        self.step, position = 0, data.Position()
+        if resume is not None:
+            state = self.checkpointer.restore(resume)
+            self.step, position = int(state["step"]), data.Position(**state["position"])
+        self.batches = self._batches(position)
+        self.batch_iter = iter(self.batches)
+
+        # --- reporting
+        if self.ranks.is_main and accelerator.log_with:
+            accelerator.init_trackers(cfg.logging.tracker_project_name, config=_flat_hparams(cfg))
+        self.meter = Meter(
+            output,
+            accelerator,
+            every=cfg.logging.every_steps,
+            total_steps=self.total_steps,
+            start_step=self.step,
+            samples_per_step=cfg.loop.batch_size * accum * self.ranks.world,
+            is_main=self.ranks.is_main,
+            is_local_main=self.ranks.is_local_main,
+            device=self.device,
+            logging_dir=cfg.logging.logging_dir,
+        )
+        # ZeRO-3 shards the weights; sampling them needs every rank (not done here).
+        self.validator = Validator(
+            cfg,
+            self.models,
+            accelerator.unwrap_model(self.controlnet),
+            output,
+            accelerator,
+            weight_dtype=self.weight_dtype,
+            seed=self.seed,
+            enabled=self.ranks.is_main and not (deepspeed and cfg.distributed.zero_stage == 3),
+        )
+
+    # ------------------------------------------------------------ the loop
+    def train(self) -> RunResult:
+        while self.step < self.total_steps:
+            loss = self.train_step()
+            self.step += 1
+            self.meter.add(loss)
+            self.meter.log(
+                self.step,
+                lr=self.lr_scheduler.get_last_lr()[0],
+                grad_norm=self.grad_norm,
+                epoch=self.batches.position.epoch,
+            )
+            stop = self.stop.agreed(self.device)
+            with self.meter.paused():  # samples/s measures training, not checkpoints or validation
+                checkpoint = self.checkpointer.maybe_save(self.step, stop)
+                if checkpoint is not None:
+                    self.meter.checkpointed(self.step, checkpoint)
+                if stop:
+                    self.meter.progress.close()
+                    raise Preempted(self.step, checkpoint)
+                self.validator.maybe_run(self.step)
+        return self.finish()
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; the mean loss."""
+        cfg, acc = self.cfg, self.acc
+        accum = cfg.loop.gradient_accumulation_steps
+        total = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            batch = next(self.batch_iter)
+            with acc.accumulate(self.controlnet):
+                drop = drop_prompt_mask(
+                    batch["input_ids"].shape[0], cfg.data.proportion_empty_prompts, self.noise, self.device
+                )
+                latents, text = self.encoder.encode(batch, drop, self.noise)
+                cond = batch["conditioning_pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
+                loss = controlnet_loss(
+                    self.models, self.controlnet, latents, text, cond, self.noise, cfg.loop.snr_gamma
+                )
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    self.grad_norm = acc.clip_grad_norm_(self.controlnet.parameters(), self.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=cfg.optim.set_grads_to_none)
+            total += loss.detach() / accum
+        if not acc.optimizer_step_was_skipped:  # fp16 overflow skips the step; keep the schedule aligned
+            self.lr_scheduler.step()
+        return total
+
+    def state_dict(self) -> dict:
+        """The loop's own state, saved with every checkpoint as trainer_state.json."""
+        return {
+            "step": self.step,
+            "position": self.batches.position.as_dict(),
+            "seed": self.seed,
+            "total_steps": self.total_steps,
+            "world_size": self.ranks.world,
+            "batch_size": self.cfg.loop.batch_size,
+        }
+
+    # ------------------------------------------------------------ the end
+    def finish(self) -> RunResult:
+        acc, output = self.acc, self.output
+        acc.wait_for_everyone()
+        state_dict = acc.get_state_dict(self.controlnet) if self.cfg.distributed.strategy == "deepspeed" else None
+        repo = None
+        if self.ranks.is_main:
+            final = output.local(FINAL_MODEL_DIR)
+            acc.unwrap_model(self.controlnet).save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+            output.publish(FINAL_MODEL_DIR)
+        self.validator.maybe_run(self.step, last=True)
+        curve = self.meter.close()
+        self.meter.done(self.step, output.url_of(FINAL_MODEL_DIR))
+        acc.wait_for_everyone()
+        if self.ranks.is_main and self.cfg.hub.push:
+            # After the last barrier: a failed upload ends this process alone, the others are done.
+            from ctrlnet_trainer.hub import push_controlnet
+
+            repo = push_controlnet(output.local(FINAL_MODEL_DIR), self.cfg.hub, Path(output.root).name)
+        return RunResult(
+            controlnet=output.url_of(FINAL_MODEL_DIR),
+            samples=self.validator.last_samples,
+            loss_curve=curve,
+            metrics=output.url_of(METRICS_FILE),
+            steps=self.step,
+            hub_repo=repo,
+        )
+
+    # ------------------------------------------------------------ helpers
+    def _agree_on_seed(self, resume: ResumePoint | None, previous: dict | None) -> int:
+        """A resumed run keeps its seed (data order, noise, in-code base); else config, else drawn."""
+        if resume is not None:
+            if self.cfg.loop.seed is not None and self.cfg.loop.seed != resume.seed and self.ranks.is_main:
+                print(
+                    f"note: loop.seed={self.cfg.loop.seed} ignored; resuming keeps the checkpoint's seed {resume.seed}",
+                    flush=True,
+                )
+            return resume.seed
+        if previous is not None:
+            return int(previous["seed"])
+        if self.cfg.loop.seed is not None:
+            return self.cfg.loop.seed
+        drawn = [random.SystemRandom().randrange(2**31)]
+        if self.ranks.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(drawn, src=0)  # every rank must train from the same seed
+        return int(drawn[0])
+
+    def _steps_for_epochs(self, rows: int) -> int:
+        loop = self.cfg.loop
+        per_epoch = (rows // self.ranks.world) // loop.batch_size
+        return max(1, loop.num_epochs * per_epoch // loop.gradient_accumulation_steps)
+
+    def _batches(self, position: data.Position):
+        cfg, ranks = self.cfg, self.ranks
+        if self.source.streaming:
+            return data.StreamingBatches(
+                self.source,
+                self.examples,
+                cfg.loop.batch_size,
+                ranks.rank,
+                ranks.world,
+                self.seed,
+                cfg.data.shuffle_buffer,
+                position,
+            )
+        return data.MapBatches(
+            self.examples,
+            cfg.loop.batch_size,
+            ranks.rank,
+            ranks.world,
+            self.seed,
+            cfg.data.num_workers,
+            position,
+            pin_memory=self.device.type == "cuda",
+        )
+
+
+def _flat_hparams(cfg: TrainConfig) -> dict:
+    """TensorBoard hparams take scalars only."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat
