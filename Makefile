@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test lint format scan clean
 
 $(BIN)/ctrlnet: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,9 +30,16 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## Pod hardening, measured by checkov (docs/kubernetes.md#hardening). checkov pins old boto3/botocore,
+## packaging and networkx, which s3fs and torch cannot share: it gets its own venv, .venv-checkov.
+CHECKOV ?= checkov==3.3.30
+scan: venv
+	test -x .venv-checkov/bin/checkov || ($(PY) -m venv .venv-checkov && .venv-checkov/bin/pip install -q "$(CHECKOV)")
+	$(BIN)/python tools/checkov_pods.py --checkov .venv-checkov/bin/checkov
+
 ## The test suite (CPU, no network).
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-checkov runs .pytest_cache

@@ -196,6 +196,38 @@ def test_model_init_then_generate_with_the_demo_controlnet(demo, ctrlnet, tmp_pa
     with Image.open(pngs[0]) as img:
         assert img.format == "PNG" and img.size == (64, 64)
 
+    # Another prompt, same seed, same folder: written beside the first image, never over it.
+    first = sha256(pngs[0])
+    proc = ctrlnet(*generate_args(base, out / "controlnet", tmp_path / "cond.png", tmp_path / "gen"), "--prompt", "x")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = tmp_path / "gen" / "0000-00-1.png"
+    assert second.is_file() and str(second) in proc.stdout
+    assert sha256(pngs[0]) == first and len(list((tmp_path / "gen").glob("*.png"))) == 2
+
+    # A model init over what is there is refused, and leaves it as it was.
+    before = sha256(base / "unet" / "diffusion_pytorch_model.safetensors")
+    proc = ctrlnet("model", "init", "--out", base, "--arch", "tiny", "--seed", 1)
+    assert_user_error(proc, str(base), "already holds", "model_index.json", "--overwrite")
+    assert sha256(base / "unet" / "diffusion_pytorch_model.safetensors") == before
+
+
+def generate_args(base, controlnet, image, out, device="cpu"):
+    return [
+        "generate",
+        "--base",
+        base,
+        "--controlnet",
+        controlnet,
+        "--image",
+        image,
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--device",
+        device,
+    ]
+
 
 def test_generate_with_a_missing_image(ctrlnet, tmp_path):
     proc = ctrlnet(
@@ -237,3 +269,150 @@ def test_model_init_unknown_arch(ctrlnet, tmp_path):
     proc = ctrlnet("model", "init", "--out", tmp_path / "b", "--arch", "bogus")
     assert_user_error(proc, "bogus", "tiny")
     assert not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------ nothing already written is lost
+def test_synth_fill_refuses_an_existing_parquet(ctrlnet, tmp_path):
+    out = tmp_path / "d"
+    assert ctrlnet("data", "synth-fill", "--out", out, "--rows", 4, "--resolution", 32).returncode == 0
+    before = sha256(out / "train.parquet")
+    proc = ctrlnet("data", "synth-fill", "--out", out, "--rows", 6, "--resolution", 32)
+    assert_user_error(proc, str(out / "train.parquet"), "already exists", "--overwrite")
+    assert sha256(out / "train.parquet") == before
+    proc = ctrlnet("data", "synth-fill", "--out", out, "--rows", 6, "--resolution", 32, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sha256(out / "train.parquet") != before
+    assert sorted(p.name for p in out.iterdir()) == ["train.parquet"]  # no partial file left beside it
+    (tmp_path / "f").write_text("mine")
+    assert_user_error(ctrlnet("data", "synth-fill", "--out", tmp_path / "f", "--rows", 2), "is a file")
+
+
+def test_model_init_overwrite_replaces_the_folder_whole(ctrlnet, tmp_path):
+    base = tmp_path / "b"
+    base.mkdir()
+    (base / "model_index.json").write_text("mine")
+    assert_user_error(ctrlnet("model", "init", "--out", base), "already holds", "model_index.json", "--overwrite")
+    assert (base / "model_index.json").read_text() == "mine"
+    proc = ctrlnet("model", "init", "--out", base, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (base / "vae" / "config.json").is_file() and (base / "model_index.json").read_text() != "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging folder left behind
+
+
+# ------------------------------------------------------------------ generate: bad input, before the models load
+def test_generate_bad_input_is_one_line(ctrlnet, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("RGB", (64, 64)).save(tmp_path / "cond.png")
+    (tmp_path / "taken").write_text("a file")
+    args = generate_args(tmp_path, tmp_path, tmp_path / "cond.png", tmp_path / "gen")
+    cases = [
+        (["--image", tmp_path / "notes.png"], ["notes.png", "not an image"]),
+        (["--image", tmp_path], [str(tmp_path), "is a folder"]),
+        (["--device", "gpu"], ["--device 'gpu'", "auto, cpu, cuda"]),
+        (["--out", tmp_path / "taken"], ["taken", "is a file"]),
+        (["--out", tmp_path / "taken" / "sub"], ["taken", "a file"]),
+    ]
+    for extra, words in cases:
+        # The later option wins (click), so each case overrides one of the defaults above.
+        assert_user_error(ctrlnet(*args, "--prompt", "x", *extra), *words)
+    assert not (tmp_path / "gen").exists()
+
+
+# ------------------------------------------------------------------ messages
+def test_bare_name_fails_at_once_naming_folder_and_hub(ctrlnet, tmp_path):
+    proc = ctrlnet("train", "--data", "mydata", "--output", tmp_path / "out", "--max-steps", 2, "--resolution", 32)
+    assert_user_error(proc, "data.dataset 'mydata'", "no folder", "hub dataset id", "HF_HUB_OFFLINE")
+    assert "embedded demo" not in proc.stdout and "--base" in proc.stdout  # the part of the demo it would use
+
+
+def test_bare_name_with_the_hub_unreachable(env, tmp_path):
+    # Not offline, and the hub endpoint refuses connections (loopback, closed port): one quick try,
+    # not datasets' five retries. Nothing here reaches a real hub.
+    quiet = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    proc = subprocess.run(
+        [str(CTRLNET), "train", "--base", "mybase", "--output", str(tmp_path / "out"), "--max-steps", "2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**quiet, "HF_ENDPOINT": "http://127.0.0.1:9"},
+        timeout=300,
+    )
+    assert_user_error(proc, "model.base 'mybase'", "no folder", "could not be reached")
+    assert "Retrying" not in proc.stderr
+
+
+def test_missing_base_component_is_named(ctrlnet, tmp_path, tiny_base_dir):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_dir, base, ignore=shutil.ignore_patterns("vae"))
+    proc = ctrlnet("train", "--base", base, "--output", tmp_path / "out", "--max-steps", 1, "--resolution", 32)
+    assert_user_error(proc, "model.base", "vae/")
+    (base / "vae").mkdir()
+    proc = ctrlnet("train", "--base", base, "--output", tmp_path / "out", "--max-steps", 1, "--resolution", 32)
+    assert_user_error(proc, "vae/config.json")
+
+
+def test_missing_validation_image_blames_validation_images(ctrlnet, tmp_path, tiny_base_dir, parquet_dir):
+    missing = tmp_path / "edges.png"
+    proc = ctrlnet(
+        "train",
+        "--base",
+        tiny_base_dir,
+        "--data",
+        parquet_dir,
+        "--output",
+        tmp_path / "out",
+        "--max-steps",
+        1,
+        "--resolution",
+        32,
+        "--batch-size",
+        2,
+        "--set",
+        "train.validation.prompts=[a circle]",
+        "--set",
+        f"train.validation.images=[{missing}]",
+    )
+    assert_user_error(proc, "validation.images", str(missing), "does not exist")
+    assert "demo" not in proc.stdout  # --base and --data given: no demo runs, no notice
+
+
+def test_nproc_trains_on_several_local_processes_and_reports_like_one(ctrlnet, tmp_path):
+    """`--nproc 2`: torchrun underneath (ctrlnet's launcher), one checkpoint shaped by 2 processes."""
+    import json
+
+    out = tmp_path / "run"
+    result = ctrlnet(
+        "train",
+        "--nproc",
+        "2",
+        "--output",
+        out,
+        "--max-steps",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--set",
+        "train.data.synthetic_rows=32",
+        "--set",
+        "train.data.resolution=32",
+        "--set",
+        "train.validation.num_inference_steps=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"controlnet:  {out / 'controlnet'}" in result.stdout
+        and f"metrics:     {out / 'metrics.jsonl'}" in result.stdout
+    )
+    state = json.loads((out / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+
+
+def test_nproc_bad_input_is_one_error_line_last(ctrlnet, tmp_path):
+    """Every process hits the same bad input: the launcher prints it once, as the last line."""
+    result = ctrlnet("train", "--nproc", "2", "--output", tmp_path / "run", "--data", tmp_path / "missing")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0]
+    assert "Traceback" not in result.stderr

@@ -424,3 +424,72 @@ def test_cli_schema(tmp_path):
     assert r.returncode == 0, r.stderr
     schema = json.loads(r.stdout)
     assert {"train", "cluster"} <= set(schema["properties"])
+
+
+# --- what the cluster would refuse, refused by the model with the config key named -----------------
+
+
+def test_duplicate_key_names_the_key_and_both_lines(tmp_path):
+    msg = _error(tmp_path, "train:\n  loop:\n    max_steps: 100\n    batch_size: 2\n    max_steps: 10\n")
+    assert "'max_steps'" in msg and "lines 3 and 5" in msg and "job.yaml" in msg
+    msg = _error(tmp_path, "train: {}\ncluster: {}\ntrain: {}\n")
+    assert "'train'" in msg and "lines 1 and 3" in msg
+    # A merge key may be overridden: that is what it is for.
+    anchors = "x: &d {batch_size: 2}\n"
+    with pytest.raises(UserError, match="unknown key 'x'"):  # loads as YAML; x itself is no config key
+        load_job_config(_write(tmp_path, anchors + "train:\n  loop:\n    <<: *d\n    batch_size: 4\n"))
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("cluster.resources.memory=64GB", ["cluster.resources.memory", "'64GB'", "64Gi"]),
+        ("cluster.resources.cpu=8 cores", ["cluster.resources.cpu", "7500m"]),
+        ("cluster.resources.ephemeral_storage=100 GiB", ["cluster.resources.ephemeral_storage"]),
+        ("cluster.shm_size=16gb", ["cluster.shm_size", "16Gi"]),
+        ("cluster.cache.size=-5Gi", ["cluster.cache.size", "quantity"]),
+        ("cluster.labels={team: ml team}", ["cluster.labels", "team", "label value"]),
+        ("cluster.labels={'Team Name': ml}", ["cluster.labels", "label key"]),
+        (f"cluster.labels={{team: {'x' * 64}}}", ["cluster.labels", "63"]),
+        ("cluster.annotations={'example.com/a/b': x}", ["cluster.annotations", "annotation key"]),
+        ("cluster.service_account.annotations={'bad key': x}", ["cluster.service_account.annotations"]),
+        ("cluster.node_selector={gpu: A100 80GB}", ["cluster.node_selector", "label value"]),
+        ("cluster.kueue.queue=team queue", ["cluster.kueue.queue", "label value"]),
+    ],
+)
+def test_kubernetes_syntax_is_checked_by_the_model(tmp_path, setting, words):
+    msg = _error(tmp_path, overrides=[setting])
+    for word in words:
+        assert word in msg, msg
+
+
+def test_valid_kubernetes_values_load():
+    cfg = load_job_config(
+        None,
+        [
+            "cluster.resources={cpu: 7500m, memory: 64Gi, ephemeral_storage: 100G}",
+            "cluster.shm_size=1.5Gi",
+            "cluster.labels={team: ml, example.com/cost-center: a-1}",
+            "cluster.annotations={example.com/note: 'free text, spaces ok'}",
+            "cluster.node_selector={nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}",
+        ],
+    )
+    assert cfg.cluster.resources.cpu == "7500m" and cfg.cluster.labels["example.com/cost-center"] == "a-1"
+
+
+def test_gpu_and_device_must_agree_for_a_cluster_job():
+    def err(*sets):
+        with pytest.raises(UserError) as e:
+            load_job_config(None, list(sets), for_cluster=True)
+        return str(e.value)
+
+    msg = err("cluster.gpus_per_node=0", "train.loop.device=cuda")
+    assert "cluster.gpus_per_node is 0" in msg and "train.loop.device" in msg
+    msg = err("cluster.gpus_per_node=2", "train.loop.device=cpu")
+    assert "cluster.gpus_per_node is 2" in msg and "gpus_per_node: 0" in msg
+    msg = err("train.loop.device=cpu")  # the default is one GPU per pod
+    assert "cluster.gpus_per_node is 1" in msg
+    # What agrees loads; a local run ignores the cluster section.
+    load_job_config(None, ["cluster.gpus_per_node=0", "train.loop.device=cpu"], for_cluster=True)
+    load_job_config(None, ["cluster.gpus_per_node=4", "train.loop.device=auto"], for_cluster=True)
+    load_job_config(None, ["train.loop.device=cpu"])

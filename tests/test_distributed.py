@@ -66,15 +66,15 @@ def test_two_processes_checkpoint_every_rank_and_resume_exactly(setup):
     for name in (
         "COMMITTED",
         "trainer_state.json",
-        "noise_rng_0.pt",
-        "noise_rng_1.pt",
         "random_states_0.pkl",
         "random_states_1.pkl",
         "controlnet/config.json",
     ):
         assert (ckpt / name).exists(), name
-    # 32 rows / 2 ranks / batch 4 = 4 batches per epoch: after 2 steps the next batch is 2.
-    assert json.loads((ckpt / "trainer_state.json").read_text())["position"] == {"epoch": 0, "batch": 2}
+    # 32 rows / global batch 8 (2 ranks x 4) = 4 steps per epoch: after 2 steps, 16 samples are done.
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["position"] == {"epoch": 0, "sample": 16}
+    assert (state["world_size"], state["batch_size"], state["gradient_accumulation_steps"]) == (2, 4, 1)
 
     resumed = _torchrun(config, f"output={root / 'resumed'}", f"checkpoint.resume={ckpt}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -99,30 +99,51 @@ def test_deepspeed_zero2_checkpoints_without_hanging_and_resumes_exactly(setup):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
-def test_resume_with_another_world_size_is_refused(setup):
+def _single(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctrlnet_trainer",
+        "--config",
+        str(config),
+        *[a for o in overrides for a in ("--set", o)],
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_elastic_resume_from_two_processes_to_one_and_from_one_to_two(setup):
+    """A checkpoint continues on another number of processes at the same sample with the same
+    global batch (8 = 2 x 4 = 1 x 4 x accumulation 2 = 1 x 8): same rows per step, same draws per
+    example, same optimizer state, so the weights match the uninterrupted run up to float summation order."""
     root, config = setup
     ckpt = root / "straight" / "checkpoints" / "step-00000002"
     if not ckpt.exists():
         pytest.skip("needs the two-process run")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # One process resuming a two-process checkpoint would silently change the data order.
-    single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctrlnet_trainer",
-            "--config",
-            str(config),
-            "--set",
-            f"output={root / 'single'}",
-            "--set",
-            f"checkpoint.resume={ckpt}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    # 2 -> 1: the same batch per process, the accumulation doubled automatically.
+    down = _single(config, f"output={root / 'down'}", f"checkpoint.resume={ckpt}")
+    assert down.returncode == 0, down.stderr[-2000:]
+    assert "gradient accumulation 2 keeps the global batch" in down.stdout
+    straight = _weights(root / "straight")
+    diff = lambda run: max((straight[k] - _weights(run)[k]).abs().max().item() for k in straight)  # noqa: E731
+    assert diff(root / "down") < 1e-5
+
+    # 1 -> 2: one process with batch 8 for 2 steps, then two processes of batch 4 finish it.
+    first = _single(config, f"output={root / 'up'}", "loop.batch_size=8", "loop.max_steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    up = _torchrun(config, f"output={root / 'up'}", "checkpoint.resume=latest")
+    assert up.returncode == 0, up.stderr[-2000:]
+    assert diff(root / "up") < 1e-5
+
+
+def test_resume_with_a_global_batch_it_cannot_make_is_refused(setup):
+    root, config = setup
+    ckpt = root / "straight" / "checkpoints" / "step-00000002"
+    if not ckpt.exists():
+        pytest.skip("needs the two-process run")
+    # Global batch 8 cannot be made of micro-batches of 3: refuse, naming both shapes.
+    single = _single(config, f"output={root / 'single'}", f"checkpoint.resume={ckpt}", "loop.batch_size=3")
     assert single.returncode == 2
     assert "Traceback" not in single.stderr
-    assert single.stderr.strip().splitlines()[-1].startswith("error:")
+    last = single.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "global batch 8" in last and "1 processes x batch 3" in last

@@ -174,7 +174,9 @@ def test_checkpoint_rotation_and_uncommitted_folders(tmp_path, make_cfg, capsys)
         assert (ckpts / name / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (ckpts / "latest").read_text().strip() == "step-00000006"
 
-    # A crash in the middle of saving step 9 left a folder without COMMITTED, and a pointer to it.
+    # The run was killed before it finished (a finished run is never resumed: rundir), and a crash
+    # in the middle of saving step 9 left a folder without COMMITTED, and a pointer to it.
+    (out / "FINISHED").unlink()
     (ckpts / "step-00000009" / "controlnet").mkdir(parents=True)
     (ckpts / "step-00000009" / "controlnet" / "config.json").write_text("{half written")
     (ckpts / "latest").write_text("step-00000009\n")
@@ -342,7 +344,7 @@ def test_streaming_resume_continues_at_the_same_batch(parquet_data, tmp_path, ma
     }
     train(make_cfg(tmp_path / "straight", **sections))
     state = json.loads((tmp_path / "straight/checkpoints/step-00000003/trainer_state.json").read_text())
-    assert state["position"] == {"epoch": 0, "batch": 3}  # 16 rows / batch 4: 4 batches an epoch
+    assert state["position"] == {"epoch": 0, "sample": 12}  # 3 steps x batch 4 of a 16-row epoch
 
     train(make_cfg(tmp_path / "resumed", **dict(sections, loop={"max_steps": 3, "batch_size": 4})))
     result = train(make_cfg(tmp_path / "resumed", **dict(sections, checkpoint={"every_steps": 3, "resume": "latest"})))
@@ -350,6 +352,33 @@ def test_streaming_resume_continues_at_the_same_batch(parquet_data, tmp_path, ma
     assert max_weight_diff(tmp_path / "straight/controlnet", tmp_path / "resumed/controlnet") <= 1e-6
     # A stream learns that an epoch ended only when it asks for the next batch.
     assert [r["epoch"] for r in metrics_rows(tmp_path / "straight")] == [0, 0, 0, 0, 1, 1]
+
+
+def test_streaming_decodes_in_worker_processes_with_the_same_batches_and_positions(parquet_data, tmp_path):
+    """data.num_workers applies to streamed data too: rows are read in order in the main process,
+    decoded ahead in workers; the batches, their sample ids and the resumable position are the same."""
+    import torch
+
+    from ctrlnet.config.train import DataConfig
+    from ctrlnet_trainer import data
+    from ctrlnet_trainer.base_model import build_tokenizer
+
+    cfg = DataConfig(dataset=str(parquet_data), streaming=True, shuffle_buffer=8, resolution=32)
+    source = data.open_source(cfg, str(tmp_path / "cache"), seed=0)
+    examples = data.Examples(source, cfg, build_tokenizer(), seed=0)
+
+    def first(workers: int, count: int, start=data.Position()):
+        stream = data.StreamingBatches(source, examples, 4, 0, 1, 0, 8, start, num_workers=workers)
+        it = iter(stream)
+        return [next(it) for _ in range(count)], stream.position
+
+    inline, at_inline = first(0, 6)
+    pooled, at_pooled = first(2, 6)
+    assert at_inline == at_pooled == data.Position(epoch=1, sample=8)  # 4 batches an epoch, then 2 more
+    for a, b in zip(inline, pooled, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed, _ = first(2, 2, start=data.Position(epoch=1, sample=0))
+    assert all(torch.equal(resumed[i]["pixel_values"], inline[4 + i]["pixel_values"]) for i in range(2))
 
 
 def test_streaming_without_max_steps_is_refused_by_the_config():

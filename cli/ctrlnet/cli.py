@@ -25,7 +25,22 @@ def main() -> None:
         app()
     except UserError as e:  # ClusterError included (exit 1)
         # One line naming the problem and the fix; no traceback (the Standards' bad-input rule).
-        print(f"error: {e}", file=sys.stderr)
+        _close_progress_bars()
+        print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)  # Ctrl-C while following a run: quiet, the run goes on
+
+
+def _close_progress_bars() -> None:
+    """Finish any progress bar still open (the trainer's, a download's) before the error line:
+    tqdm redraws an abandoned bar when it is garbage-collected at exit, which would put the bar
+    after the error and leave the error line mid-screen instead of last."""
+    tqdm = sys.modules.get("tqdm.std")  # only if something imported tqdm: it stays out of --help
+    if tqdm is None:
+        return
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a half-built bar must not hide the error it was interrupted by
+            pass

@@ -1,8 +1,8 @@
 """The exception types the CLI prints as one line, without a traceback.
 
-`UserError` (exit 2): the user gave us something we cannot use. `ClusterError` (exit 1): the
-input was fine but the cluster said no or could not be reached. Anything else is a bug and keeps
-its traceback.
+`UserError` (exit 2): the user gave us something we cannot use. `ClusterError` and
+`StorageError` (exit 1): the input was fine but the cluster or the object store said no or could
+not be reached. Anything else is a bug and keeps its traceback.
 """
 
 
@@ -15,5 +15,13 @@ class UserError(Exception):
 class ClusterError(UserError):
     """A cluster-side failure (unreachable, forbidden, operator missing, job failed): the message
     names what the cluster said and what to do about it."""
+
+    exit_code = 1
+
+
+class StorageError(UserError):
+    """Object storage failed while the input was fine (endpoint unreachable, credentials missing
+    or refused, uploads that keep failing): the message names the endpoint or checkpoint and the
+    variable or setting to check."""
 
     exit_code = 1

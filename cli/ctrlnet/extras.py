@@ -9,6 +9,7 @@ it through require(), so a missing package is one line naming the install comman
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from ctrlnet.errors import UserError
@@ -33,3 +34,15 @@ def require(extra: str, module: str, *, alternative: str = "") -> ModuleType:
         raise UserError(
             f"the Python module {missing!r} is not installed: pip install 'ctrlnet[{extra}]'{or_else}"
         ) from None
+
+
+def check_installed(extra: str, *packages: str) -> None:
+    """Like require(), without importing: for a command that checks its input before it imports
+    the heavy packages it will need (a typo should fail in a second, a missing extra too)."""
+    for package in packages:
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):  # ValueError: in sys.modules without a spec (blocked)
+            found = False
+        if not found:
+            raise UserError(f"the Python module {package!r} is not installed: pip install 'ctrlnet[{extra}]'")

@@ -211,25 +211,26 @@ def test_a_namespace_that_does_not_exist(cluster, job):
 
 
 def test_validation_problems_send_nothing(cluster, job):
+    # A config the model accepts but the rendered pod cannot honour: a local output path that no
+    # writable volume holds (the read-only root filesystem would refuse the trainer's writes).
     result = run(
-        "submit",
-        "-f",
-        str(job),
-        "--name",
-        "invalid",
-        "--set",
-        "cluster.resources.memory=64GB",
-        kubeconfig=cluster.kubeconfig,
+        "submit", "-f", str(job), "--name", "invalid", "--set", "train.output=/data/runs", kubeconfig=cluster.kubeconfig
     )
-    assert result.returncode == 1 and "memory" in result.stdout and "nothing was sent" in result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "/data/runs/invalid" in result.stdout and "nothing was sent" in result.stderr
     assert cluster.list("configmaps", "default", "app.kubernetes.io/instance=invalid") == []
+
+
+def test_a_value_the_config_model_refuses_is_one_line_before_any_request(cluster, job):
+    result = run("submit", "-f", str(job), "--set", "cluster.resources.memory=64GB", kubeconfig=cluster.kubeconfig)
+    one_line(result, 2, "cluster.resources.memory", "64Gi")
 
 
 def test_dry_run_asks_the_server_and_persists_nothing(cluster, job):
     result = run("submit", "-f", str(job), "--name", "dry", "--dry-run", kubeconfig=cluster.kubeconfig)
     assert result.returncode == 0, result.stderr
     objs = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert [o["kind"] for o in objs] == ["ServiceAccount", "ConfigMap", "PyTorchJob"]
+    assert [o["kind"] for o in objs] == ["ServiceAccount", "ConfigMap", "NetworkPolicy", "PyTorchJob"]
     assert all(o["metadata"].get("uid") for o in objs)  # the server's answer, not our render
     assert "nothing was created" in result.stderr
     assert (

@@ -122,6 +122,32 @@ def test_a_missing_secret(cluster, submit):
     assert "CreateContainerConfigError" in status["reason"] and 's3-credentials" not found' in status["reason"]
 
 
+def test_a_secret_that_cannot_be_mounted(cluster, submit):
+    """cluster.secrets.as_files mounts the Secrets: a missing one keeps the pod in ContainerCreating
+    with FailedMount events, and status says which."""
+    pod = submit("files", "cluster.secrets.as_files=true", "cluster.secrets.s3=s3-files")
+    message = 'MountVolume.SetUp failed for volume "secret-s3" : secret "s3-files" not found'
+    cluster.set_waiting(NS, pod, "ContainerCreating")
+    cluster.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{pod}.failedmount", "namespace": NS},
+            "involvedObject": {
+                "kind": "Pod",
+                "name": pod,
+                "namespace": NS,
+                "uid": cluster.get("pods", NS, pod)["metadata"]["uid"],
+            },
+            "reason": "FailedMount",
+            "message": message,
+            "type": "Warning",
+        }
+    )
+    status, _ = master(cluster, "files")
+    assert "FailedMount" in status["reason"] and 'secret "s3-files" not found' in status["reason"], status
+
+
 def test_watch_in_a_terminal_redraws_in_place_and_ends_with_the_job(cluster, submit):
     import pty
 

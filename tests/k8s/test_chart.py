@@ -68,7 +68,7 @@ def test_chart_defaults_render():
 
     out = helm.render(chart_dir(), {}, release="ctrlnet", namespace="default", how="sdk")
     objs = rendered_objects(out)
-    assert [o["kind"] for o in objs] == ["ServiceAccount", "ConfigMap", "PyTorchJob"]
+    assert [o["kind"] for o in objs] == ["ServiceAccount", "ConfigMap", "NetworkPolicy", "PyTorchJob"]
     assert [str(p) for p in validate_objects(objs)] == []
 
 

@@ -42,6 +42,24 @@ def test_runs_as_non_root_user():
     assert LINES.index(f"USER {users[-1]}") > max(i for i, ln in enumerate(LINES) if ln.startswith("RUN"))
 
 
+def test_user_and_home_are_the_charts():
+    """The image's user is the chart's default uid (>= 10000) and its HOME the path the chart mounts
+    the scratch volume at (the root filesystem is read-only): one constant each, in contract."""
+    uid = contract.TRAINER_UID
+    assert uid >= 10000
+    assert _instr("USER")[-1] == f"{uid}:{uid}"
+    runs = " ".join(_instr("RUN"))
+    assert f"groupadd --gid {uid} ctrlnet" in runs
+    assert re.search(rf"useradd --uid {uid} --gid {uid} --home-dir {re.escape(contract.HOME_DIR)} ", runs), runs
+    env = " ".join(_instr("ENV"))
+    assert f"HOME={contract.HOME_DIR} " in env + " " and f"HF_HOME={contract.HOME_DIR}/" in env
+    assert _instr("WORKDIR")[-1] == contract.HOME_DIR, "relative paths (the default train.output) land in HOME"
+
+    from ctrlnet.config.cluster import SecurityConfig
+
+    assert SecurityConfig().model_dump() == {"run_as_user": uid, "run_as_group": uid, "fs_group": uid}
+
+
 def test_installs_trainer_and_deepspeed():
     runs = " ".join(_instr("RUN"))
     assert '".[train]"' in runs and "deepspeed==" in runs and "torch==" in runs

@@ -59,6 +59,7 @@ def test_render_output_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "configmap.yaml",
+        "networkpolicy.yaml",
         "pytorchjob.yaml",
         "serviceaccount.yaml",
     ]
@@ -131,7 +132,7 @@ def test_pod_essentials_single_gpu():
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
     assert pod["terminationGracePeriodSeconds"] == 600
     assert specs["Master"]["restartPolicy"] == "ExitCode"
     assert job["spec"]["runPolicy"] == {"cleanPodPolicy": "Running", "backoffLimit": 3}
@@ -179,7 +180,7 @@ def test_queues():
 
 def test_trainjob_backend():
     objs = render_example("trainjob.yaml")
-    assert [o["kind"] for o in objs] == ["ServiceAccount", "ConfigMap", "TrainJob"]
+    assert [o["kind"] for o in objs] == ["ServiceAccount", "ConfigMap", "NetworkPolicy", "TrainJob"]
     tj = by_kind(objs, "TrainJob")
     assert tj["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
     assert tj["spec"]["runtimeRef"] == {
@@ -195,7 +196,7 @@ def test_trainjob_backend():
     assert rj["name"] == "node"
     pod = rj["template"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["name"] == "node" and "env" not in pod["containers"][0]
-    assert {v["name"] for v in pod["volumes"]} == {"config", "dshm"}
+    assert {v["name"] for v in pod["volumes"]} == {"config", "dshm", "scratch"}
 
 
 def _walk(node, path=""):

@@ -61,6 +61,14 @@ def inline_secret(objs):
     _container(objs)["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "wJalrXUtnFEMI"})
 
 
+def inline_wandb_key(objs):
+    _container(objs)["env"].append({"name": "WANDB_KEY", "value": "0123456789abcdef0123456789abcdef01234567"})
+
+
+def credential_in_args(objs):
+    _container(objs)["args"].append("--output=s3://AKIAZZZZEXAMPLE7Q2XK:wJalrXUtnFEMI@bucket/x")
+
+
 def inline_secret_in_trainjob(objs):
     by_kind(objs, "TrainJob")["spec"]["trainer"]["env"].append({"name": "HF_TOKEN", "value": "hf_abc"})
 
@@ -230,12 +238,62 @@ def bad_job_name(objs):
     _job(objs)["metadata"]["name"] = "Fill50k_Run"
 
 
+def unmount_tmp(objs):
+    c = _container(objs)
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] != "/tmp"]
+
+
+def home_on_a_config_map(objs):
+    c = _container(objs)
+    next(m for m in c["volumeMounts"] if m["mountPath"] == "/home/ctrlnet")["name"] = "config"
+
+
+def output_on_the_root_filesystem(objs):
+    cm = by_kind(objs, "ConfigMap")
+    cm["data"]["config.yaml"] = cm["data"]["config.yaml"].replace(
+        "output: s3://my-bucket/controlnet/fill50k-single-gpu", "output: /data/runs/fill50k"
+    )
+
+
+def writable_root(objs):
+    _container(objs)["securityContext"].pop("readOnlyRootFilesystem")
+
+
+def node_patch_writable_root(objs):
+    _node_pod(objs)["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
+
+
+def run_as_uid_1000(objs):
+    _master(objs)["template"]["spec"]["securityContext"]["runAsUser"] = 1000
+
+
+def container_uid_override(objs):
+    _container(objs)["securityContext"]["runAsUser"] = 65
+
+
+def image_by_tag(objs):
+    _container(objs)["image"] = "ghcr.io/org/trainer:latest"
+
+
+def drop_network_policy(objs):
+    objs[:] = [o for o in objs if o["kind"] != "NetworkPolicy"]
+
+
+def network_policy_for_other_pods(objs):
+    np = by_kind(objs, "NetworkPolicy")
+    np["spec"]["podSelector"] = {
+        "matchExpressions": [{"key": "app.kubernetes.io/instance", "operator": "In", "values": ["x"]}]
+    }
+
+
 CASES = [
     ("object_name", "single-gpu.yaml", bad_job_name, "is not a DNS-1035 label"),
     ("object_name", "single-gpu.yaml", rename_config_map, "'Config_Map' is not a DNS-1123 name"),
     ("label_values", "single-gpu.yaml", bad_label_value, "'ml team' is not a valid label value"),
     ("credentials_by_reference", "single-gpu.yaml", inline_secret, "AWS_SECRET_ACCESS_KEY has an inline value"),
     ("credentials_by_reference", "trainjob.yaml", inline_secret_in_trainjob, "HF_TOKEN has an inline value"),
+    ("credentials_by_reference", "single-gpu.yaml", inline_wandb_key, "WANDB_KEY has an inline value"),
+    ("no_credentials_in_values", "single-gpu.yaml", credential_in_args, "holds a URL with a user:password in it"),
     ("credentials_by_reference", "single-gpu.yaml", unnamed_secret_reference, "HF_TOKEN: name the Secret and its key"),
     ("no_secret_objects", "single-gpu.yaml", add_secret_object, "Secret/s3-credentials: a Secret in the manifests"),
     ("trainer_config_loads", "single-gpu.yaml", resolution_500, "data.resolution: must be a multiple of 8"),
@@ -302,16 +360,74 @@ CASES = [
         drop_config_map,
         "mounts ConfigMap fill50k-single-gpu-config, which is not among the rendered objects",
     ),
+    ("writable_scratch", "single-gpu.yaml", unmount_tmp, "TMPDIR (/tmp) is on no writable volume"),
+    ("writable_scratch", "single-gpu.yaml", home_on_a_config_map, "HOME (/home/ctrlnet) is on no writable volume"),
+    (
+        "local_paths_writable",
+        "single-gpu.yaml",
+        output_on_the_root_filesystem,
+        "train.output '/data/runs/fill50k' is on the read-only root filesystem",
+    ),
+    # Warnings (hardening advice, checkov's checks): reported, never failing validate.
+    ("read_only_root_filesystem", "single-gpu.yaml", writable_root, "readOnlyRootFilesystem: is not true"),
+    ("read_only_root_filesystem", "trainjob.yaml", node_patch_writable_root, "readOnlyRootFilesystem: is not true"),
+    (
+        "uid_at_least_10000",
+        "multi-node-deepspeed.yaml",
+        run_as_uid_1000,
+        "runAsUser: is 1000: run as a uid of at least 10000",
+    ),
+    ("uid_at_least_10000", "single-gpu.yaml", container_uid_override, "runAsUser: is 65"),
+    (
+        "image_pinned_by_digest",
+        "single-gpu.yaml",
+        image_by_tag,
+        "ghcr.io/org/trainer:latest is a tag the registry can move",
+    ),
+    (
+        "image_pinned_by_digest",
+        "trainjob.yaml",
+        lambda objs: None,
+        "spec.trainer.image: ghcr.io/ctrlnet/trainer:0.1.0 is a tag",
+    ),
+    ("pods_have_a_network_policy", "volcano.yaml", drop_network_policy, "no NetworkPolicy selects these pods"),
+    (
+        "pods_have_a_network_policy",
+        "trainjob.yaml",
+        network_policy_for_other_pods,
+        "no NetworkPolicy selects these pods",
+    ),
 ]
+WARNINGS = {"read_only_root_filesystem", "uid_at_least_10000", "image_pinned_by_digest", "pods_have_a_network_policy"}
 
 
 @pytest.mark.parametrize("rule, example, mutate, needle", CASES, ids=[f"{c[0]}-{c[2].__name__}" for c in CASES])
 def test_rule_catches(rule, example, mutate, needle):
     objs = render_example(example)
     mutate(objs)
-    problems = validate_objects(objs)
-    only([str(p) for p in problems], needle)
-    assert rule in {p.rule for p in problems if needle in str(p)}, f"{needle!r} was not reported by {rule}"
+    warnings = []
+    problems = validate_objects(objs, warnings=warnings)
+    found = warnings if rule in WARNINGS else problems
+    only([str(p) for p in found], needle)
+    assert rule in {p.rule for p in found if needle in str(p)}, f"{needle!r} was not reported by {rule}"
+    assert all(p.warning == (p.rule in WARNINGS) for p in problems + warnings)
+
+
+def test_warnings_are_the_rules_marked_so():
+    """Hardening advice (a warning) never fails validate; every other rule is a problem."""
+    rules = [r for rs in RULES.values() for r in rs]
+    assert {r.__name__ for r in rules if getattr(r, "warning", False)} == WARNINGS
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_examples_warn_only_of_their_image_tag(example):
+    """The chart's defaults pass every hardening rule but the digest: the examples name an image by tag."""
+    warnings = []
+    assert validate_objects(render_example(example), warnings=warnings) == []
+    assert [w.rule for w in warnings] == ["image_pinned_by_digest"]
+    digest = "cluster.image=ghcr.io/ctrlnet/trainer@sha256:" + "0" * 64
+    warnings = []
+    assert validate_objects(render_example(example, digest), warnings=warnings) == [] and warnings == []
 
 
 def test_every_rule_is_documented_and_caught_by_a_case():
@@ -366,7 +482,11 @@ def test_schema_problems_is_importable_from_validate():
 def test_cli_validate_ok_and_problems(tmp_path):
     ok = ctrlnet("validate", "-f", "examples/multi-node-deepspeed.yaml")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert ok.stdout.startswith("ok: 4 object(s) valid") and "needs Secrets: hf-token, s3-credentials" in ok.stdout
+    assert ok.stdout.startswith("ok: 5 object(s) valid") and "needs Secrets: hf-token, s3-credentials" in ok.stdout
+    # A warning is marked, on stderr, counted on the ok line, and keeps exit code 0.
+    assert ok.stdout.rstrip().endswith("; 1 warning(s)") and len(ok.stdout.strip().splitlines()) == 1
+    (warned,) = ok.stderr.strip().splitlines()
+    assert warned.startswith("warning: PyTorchJob/sd15-fill50k-2x8: ") and "is a tag the registry can move" in warned
 
     rendered = ctrlnet("render", "-f", "examples/multi-node-deepspeed.yaml").stdout
     broken = rendered.replace("name: pytorch\n", "name: trainer\n", 1).replace("resolution: 512", "resolution: 500")

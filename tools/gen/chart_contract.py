@@ -18,6 +18,9 @@ DEFINES = {
     "ctrlnet.contract.trainerModule": "TRAINER_MODULE",
     "ctrlnet.contract.hubTokenEnv": "DEFAULT_HUB_TOKEN_ENV",
     "ctrlnet.contract.output": "DEFAULT_OUTPUT",
+    "ctrlnet.contract.homeDir": "HOME_DIR",
+    "ctrlnet.contract.tmpDir": "TMP_DIR",
+    "ctrlnet.contract.secretsDir": "SECRETS_DIR",
 }
 
 

@@ -32,11 +32,34 @@ def main(argv: list[str] | None = None) -> int:
             )
             return PREEMPTED_EXIT_CODE
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(e)
         return e.exit_code
+    finally:
+        _destroy_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {result.steps} steps; controlnet at {result.controlnet}", flush=True)
     return 0
+
+
+def _report(error: Exception) -> None:
+    """One line on stderr; under ctrlnet's launcher the line goes to it, which prints each distinct
+    error of its workers once (N processes would otherwise print the same line N times)."""
+    folder = os.environ.get("CTRLNET_ERROR_DIR")
+    if folder and os.path.isdir(folder):
+        with open(os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}.txt"), "w") as f:
+            f.write(str(error))
+        return
+    print(f"error: {error}", file=sys.stderr)
+
+
+def _destroy_process_group() -> None:
+    """The process group lives as long as the process (train() may run twice in it): end it here."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ def deepspeed_plugin(cfg: TrainConfig):
             "overlap_comm": True,
             "contiguous_gradients": True,
             **({"offload_optimizer": {"device": "cpu", "pin_memory": True}} if d.offload_optimizer else {}),
+            # ZeRO-3 shards the weights: checkpoints, the final model and validation gather them.
+            **({"stage3_gather_16bit_weights_on_model_save": True} if d.zero_stage == 3 else {}),
         },
         "bf16": {"enabled": cfg.loop.mixed_precision == "bf16"},
         "fp16": {"enabled": cfg.loop.mixed_precision == "fp16"},

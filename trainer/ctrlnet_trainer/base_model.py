@@ -9,14 +9,20 @@ would load a real checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from ctrlnet.errors import UserError
+
+# torch, diffusers and transformers are imported where a base is built: `ctrlnet model init`
+# checks --arch and --out first, and a typo should not wait ten seconds for the imports.
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 # Model hyper-parameters per architecture. Note diffusers' naming quirk: for these UNets
 # `attention_head_dim` is really the number of heads (SD1.5's "8" means 8 heads).
@@ -133,6 +139,8 @@ def build_tokenizer() -> CLIPTokenizer:
     the 512 byte tokens have the same ids as in the real CLIP vocabulary. It is loaded from
     vocab.json/merges.txt exactly as a downloaded one would be.
     """
+    from transformers import CLIPTokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         _write_vocab_files(Path(tmp))
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_LENGTH)
@@ -144,6 +152,10 @@ def build_base(arch: str = "tiny", seed: int = 0) -> BaseParts:
     Seeds torch's global CPU generator inside `torch.random.fork_rng`, so the caller's random
     state is left as it was.
     """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     if arch not in ARCHS:
         raise ValueError(f"unknown base arch {arch!r}; choose one of {sorted(ARCHS)}")
     spec = ARCHS[arch]
@@ -182,14 +194,34 @@ def build_base(arch: str = "tiny", seed: int = 0) -> BaseParts:
     )
 
 
-def write_base(out: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
+def check_out(out: str | Path, overwrite: bool) -> None:
+    """--out must be a folder, empty unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the base")
+    held = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise UserError(
+            f"--out {out} already holds files ({shown}): pass --overwrite to replace them, or choose an empty folder"
+        )
+
+
+def write_base(out: str | Path, arch: str = "tiny", seed: int = 0, *, overwrite: bool = False) -> Path:
     """Save a random-init base to `out` in the diffusers layout (safetensors); return `out`.
 
     unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json, written by
     StableDiffusionPipeline itself, so model_index.json is exactly what a pipeline loader expects
     (safety_checker and feature_extractor null, requires_safety_checker false). sd15 is ~4 GB.
+    A folder that already holds files is refused unless `overwrite`; the new base is written
+    beside it and swapped in whole, so an interrupted write never leaves a half-replaced base.
     """
+    from diffusers import StableDiffusionPipeline
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" for a one-shard write
     out = Path(out)
+    check_out(out, overwrite)
     parts = build_base(arch, seed)
     pipe = StableDiffusionPipeline(
         vae=parts.vae,
@@ -201,8 +233,19 @@ def write_base(out: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
-    # transformers 5 saves only tokenizer.json; add the classic vocab files too so that a
-    # transformers 4.x CLIPTokenizer (the slow one, which needs them) loads this folder as well.
-    _write_vocab_files(out / "tokenizer")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        # transformers 5 saves only tokenizer.json; add the classic vocab files too so that a
+        # transformers 4.x CLIPTokenizer (the slow one, which needs them) loads this folder as well.
+        _write_vocab_files(staging / "tokenizer")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)  # replaced (overwrite) or empty: out of the way until the new one is in
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -2,19 +2,36 @@
 
     step-00000500/…                   accelerate state: optimizer, LR schedule, RNGs (+ DeepSpeed shards)
     step-00000500/controlnet/         the ControlNet in diffusers format (loads in stock diffusers)
-    step-00000500/noise_rng_<rank>.pt each rank's noise/timestep generator
     step-00000500/trainer_state.json  the loop's position: step, data position, seed, run shape
     step-00000500/COMMITTED           written last: a checkpoint without it does not exist
     latest                            pointer, updated only after COMMITTED
 
 Saving a checkpoint: stage (every rank writes its part into the local copy), publish (each node's
 local main uploads its node's files; a no-op for a folder), commit (main writes COMMITTED, then
-`latest`), rotate (old committed checkpoints go only after a newer one is committed). A crash at
-any point leaves at worst an uncommitted folder, which resolve ignores and the next save of that
-step replaces.
+`latest`), rotate (old committed checkpoints go only after a newer one is committed; COMMITTED is
+deleted first, so a checkpoint is never half deleted and still committed). A crash at any point
+leaves at worst an uncommitted folder, which resolve ignores and the next save of that step replaces.
+
+Object storage: publishing runs in the background (uploader.Uploader: one upload in flight,
+retried with backoff) while training goes on. Step N is committed only once every node's upload
+of its part is over: while N is pending, each step every rank contributes "my node's upload is
+still running / failed" to one all-reduce (ranks stay in lockstep, as every rank saved N at the
+same step); when nothing is running, main commits N, or, if any node failed, nobody does and N is
+given up. The next checkpoint, SIGTERM (exit 143) and the end of the run wait for the pending
+upload first. A run stops (StorageError, exit 1) after `checkpoint.max_failed_uploads`
+checkpoints in a row could not be uploaded; before that it trains on, its newest committed
+checkpoint unchanged.
 
 Resuming: resolve `latest` (or a path) to a committed checkpoint, read its trainer_state.json once,
-refuse a checkpoint of another run shape before downloading anything, fetch, load.
+check it fits this run before downloading anything (`ResumePoint.find`, which runs before the
+Accelerator exists, because it may change the gradient accumulation), fetch, load.
+
+Elastic resume: what a step trains on depends on the global batch only (processes x batch x
+accumulation; data.GlobalBatchSampler), and every random draw on the example only (step.draw),
+so a checkpoint written by 4 processes x batch 2 continues on 2 x 4, or on 8 x 1 with the
+accumulation doubled, at the same sample: same data order, same examples per step, same noise,
+same optimizer and LR state. What differs is floating-point summation order across processes
+(weights agree to ~1e-6, not bitwise). Streamed data is sharded per process: same shape only.
 """
 
 from __future__ import annotations
@@ -22,18 +39,22 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ctrlnet.config.contract import CHECKPOINTS_DIR, COMMITTED, LATEST, TRAINER_STATE
 from ctrlnet.config.contract import FINAL_MODEL_DIR as CONTROLNET_DIR
-from ctrlnet.config.train import CheckpointConfig
-from ctrlnet.errors import UserError
+from ctrlnet.config.train import CheckpointConfig, TrainConfig
+from ctrlnet.errors import StorageError, UserError
 from ctrlnet_trainer.accel import Ranks
+from ctrlnet_trainer.models import save_controlnet
 from ctrlnet_trainer.storage import Prefix
+from ctrlnet_trainer.uploader import Uploader
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -42,16 +63,47 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _noise_file(rank: int) -> str:
-    return f"noise_rng_{rank}.pt"
+STATE_FORMAT = 2
+"""trainer_state.json format: 2 = global data position (epoch, sample) and per-example draws."""
+
+
+def committed_steps(store: Prefix) -> list[int]:
+    steps = []
+    for entry in store.listdir():
+        m = _STEP_DIR.match(entry)
+        if m and store.exists(entry, COMMITTED):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def resolve(store: Prefix, resume: str) -> str | None:
+    """URL of the checkpoint to resume from, or None for `latest` when there is none yet."""
+    if resume == LATEST:
+        # The newest committed checkpoint, found by listing rather than read from the `latest`
+        # pointer: a crash between a COMMITTED marker and the pointer update leaves the pointer one
+        # checkpoint behind, and a pointer may name an uncommitted folder. Newest first, so this is
+        # one listing and usually one marker check.
+        for name in sorted((e for e in store.listdir() if _STEP_DIR.match(e)), reverse=True):
+            if store.exists(name, COMMITTED):
+                return store.url_of(name)
+        return None
+    checkpoint = Prefix(resume)
+    if not checkpoint.exists(COMMITTED):
+        raise UserError(
+            f"checkpoint.resume {resume!r} is not a committed checkpoint (no {COMMITTED} marker): "
+            "use `latest` or a checkpoints/step-N folder that has one"
+        )
+    return checkpoint.url
 
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """A committed checkpoint to continue from, and the loop state saved with it."""
+    """A committed checkpoint to continue from, the loop state saved with it, and the gradient
+    accumulation this run must use to keep its global batch."""
 
     url: str
     state: dict
+    accumulation: int
 
     @property
     def step(self) -> int:
@@ -60,6 +112,107 @@ class ResumePoint:
     @property
     def seed(self) -> int:
         return int(self.state["seed"])
+
+    @classmethod
+    def find(cls, output: Prefix, cfg: TrainConfig, world: int) -> ResumePoint | None:
+        """The checkpoint `checkpoint.resume` names, checked against this run's shape; None for a
+        fresh start (no resume asked, or `latest` before a restartable job's first checkpoint)."""
+        resume = cfg.checkpoint.resume
+        url = resolve(Prefix(output.url_of(CHECKPOINTS_DIR)), resume) if resume else None
+        if url is None:
+            return None
+        url, state = readable_state(url, cfg.checkpoint.on_corrupt)
+        if state.get("format") != STATE_FORMAT:
+            raise UserError(
+                f"checkpoint {url} was written by an older ctrlnet (trainer_state format "
+                f"{state.get('format', 1)}, this one reads {STATE_FORMAT}): resume it with the version that wrote it"
+            )
+        return cls(url, state, _accumulation_for(url, state, cfg, world))
+
+
+class Committed(NamedTuple):
+    """A checkpoint just committed: its step and URL (None on processes other than main)."""
+
+    step: int
+    url: str | None
+
+
+def previous_committed(url: str) -> str | None:
+    """The newest committed checkpoint before the one at `url`, in the same checkpoints folder."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    m = _STEP_DIR.match(name)
+    if not m:
+        return None
+    store = Prefix(parent)
+    older = [s for s in committed_steps(store) if s < int(m.group(1))]
+    return store.url_of(step_dir_name(older[-1])) if older else None
+
+
+def corrupt(url: str, reason: str, on_corrupt: str) -> str:
+    """The committed checkpoint to use instead of the unreadable one at `url` (on_corrupt=previous),
+    or a UserError naming it and the ways forward."""
+    fallback = previous_committed(url) if on_corrupt == "previous" else None
+    if fallback is not None:
+        print(
+            f"warning: checkpoint {url} is unreadable ({reason}); resuming from the committed checkpoint "
+            f"before it, {fallback} (checkpoint.on_corrupt=previous)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return fallback
+    if on_corrupt == "previous":
+        raise UserError(f"checkpoint {url} is unreadable ({reason}) and no committed checkpoint precedes it")
+    raise UserError(
+        f"checkpoint {url} is unreadable ({reason}): set checkpoint.on_corrupt=previous to resume from the "
+        "committed checkpoint before it, or checkpoint.resume to another checkpoint"
+    )
+
+
+def readable_state(url: str, on_corrupt: str) -> tuple[str, dict]:
+    """(url, trainer_state) of the checkpoint at `url`, or of an earlier committed one when its
+    state cannot be read and `on_corrupt` is `previous`."""
+    while True:
+        try:
+            return url, json.loads(Prefix(url).read_text(TRAINER_STATE))
+        except (OSError, ValueError) as e:  # missing, unreadable, or not JSON
+            url = corrupt(url, f"{TRAINER_STATE}: {_reason(e)}", on_corrupt)
+
+
+def _reason(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
+
+
+def _accumulation_for(url: str, state: dict, cfg: TrainConfig, world: int) -> int:
+    """This run's gradient accumulation: the configured one if it keeps the checkpoint's global
+    batch, else the one that does (an elastic restart on more or fewer processes), else refuse."""
+    saved_world, saved_batch, saved_accum = (
+        state["world_size"],
+        state["batch_size"],
+        state["gradient_accumulation_steps"],
+    )
+    global_batch = saved_world * saved_batch * saved_accum
+    batch, accum = cfg.loop.batch_size, cfg.loop.gradient_accumulation_steps
+    was = f"{saved_world} processes x batch {saved_batch} x accumulation {saved_accum}"
+    if cfg.data.streaming and (world, batch) != (saved_world, saved_batch):
+        raise UserError(
+            f"checkpoint {url} was written with {was}; this run has {world} x {batch}: a streamed dataset is "
+            "sharded per process, so resume it with the same processes and loop.batch_size"
+        )
+    if world * batch * accum == global_batch:
+        return accum
+    if global_batch % (world * batch) == 0:
+        adjusted = global_batch // (world * batch)
+        print(
+            f"note: resuming {url} ({was} = global batch {global_batch}) on {world} processes x batch {batch}: "
+            f"gradient accumulation {adjusted} keeps the global batch",
+            flush=True,
+        )
+        return adjusted
+    raise UserError(
+        f"checkpoint {url} was written with {was} (global batch {global_batch}); {world} processes x batch "
+        f"{batch} cannot make that global batch: choose loop.batch_size so that {world} x batch divides {global_batch}"
+    )
 
 
 class Checkpointer:
@@ -73,59 +226,31 @@ class Checkpointer:
         # checkpoint; a folder is one copy shared by all nodes.
         self.stager = ranks.is_local_main if self.store.staged else ranks.is_main
         self.model: torch.nn.Module | None = None
-        self.noise: torch.Generator | None = None
         self.loop_state: Callable[[], dict] | None = None
+        # Object storage: each node's stager uploads in the background; `pending` is the step
+        # staged and uploading but not yet committed (the same on every rank).
+        self.uploader = None
+        if self.store.staged and self.stager:
+            self.uploader = Uploader(
+                self.store, attempts=cfg.upload_attempts, backoff_s=cfg.upload_backoff_s, timeout_s=cfg.upload_timeout_s
+            )
+            shutil.rmtree(self.store.local(), ignore_errors=True)  # stages left by a killed attempt
+        self.pending: int | None = None
+        self.failed_in_a_row = 0
+        self.last_error: str | None = None
 
     # ------------------------------------------------------------ what exists
     def committed_steps(self) -> list[int]:
-        steps = []
-        for entry in self.store.listdir():
-            m = _STEP_DIR.match(entry)
-            if m and self.store.exists(entry, COMMITTED):
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+        return committed_steps(self.store)
 
     def resolve(self, resume: str) -> str | None:
-        """URL of the checkpoint to resume from, or None for `latest` when there is none yet."""
-        if resume == LATEST:
-            if self.store.exists(LATEST):
-                name = self.store.read_text(LATEST).strip()
-                if self.store.exists(name, COMMITTED):
-                    return self.store.url_of(name)
-            # The pointer is missing or names an uncommitted folder: fall back to the newest commit.
-            steps = self.committed_steps()
-            return self.store.url_of(step_dir_name(steps[-1])) if steps else None
-        checkpoint = Prefix(resume)
-        if not checkpoint.exists(COMMITTED):
-            raise UserError(
-                f"checkpoint.resume {resume!r} is not a committed checkpoint (no {COMMITTED} marker): "
-                "use `latest` or a checkpoints/step-N folder that has one"
-            )
-        return checkpoint.url
-
-    def find(self, resume: str | None, *, world: int, batch_size: int) -> ResumePoint | None:
-        """The checkpoint `checkpoint.resume` names, checked against this run's shape; None for a
-        fresh start (no resume asked, or `latest` before the first checkpoint of a restartable job)."""
-        url = self.resolve(resume) if resume else None
-        if url is None:
-            return None
-        state = json.loads(Prefix(url).read_text(TRAINER_STATE))
-        # The data order is a function of (world size, batch size): another shape cannot continue
-        # at "the same batch", so refuse rather than silently train on a different stream.
-        saved = (state.get("world_size"), state.get("batch_size"))
-        if saved != (world, batch_size):
-            raise UserError(
-                f"checkpoint {url} was written with {saved[0]} processes x batch {saved[1]}; this run has "
-                f"{world} x {batch_size}: resume with the same processes and loop.batch_size"
-            )
-        return ResumePoint(url, state)
+        return resolve(self.store, resume)
 
     # ------------------------------------------------------------ what is saved
-    def track(self, model: torch.nn.Module, noise: torch.Generator, loop_state: Callable[[], dict]) -> None:
-        """Save `model` (accelerate-prepared) in diffusers format, this rank's `noise` generator,
-        and `loop_state()` (JSON) with every checkpoint; the optimizer and LR schedule come with
-        accelerate's state."""
-        self.model, self.noise, self.loop_state = model, noise, loop_state
+    def track(self, model: torch.nn.Module, loop_state: Callable[[], dict]) -> None:
+        """Save `model` (accelerate-prepared) in diffusers format and `loop_state()` (JSON) with
+        every checkpoint; the optimizer and LR schedule come with accelerate's state."""
+        self.model, self.loop_state = model, loop_state
         acc = self.acc
 
         def save_hook(models, weights, output_dir):
@@ -146,38 +271,102 @@ class Checkpointer:
         acc.register_load_state_pre_hook(load_hook)
 
     # ------------------------------------------------------------ saving
-    def maybe_save(self, step: int, stop: bool) -> str | None:
-        """Checkpoint every `checkpoint.every_steps`, and when the run must stop (SIGTERM)."""
+    def maybe_save(self, step: int, stop: bool) -> Committed | None:
+        """After every step (collective): commit the pending upload if it is over; checkpoint
+        every `checkpoint.every_steps`, and when the run must stop (SIGTERM: then wait for its
+        upload). Returns the newest checkpoint committed during this call."""
+        committed = self.settle(wait=False)
         if step % self.cfg.every_steps == 0 or stop:
-            return self.save(step)
-        return None
+            committed = self.save(step) or committed
+            if stop:  # preempted: wait for this upload; exit 143 (retryable) whatever its fate
+                committed = self.settle(wait=True, may_stop=False) or committed
+        return committed
 
-    def save(self, step: int) -> str | None:
-        """Stage, publish and commit `step` (collective: every rank calls it). Returns the
-        checkpoint's URL on the main process, None elsewhere."""
+    def flush(self) -> Committed | None:
+        """Wait for the pending upload and commit it (collective; at the end of a run)."""
+        return self.settle(wait=True, may_stop=False)
+
+    def save(self, step: int) -> Committed | None:
+        """Stage `step` and publish it (collective: every rank calls it): to a folder, published
+        and committed at once; to object storage, uploaded in the background and committed by a
+        later `settle`. Returns what was committed during this call."""
+        committed = self.settle(wait=True)  # one upload in flight: the previous checkpoint's first
         acc, name = self.acc, step_dir_name(step)
         folder = self.store.local(name)
-        if self.stager and folder.exists():
-            shutil.rmtree(folder)  # an uncommitted attempt at this step (a crash): start clean
+        if self.ranks.is_main and self.store.exists(name):
+            self._discard(name)  # an earlier attempt at this step (a crash, a corrupt checkpoint): start clean
+        if self.stager and self.store.staged and folder.exists():
+            shutil.rmtree(folder)
         acc.wait_for_everyone()
         folder.mkdir(parents=True, exist_ok=True)
         acc.save_state(str(folder))  # every rank: DeepSpeed saves its shards collectively
-        torch.save(self.noise.get_state(), folder / _noise_file(self.ranks.rank))
         if self.deepspeed:
             state_dict = acc.get_state_dict(self.model)  # collective: gathers the weights
             if self.ranks.is_main:
-                acc.unwrap_model(self.model).save_pretrained(folder / CONTROLNET_DIR, state_dict=state_dict)
+                save_controlnet(acc.unwrap_model(self.model), folder / CONTROLNET_DIR, state_dict)
         if self.ranks.is_main:
-            (folder / TRAINER_STATE).write_text(json.dumps(self.loop_state(), indent=2) + "\n")
+            state = {"format": STATE_FORMAT, **self.loop_state()}
+            (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         acc.wait_for_everyone()
-        if self.stager:
-            self.store.publish(name)
-        acc.wait_for_everyone()
-        url = self.commit(step) if self.ranks.is_main else None
-        acc.wait_for_everyone()
-        if self.stager:
-            self.store.drop_local(name)  # published and committed: each node's stage is spent
-        return url
+        if not self.store.staged:  # a folder: the staged files are the checkpoint
+            url = self.commit(step) if self.ranks.is_main else None
+            acc.wait_for_everyone()
+            return Committed(step, url)
+        if self.uploader is not None:
+            self.uploader.submit(name, folder)
+        self.pending = step
+        return committed
+
+    def settle(self, wait: bool, may_stop: bool = True) -> Committed | None:
+        """Commit the pending checkpoint once every node's upload of it is over (collective);
+        `wait`: block until then. A checkpoint that any node failed to upload is never committed;
+        `checkpoint.max_failed_uploads` of those in a row stop the run (if `may_stop`: not at its
+        end, where the final model is still worth writing, nor when preempted)."""
+        if self.pending is None:
+            return None
+        upload = None
+        if self.uploader is not None:
+            upload = self.uploader.wait() if wait else self.uploader.poll()
+        running = float(upload is not None and not upload.done)
+        failed = float(upload is not None and upload.done and not upload.ok)
+        if self.ranks.world > 1:
+            from ctrlnet_trainer.accel import all_reduce
+
+            flags = all_reduce(torch.tensor([running, failed], device=self.acc.device)).tolist()
+            running, failed = flags
+        if running:
+            return None
+        step, self.pending = self.pending, None
+        if not failed:
+            self.failed_in_a_row = 0
+            return Committed(step, self.commit(step) if self.ranks.is_main else None)
+        self.failed_in_a_row += 1
+        self.last_error = (upload.error if upload is not None else None) or "another node's upload failed: see its log"
+        stopping = may_stop and self.failed_in_a_row >= self.cfg.max_failed_uploads
+        if self.ranks.is_main:
+            try:
+                self._discard(step_dir_name(step))  # the uploaded part, if the store lets us
+            except Exception:
+                pass  # uncommitted, so ignored by resume; the next save of this step replaces it
+            if not may_stop:
+                then = "the newest committed checkpoint stays the one to resume from"
+            elif stopping:
+                then = "stopping"
+            else:
+                then = f"training goes on ({self.failed_in_a_row} of checkpoint.max_failed_uploads={self.cfg.max_failed_uploads} in a row)"
+            print(
+                f"warning: checkpoint {step_dir_name(step)} could not be uploaded to {self.store.url} "
+                f"({self.last_error}): not committed; {then}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if stopping:
+            raise StorageError(
+                f"{self.failed_in_a_row} checkpoints in a row could not be uploaded to {self.store.url} "
+                f"(last: {self.last_error}): stopping (checkpoint.max_failed_uploads={self.cfg.max_failed_uploads}); "
+                "fix the store (AWS_ENDPOINT_URL, credentials, quota) and continue with --resume latest"
+            )
+        return None
 
     def commit(self, step: int) -> str:
         """Mark `step` complete, point `latest` at it, then rotate. Main process only."""
@@ -186,18 +375,60 @@ class Checkpointer:
         self.store.write_text(name + "\n", LATEST)
         if self.cfg.total_limit is not None:
             for old in self.committed_steps()[: -self.cfg.total_limit]:
-                self.store.remove(step_dir_name(old))
+                self._discard(step_dir_name(old))
         return self.store.url_of(name)
+
+    def _discard(self, name: str) -> None:
+        """Delete checkpoint folder `name`: its COMMITTED marker first, so that a crash midway
+        leaves an uncommitted folder, never a committed checkpoint with files missing."""
+        if self.store.exists(name, COMMITTED):
+            self.store.remove(name, COMMITTED)
+        self.store.remove(name)
 
     # ------------------------------------------------------------ resuming
     def restore(self, point: ResumePoint) -> dict:
-        """Load `point` into the tracked model, optimizer, schedule and noise generator (collective);
-        returns its loop state (step, data position, ...)."""
-        checkpoint = Prefix(point.url)
-        folder = checkpoint.fetch() if self.ranks.is_local_main else checkpoint.local()  # one copy per node
-        self.acc.wait_for_everyone()
-        self.acc.load_state(str(folder))
-        self.noise.set_state(torch.load(folder / _noise_file(self.ranks.rank)))
+        """Load `point` into the tracked model, optimizer and schedule (collective); returns its
+        loop state (step, data position, ...). A checkpoint that cannot be loaded is named, and
+        replaced by the committed one before it if `checkpoint.on_corrupt` is `previous`."""
+        url, state = point.url, point.state
+        while True:
+            error = self._load(url)
+            if error is None:
+                break
+            # Every rank tried; all move on together (the fallback loads everything again, so a
+            # partial load is overwritten) or all stop with the same line.
+            url = corrupt(url, error, self.cfg.on_corrupt)
+            url, fallback = readable_state(url, self.cfg.on_corrupt)
+            shape = ("format", "world_size", "batch_size", "gradient_accumulation_steps")
+            if any(fallback.get(k) != state.get(k) for k in shape):
+                raise UserError(
+                    f"checkpoint {url} was written by another run shape than {point.url}: resume it explicitly "
+                    "with checkpoint.resume"
+                )
+            state = fallback
         if self.ranks.is_main:
-            print(f"resuming from {point.url} at step {point.step}", flush=True)
-        return point.state
+            print(f"resuming from {url} at step {state['step']}", flush=True)
+        return state
+
+    def _load(self, url: str) -> str | None:
+        """Fetch and load the checkpoint at `url` on every rank; why it failed on any rank, or None."""
+        error, checkpoint = None, Prefix(url)
+        folder = checkpoint.local()
+        if self.ranks.is_local_main:  # one copy per node
+            try:
+                folder = checkpoint.fetch()
+            except Exception as e:
+                error = _reason(e)
+        self.acc.wait_for_everyone()
+        if error is None:
+            try:
+                self.acc.load_state(str(folder))
+            except Exception as e:  # damaged weights, optimizer or RNG state: name it, no traceback
+                error = _reason(e)
+        if self.ranks.world > 1:
+            from ctrlnet_trainer.accel import all_reduce
+
+            failed = all_reduce(torch.tensor([float(error is not None)], device=self.acc.device)).item()
+            if failed and error is None:
+                error = "another process could not load its part"
+        return error

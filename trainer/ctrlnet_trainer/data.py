@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import itertools
 import random
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,11 @@ def open_source(cfg: DataConfig, cache_dir: str | None, seed: int) -> Source:
             return Source(rows, str(path), cfg.streaming)
         if looks_like_path(src):
             raise UserError(f"data.dataset {src!r} does not exist: check the path")
+        from ctrlnet_trainer.hub_ids import check_hub_id
+
+        # No such folder: a hub id, then. Asked quickly first: load_dataset retries an
+        # unreachable hub for ~25 s before it says so.
+        check_hub_id(src, "data.dataset", "dataset", cache_dir=cache_dir)
         rows = datasets.load_dataset(src, cfg.config_name, split=cfg.split, **common)
         return Source(rows, None, cfg.streaming)
     except UserError:
@@ -158,25 +164,59 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def open_image(value: Any, root: str | None) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-        value = value.get("bytes") or value["path"]
-    if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    if isinstance(value, str):
-        import fsspec
+class BadImage(UserError):
+    """An image that cannot be read: a missing file, not an image, truncated."""
 
-        url = value if ("://" in value or value.startswith("/") or root is None) else f"{root.rstrip('/')}/{value}"
-        try:
-            with fsspec.open(url, "rb") as f:
-                return Image.open(io.BytesIO(f.read())).convert("RGB")
-        except FileNotFoundError:
-            raise UserError(
-                f"image file {url!r} named in the dataset does not exist: fix the path in the data"
-            ) from None
-    raise UserError(f"cannot read an image from a dataset value of type {type(value).__name__}")
+
+# What PIL raises for data that is not a (whole) image: UnidentifiedImageError and "image file is
+# truncated" are OSErrors, a broken PNG chunk a SyntaxError, a bad header a ValueError.
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image PIL can identify"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:120]}" if lines else type(e).__name__
+
+
+def open_image(value: Any, root: str | None) -> Image.Image:
+    """A dataset value (PIL image, {bytes, path}, bytes, or a path relative to `root`) as RGB;
+    BadImage naming the file when it cannot be read."""
+    what = "the image"
+    try:
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            value = value.get("bytes") or value["path"]
+        if isinstance(value, (bytes, bytearray)):
+            return Image.open(io.BytesIO(value)).convert("RGB")
+        if isinstance(value, str):
+            import fsspec
+
+            url = value if ("://" in value or value.startswith("/") or root is None) else f"{root.rstrip('/')}/{value}"
+            what = f"image file {url!r}"
+            try:
+                with fsspec.open(url, "rb") as f:
+                    return Image.open(io.BytesIO(f.read())).convert("RGB")
+            except FileNotFoundError:
+                raise BadImage(f"image file {url!r} named in the dataset does not exist") from None
+    except _UNREADABLE as e:
+        raise BadImage(f"{what} is not a readable image ({_why(e)})") from None
+    raise BadImage(f"cannot read an image from a dataset value of type {type(value).__name__}")
+
+
+BAD_ROWS = "bad_rows"
+"""Batch key (collate): descriptions of the batch's unreadable rows, which it leaves out."""
+
+
+class BadRow(dict):
+    """An example that could not be made (an unreadable image): `description` says which and why.
+    A dict, so code that adds keys to examples needs no special case; collate leaves it out."""
+
+    def __init__(self, description: str):
+        super().__init__()
+        self.description = description
 
 
 class Examples:
@@ -192,12 +232,24 @@ class Examples:
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, epoch = key
-        return self.encode(self.rows[index], row_rng(self.seed, epoch, index))
+        try:
+            row = self.rows[index]  # datasets decodes image columns here
+        except _UNREADABLE as e:
+            row = BadRow(f"data.dataset {self.cfg.dataset!r}, row {index}: not readable ({_why(e)})")
+        example = row if isinstance(row, BadRow) else self.encode(row, row_rng(self.seed, epoch, index), f"row {index}")
+        example["sample_id"] = torch.tensor([epoch, index])  # keys the step's random draws (step.draw)
+        return example
 
-    def encode(self, row: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor]:
+    def encode(self, row: dict[str, Any], rng: random.Random, where: str = "a streamed row") -> dict[str, torch.Tensor]:
+        """The example of `row`, or a BadRow naming `where` and the column when an image is unreadable."""
         c, size = self.cfg, self.cfg.resolution
-        image = resize_center_crop(open_image(row[c.image_column], self.root), size)
-        cond = resize_center_crop(open_image(row[c.conditioning_image_column], self.root), size)
+        images = []
+        for column in (c.image_column, c.conditioning_image_column):
+            try:
+                images.append(resize_center_crop(open_image(row[column], self.root), size))
+            except BadImage as e:
+                return BadRow(f"data.dataset {c.dataset!r}, {where}, column {column!r}: {e}")
+        image, cond = images
         caption = row[c.caption_column]
         if isinstance(caption, (list, tuple, np.ndarray)):
             caption = rng.choice(list(caption)) if len(caption) else ""
@@ -217,43 +269,59 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([e[k] for e in examples]).contiguous() for k in examples[0]}
+    """Stack the examples; unreadable ones (BadRow) are left out and listed under BAD_ROWS."""
+    good = [e for e in examples if not isinstance(e, BadRow)]
+    batch = {k: torch.stack([e[k] for e in good]).contiguous() for k in good[0]} if good else {}
+    if len(good) < len(examples):
+        batch[BAD_ROWS] = [e.description for e in examples if isinstance(e, BadRow)]
+    return batch
 
 
 # ---------------------------------------------------------------- batch streams
 @dataclass
 class Position:
-    """Where the next batch starts: the epoch, and the number of this rank's batches of that epoch
-    already consumed (map-style and streaming alike: a count of batches, not of rows)."""
+    """Where the data stands: the epoch, and how many examples of it all processes together have
+    consumed. Global, so a run can resume on another number of processes (map-style data)."""
 
     epoch: int = 0
-    batch: int = 0
+    sample: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "sample": self.sample}
 
 
-class ShardedBatchSampler:
-    """Per epoch: a seeded permutation, this rank's strided shard, cut into full batches."""
+class GlobalBatchSampler:
+    """Per epoch, a seeded permutation of the rows cut into global batches of
+    world x batch_size x accumulation rows (the last partial one dropped). Within a global batch,
+    micro-batch `a` of rank `r` is the slice starting at (a x world + r) x batch_size. So the rows
+    of every optimizer step, and the epoch's order, depend on the global batch only: the same
+    run on 4 x 2 or on 2 x 4 trains on the same rows in the same steps."""
 
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, start: Position):
-        self.n, self.batch_size, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start
-        self.batches_per_epoch = (n // world) // batch_size
-        if self.batches_per_epoch == 0:
+    def __init__(self, n: int, batch_size: int, accumulation: int, rank: int, world: int, seed: int, start: Position):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.accumulation = accumulation
+        self.global_batch = batch_size * world * accumulation
+        self.steps_per_epoch = n // self.global_batch
+        if self.steps_per_epoch == 0:
             raise UserError(
-                f"the dataset has {n} rows, fewer than one batch per process ({batch_size} x {world}): "
-                "lower loop.batch_size or add data"
+                f"the dataset has {n} rows, fewer than one optimizer step's worth ({world} processes x batch "
+                f"{batch_size} x accumulation {accumulation} = {self.global_batch}): lower loop.batch_size or add data"
             )
+        if start.sample % self.global_batch:
+            raise ValueError(f"position {start} is not at a global batch boundary of {self.global_batch}")
+        self.start = start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b = self.batch_size
         for epoch in itertools.count(self.start.epoch):
             order = torch.randperm(
                 self.n, generator=torch.Generator().manual_seed(epoch_order_seed(self.seed, epoch))
             ).tolist()
-            shard = order[self.rank :: self.world][: self.batches_per_epoch * self.batch_size]
-            first = self.start.batch if epoch == self.start.epoch else 0
-            for b in range(first, self.batches_per_epoch):
-                yield [(i, epoch) for i in shard[b * self.batch_size : (b + 1) * self.batch_size]]
+            first = self.start.sample // self.global_batch if epoch == self.start.epoch else 0
+            for step in range(first, self.steps_per_epoch):
+                for micro in range(self.accumulation):
+                    at = step * self.global_batch + (micro * self.world + self.rank) * b
+                    yield [(i, epoch) for i in order[at : at + b]]
 
 
 class MapBatches:
@@ -263,6 +331,7 @@ class MapBatches:
         self,
         examples: Examples,
         batch_size: int,
+        accumulation: int,
         rank: int,
         world: int,
         seed: int,
@@ -270,8 +339,9 @@ class MapBatches:
         start: Position,
         pin_memory: bool,
     ):
-        self.sampler = ShardedBatchSampler(len(examples), batch_size, rank, world, seed, start)
-        self.position = Position(start.epoch, start.batch)
+        self.sampler = GlobalBatchSampler(len(examples), batch_size, accumulation, rank, world, seed, start)
+        self.consumed_per_micro_batch = batch_size * world  # every rank takes one in lockstep
+        self.position = Position(start.epoch, start.sample)
         self.loader = torch.utils.data.DataLoader(
             examples,
             batch_sampler=self.sampler,
@@ -282,23 +352,24 @@ class MapBatches:
         )
 
     @property
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        usable = self.sampler.steps_per_epoch * self.sampler.global_batch
         for batch in self.loader:
             # Advance before yielding: a checkpoint taken after this batch's step resumes at the next one.
-            self.position.batch += 1
-            if self.position.batch == self.batches_per_epoch:
+            self.position.sample += self.consumed_per_micro_batch
+            if self.position.sample == usable:
                 self.position = Position(self.position.epoch + 1, 0)
             yield batch
 
 
 class StreamingBatches:
-    """Batches from a streaming dataset: each rank reads its own shard. The position counts this
-    rank's batches of the epoch; a resume skips batch x batch_size rows of the shard to reach it."""
-
-    batches_per_epoch = None
+    """Batches from a streaming dataset: each rank reads its own shard of the stream, so a streamed
+    run resumes on the same number of processes only. The position counts all ranks' examples; a
+    resume skips this rank's share (sample / world rows of its shard). Rows are read here, in
+    order; decoding and transforms run in `num_workers` processes, a few batches ahead."""
 
     def __init__(
         self,
@@ -310,33 +381,101 @@ class StreamingBatches:
         seed: int,
         shuffle_buffer: int,
         start: Position,
+        num_workers: int = 0,
     ):
         from datasets.distributed import split_dataset_by_node
 
         rows = source.rows.shuffle(seed=seed, buffer_size=shuffle_buffer)
         self.rows = split_dataset_by_node(rows, rank=rank, world_size=world)
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.position = Position(start.epoch, start.batch)
+        self.rank, self.world, self.num_workers = rank, world, num_workers
+        self.position = Position(start.epoch, start.sample)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            epoch, skip = self.position.epoch, self.position.batch * self.batch_size
-            self.rows.set_epoch(epoch)
-            rows = itertools.islice(iter(self.rows), skip, None)
-            produced = False
-            for chunk in _chunks(rows, self.batch_size):
-                if len(chunk) < self.batch_size:
-                    break
-                start = self.position.batch * self.batch_size
-                batch = collate(
-                    [self.examples.encode(row, row_rng(self.seed, epoch, start + j)) for j, row in enumerate(chunk)]
-                )
-                self.position.batch += 1
-                produced = True
-                yield batch
-            if not produced and skip == 0:
-                raise UserError("the streaming dataset yielded less than one batch: lower loop.batch_size or add data")
-            self.position = Position(epoch + 1, 0)
+        encoder = _RowEncoder(self.examples, self.num_workers)
+        ahead = max(1, 2 * self.num_workers)  # batches being decoded while the current one trains
+        try:
+            while True:
+                epoch, skip = self.position.epoch, self.position.sample // self.world
+                self.rows.set_epoch(epoch)
+                rows = itertools.islice(iter(self.rows), skip, None)
+                pending: deque = deque()
+                read = skip  # this rank's rows handed to the encoder so far
+                produced = False
+                for chunk in _chunks(rows, self.batch_size):
+                    if len(chunk) < self.batch_size:
+                        break
+                    # Index: this rank's row number, interleaved across ranks so ids never collide.
+                    jobs = [(row, epoch, read + j, (read + j) * self.world + self.rank) for j, row in enumerate(chunk)]
+                    pending.append(encoder.submit(jobs))
+                    read += len(chunk)
+                    if len(pending) > ahead:
+                        produced = True
+                        yield self._consumed(pending.popleft())
+                while pending:
+                    produced = True
+                    yield self._consumed(pending.popleft())
+                if not produced and skip == 0:
+                    raise UserError(
+                        "the streaming dataset yielded less than one batch: lower loop.batch_size or add data"
+                    )
+                self.position = Position(epoch + 1, 0)
+        finally:
+            encoder.close()
+
+    def _consumed(self, result) -> dict[str, torch.Tensor]:
+        batch = collate(result())
+        # Advance when the batch is handed out (not when prefetched): a checkpoint resumes after it.
+        self.position.sample += self.batch_size * self.world
+        return batch
+
+
+class _RowEncoder:
+    """Rows -> examples, inline or in worker processes, results in submission order."""
+
+    def __init__(self, examples: Examples, workers: int):
+        self.examples, self.pool = examples, None
+        if workers > 0:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_set_worker_examples,
+                initargs=(examples,),
+            )
+
+    def submit(self, jobs: list[tuple]):
+        """A callable returning the jobs' examples (waiting for the workers when there are some)."""
+        if self.pool is None:
+            done = [_encode_row(self.examples, *job) for job in jobs]
+            return lambda: done
+        futures = [self.pool.submit(_encode_in_worker, job) for job in jobs]
+        return lambda: [f.result() for f in futures]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _encode_row(examples: Examples, row: dict[str, Any], epoch: int, rng_index: int, index: int) -> dict:
+    example = examples.encode(row, row_rng(examples.seed, epoch, rng_index))
+    example["sample_id"] = torch.tensor([epoch, index])  # keys the step's random draws (step.draw)
+    return example
+
+
+_WORKER_EXAMPLES: Examples | None = None
+
+
+def _set_worker_examples(examples: Examples) -> None:
+    global _WORKER_EXAMPLES
+    _WORKER_EXAMPLES = examples
+    torch.set_num_threads(1)  # decode workers: leave the cores to the training step
+
+
+def _encode_in_worker(job: tuple) -> dict:
+    return _encode_row(_WORKER_EXAMPLES, *job)
 
 
 def _chunks(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:

@@ -1,14 +1,91 @@
-"""`ctrlnet generate`: images from a base + trained ControlNet with the stock diffusers pipeline."""
+"""`ctrlnet generate`: images from a base + trained ControlNet with the stock diffusers pipeline.
+
+Everything the user typed is checked before the models load (seconds to minutes): the device,
+the conditioning image, the output folder. Images never replace earlier ones: a name already
+taken in the folder (another prompt, an earlier run) gets the next free number instead.
+"""
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from ctrlnet.config.credentials import shown
 from ctrlnet.errors import UserError
-from ctrlnet_trainer.data import open_image
-from ctrlnet_trainer.models import resolve_location
+from ctrlnet_trainer.models import check_base_layout, resolve_location
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def pick_device(device: str) -> str:
+    """auto, cpu, cuda or cuda:N, checked against what this machine has."""
+    if not _DEVICE.match(device):
+        raise UserError(f"--device {device!r} is unknown: use auto, cpu, cuda or cuda:N")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} but no CUDA GPU is visible: use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {device} but {torch.cuda.device_count()} GPU(s) are visible: use cuda:0 or auto")
+    return device
+
+
+def conditioning_image(image: str) -> Image.Image:
+    """The conditioning image, decoded; one line for a missing file, a folder or a non-image."""
+    import fsspec
+
+    name = shown(image)
+    if "://" not in image:
+        if Path(image).is_dir():
+            raise UserError(f"--image {name} is a folder: give a conditioning image file (PNG or JPEG)")
+        if not Path(image).exists():
+            raise UserError(f"--image {name} does not exist: give a conditioning image file")
+    try:
+        with fsspec.open(image, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UserError(f"--image {name} does not exist: give a conditioning image file") from None
+    except OSError as e:
+        raise UserError(f"--image {name} could not be read ({type(e).__name__}): give a readable image file") from None
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
+        raise UserError(f"--image {name} is not an image PIL can read: give a PNG or JPEG conditioning image") from None
+    if min(img.size) < 8:
+        raise UserError(f"--image {name} is {img.width}x{img.height} pixels: give one at least 8 pixels on each side")
+    return img.convert("RGB")
+
+
+def output_folder(out: str) -> Path:
+    """--out as a folder: refused when it is a file (or lies under one)."""
+    folder = Path(out)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(
+                    f"--out {out} {'is' if p == folder else f'lies under {p}, which is'} a file: give a folder for the PNGs"
+                )
+            break
+    return folder
+
+
+def free_names(folder: Path, stems: list[str]) -> list[Path]:
+    """`<stem>.png` for each stem; if any is taken, `<stem>-N.png` with the smallest N that frees
+    them all, so one run's images share a suffix and no earlier image is replaced."""
+    n = 0
+    while True:
+        suffix = f"-{n}" if n else ""
+        paths = [folder / f"{stem}{suffix}.png" for stem in stems]
+        if not any(p.exists() for p in paths):
+            return paths
+        n += 1
 
 
 def generate(
@@ -23,19 +100,17 @@ def generate(
     device: str = "auto",
     height: int | None = None,
 ) -> list[Path]:
+    device = pick_device(device)
+    cond = conditioning_image(image)
+    folder = output_folder(out)
     from ctrlnet_trainer.quiet import quiet_library_noise
 
     quiet_library_noise()
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu")
-    if not Path(image).exists() and "://" not in image:
-        raise UserError(f"--image {image!r} does not exist: give a conditioning image file")
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base_path = resolve_location(base, "--base", None)
+    check_base_layout(base_path, "--base", base)
     cn_path = resolve_location(controlnet, "--controlnet", None)
     try:
         cn = ControlNetModel.from_pretrained(cn_path, torch_dtype=dtype)
@@ -50,7 +125,6 @@ def generate(
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    cond = open_image(image, None)
     size = height or (cond.height // 8 * 8)
     generator = torch.Generator(device=device).manual_seed(seed)
     images = pipe(
@@ -61,11 +135,13 @@ def generate(
         num_inference_steps=steps,
         generator=generator,
     ).images
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, img in enumerate(images):
-        path = folder / f"{seed:04d}-{i:02d}.png"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--out {out} cannot be created ({e.strerror or type(e).__name__}): give a writable folder"
+        ) from None
+    paths = free_names(folder, [f"{seed:04d}-{i:02d}" for i in range(len(images))])
+    for img, path in zip(images, paths, strict=True):
         img.save(path)
-        paths.append(path)
     return paths

@@ -23,9 +23,11 @@ import check) is cheap.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 RETRYABLE_MIN = 128
 
@@ -55,32 +57,48 @@ def _early_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+ERROR_DIR_ENV = "CTRLNET_ERROR_DIR"
+"""Where the workers leave their one-line errors (ctrlnet_trainer.__main__), so the pod (or
+`ctrlnet train --nproc`) prints each distinct error once, last, instead of once per process."""
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _early_sigterm)
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except SignalException as e:
-        print(
-            f"ctrlnet_trainer.launch: stopped by signal {int(e.sigval)}; exiting {128 + int(e.sigval)} (retryable)",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 128 + int(e.sigval)
-    except ChildFailedError as e:
-        code = exit_code_for(f.exitcode for f in e.failures.values())
-        kind = "retryable" if code >= RETRYABLE_MIN else "permanent"
-        print(
-            f"ctrlnet_trainer.launch: worker(s) failed with {sorted(f.exitcode for f in e.failures.values())}; exiting {code} ({kind})",
-            file=sys.stderr,
-            flush=True,
-        )
-        return code or 1
+    with tempfile.TemporaryDirectory(prefix="ctrlnet-errors-") as errors:
+        os.environ[ERROR_DIR_ENV] = errors  # the workers inherit it
+        try:
+            run(args)
+        except SignalException as e:
+            _say(f"stopped by signal {int(e.sigval)}; exiting {128 + int(e.sigval)} (retryable)", errors)
+            return 128 + int(e.sigval)
+        except ChildFailedError as e:
+            code = exit_code_for(f.exitcode for f in e.failures.values())
+            kind = "retryable" if code >= RETRYABLE_MIN else "permanent"
+            _say(
+                f"worker(s) failed with {sorted(f.exitcode for f in e.failures.values())}; exiting {code} ({kind})",
+                errors,
+            )
+            return code or 1
     return 0
+
+
+def _say(summary: str, errors: str) -> None:
+    """The launcher's summary, then each distinct worker error once: the error is the last line."""
+    print(f"ctrlnet_trainer.launch: {summary}", file=sys.stderr, flush=True)
+    seen: list[str] = []
+    for path in sorted(Path(errors).glob("rank-*.txt")):
+        message = path.read_text().strip()
+        if message and message not in seen:
+            seen.append(message)
+    for message in seen:
+        print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ class Meter:
         is_local_main: bool,
         device: torch.device,
         logging_dir: str,
+        count_skipped: bool = False,
     ):
         self.output, self.acc, self.every, self.total = output, accelerator, every, total_steps
         self.samples_per_step, self.logging_dir = samples_per_step, logging_dir
@@ -128,6 +129,8 @@ class Meter:
         self.progress_lines = is_main and not sys.stdout.isatty()
         self.window_loss = torch.zeros((), device=device)
         self.window_steps = 0
+        # Rows skipped as unreadable (data.skip_bad_rows), summed over processes per logged window.
+        self.count_skipped, self.window_skipped = count_skipped, torch.zeros((), device=device)
         self.window_start = time.perf_counter()
         self.paused_seconds = 0.0
 
@@ -135,6 +138,10 @@ class Meter:
         """One optimizer step's mean loss (a device tensor: no host sync until the window is logged)."""
         self.window_loss += loss.detach()
         self.window_steps += 1
+
+    def skipped(self, rows: int) -> None:
+        """This process skipped `rows` unreadable rows (reported as `skipped_rows` with the window)."""
+        self.window_skipped += rows
 
     def log(self, step: int, *, lr: float, grad_norm, epoch: int) -> dict | None:
         """Report the window when `step` is a logging step (collective: every rank calls it)."""
@@ -153,6 +160,9 @@ class Meter:
             "samples_per_s": round(self.samples_per_step * self.window_steps / max(elapsed, 1e-9), 3),
             "epoch": epoch,
         }
+        if self.count_skipped:  # a collective on every rank, as the config is the same everywhere
+            row["skipped_rows"] = int(all_reduce(self.window_skipped).item())
+            self.window_skipped.zero_()
         if (mem := gpu_memory_gib()) is not None:
             row["gpu_mem_gib"] = mem
         if self.progress_lines:

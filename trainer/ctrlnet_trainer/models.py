@@ -55,7 +55,7 @@ def _fetch_remote(url: str, cache_dir: str | None) -> str:
     return str(root)
 
 
-def resolve_location(where: str, key: str, cache_dir: str | None) -> str:
+def resolve_location(where: str, key: str, cache_dir: str | None, revision: str | None = None) -> str:
     if is_remote(where):
         return _fetch_remote(where, cache_dir)
     path = local_path(where)
@@ -63,7 +63,44 @@ def resolve_location(where: str, key: str, cache_dir: str | None) -> str:
         return path
     if looks_like_path(where):
         raise UserError(f"{key} {where!r} does not exist: give a diffusers model folder, a URL or a hub id")
-    return where  # a hub id
+    from ctrlnet_trainer.hub_ids import check_hub_id
+
+    # No such folder: a hub id, then; asked quickly before a loader retries an unreachable hub.
+    check_hub_id(where, key, "model", revision=revision, cache_dir=cache_dir)
+    return where
+
+
+# What the trainer loads from a Stable Diffusion base (diffusers layout): folder -> its config file.
+SD_COMPONENTS = {
+    "tokenizer": None,
+    "text_encoder": "config.json",
+    "vae": "config.json",
+    "unet": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def check_base_layout(folder: str, key: str, shown: str, *, need_tokenizer: bool = True) -> None:
+    """A local base folder holds what the loaders read; else one UserError naming the first part
+    missing (`vae/`, `unet/config.json`, the weights of `unet/`), not the loader's `config.json`."""
+    root = Path(folder)
+    if not root.is_dir():
+        return  # a hub id: the hub serves whole repos
+    layout = "a Stable Diffusion base in the diffusers layout holds tokenizer/, text_encoder/, vae/, unet/, scheduler/"
+    needed = [c for c in SD_COMPONENTS if need_tokenizer or c != "tokenizer"]
+    missing = [f"{c}/" for c in needed if not (root / c).is_dir()]
+    if missing:
+        raise UserError(f"{key} {shown!r} has no {', '.join(missing)}: {layout} (ctrlnet model init writes one)")
+    for component, config in SD_COMPONENTS.items():
+        if component not in needed:
+            continue
+        if config and not (root / component / config).is_file():
+            raise UserError(f"{key} {shown!r}: {component}/{config} is missing: {layout}, each with its config")
+        if config and component != "scheduler" and not any(any((root / component).glob(w)) for w in _WEIGHTS):
+            raise UserError(
+                f"{key} {shown!r}: {component}/ holds no weights (*.safetensors or *.bin): copy the whole base folder"
+            )
 
 
 def detect_family(base: str, cfg: TrainConfig) -> str:
@@ -100,7 +137,8 @@ def load_models(cfg: TrainConfig, seed: int) -> Models:
             parts.noise_scheduler,
         )
     else:
-        base = resolve_location(cfg.model.base, "model.base", cfg.model.cache_dir)
+        base = resolve_location(cfg.model.base, "model.base", cfg.model.cache_dir, cfg.model.revision)
+        check_base_layout(base, "model.base", cfg.model.base, need_tokenizer=cfg.model.tokenizer is None)
         family = detect_family(base, cfg)
         if family == "sdxl":
             raise UserError(
@@ -174,3 +212,20 @@ def prepare_for_training(models: Models, cfg: TrainConfig, device: torch.device,
             )
         models.unet.enable_xformers_memory_efficient_attention()
         models.controlnet.enable_xformers_memory_efficient_attention()
+
+
+def save_controlnet(controlnet: torch.nn.Module, folder: str | Path, state_dict: dict | None = None) -> Path:
+    """The ControlNet in diffusers format (config.json + diffusion_pytorch_model.safetensors).
+    `state_dict`: weights gathered from elsewhere (DeepSpeed ZeRO-3 shards them, so the module's
+    own are empty) — diffusers' save_pretrained silently ignores a `state_dict` argument."""
+    folder = Path(folder)
+    if state_dict is None:
+        controlnet.save_pretrained(folder, safe_serialization=True)
+        return folder
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    controlnet.save_config(folder)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    return folder

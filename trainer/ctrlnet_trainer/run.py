@@ -6,8 +6,12 @@ flag), runs the Trainer, and leaves the process as it found it. The loop itself 
 
 from __future__ import annotations
 
+import os
+
+from ctrlnet.config.contract import METRICS_FILE
 from ctrlnet.config.train import TrainConfig
-from ctrlnet_trainer import accel
+from ctrlnet_trainer import accel, rundir, storage
+from ctrlnet_trainer.checkpoints import ResumePoint
 from ctrlnet_trainer.preemption import StopFlag
 from ctrlnet_trainer.quiet import quiet_library_noise
 from ctrlnet_trainer.storage import Prefix
@@ -23,21 +27,41 @@ def train(cfg: TrainConfig) -> RunResult:
         from ctrlnet_trainer.hub import hub_token
 
         hub_token(cfg.hub)  # fail before training, not after
+    # Reach every object store the run names once, quickly: no credentials or an unreachable
+    # endpoint is one line in seconds, not a traceback after minutes of retries.
+    storage.probe(outputs=[cfg.output], inputs=[cfg.model.base, cfg.data.dataset, cfg.checkpoint.resume])
     output = Prefix(cfg.output)
+    done = rundir.finished_as_configured(output, cfg)
+    if done is not None:  # e.g. a restarted pod of a job that is done: nothing to train, nothing to overwrite
+        print(f"note: {output.url} holds this run, finished at step {done['step']}: nothing to do", flush=True)
+        return RunResult(
+            controlnet=done["controlnet"],
+            samples=None,
+            loss_curve=None,
+            metrics=output.url_of(METRICS_FILE),
+            steps=int(done["step"]),
+        )
+    # Before the Accelerator: an elastic restart may change the gradient accumulation it is built with.
+    resume = ResumePoint.find(output, cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
+    if resume is not None and resume.accumulation != cfg.loop.gradient_accumulation_steps:
+        cfg = cfg.model_copy(deep=True)
+        cfg.loop.gradient_accumulation_steps = resume.accumulation
     accelerator = accel.build_accelerator(cfg, output.local(), use_cuda)
     stop = StopFlag().install()
     try:
-        return Trainer(cfg, accelerator, output, stop).train()
+        return Trainer(cfg, accelerator, output, stop, resume).train()
     finally:
         stop.uninstall()
-        accelerator.end_training()
+        for tracker in accelerator.trackers:  # not end_training(): the process group outlives a run
+            tracker.finish()
         _forget_accelerator_state()
 
 
 def _forget_accelerator_state() -> None:
     """accelerate keeps process-wide singletons: without this, a second train() in the same
     process (a notebook, a test) with another mixed_precision fails, and inherits the last
-    run's gradient-accumulation state. The process group (PartialState) is left alone."""
+    run's gradient-accumulation state. The process group (PartialState) belongs to the process:
+    python -m ctrlnet_trainer destroys it on exit, so a second run (DeepSpeed included) can reuse it."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state()

@@ -13,11 +13,6 @@ _ROW_PRIME = 1_000_003
 _MIX_PRIME = 7919
 
 
-def noise_seed(seed: int, rank: int) -> int:
-    """Each rank's noise/timestep generator (its state is checkpointed per rank after that)."""
-    return seed * _MIX_PRIME + rank
-
-
 def epoch_order_seed(seed: int, epoch: int) -> int:
     """The permutation of a map-style dataset in one epoch (the same on every rank)."""
     return seed + epoch
@@ -31,3 +26,10 @@ def row_rng(seed: int, epoch: int, index: int) -> random.Random:
 def synthetic_row_rng(seed: int, index: int) -> random.Random:
     """Colours and circle of synthetic fill row `index`: a pure function of (seed, index)."""
     return random.Random(seed * _ROW_PRIME + index)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Every random draw of one training example in one epoch: its VAE latent sample, noise,
+    timestep and prompt dropout. Keyed by the example, not by the process that happens to train
+    it, so a run resumed on another number of processes draws exactly the same."""
+    return ((seed * _ROW_PRIME + epoch * _MIX_PRIME + index) * 2 + 1) % 2**63

@@ -1,36 +1,80 @@
 """One ControlNet training step, split where the next speed lever goes.
 
-`OnlineEncoder` turns pixels and token ids into VAE latents and text embeddings every step; a
-precomputed cache can replace it behind the same `encode(batch, drop_prompt, generator)` call.
-`controlnet_loss` is the algorithm: noise, timesteps, ControlNet residuals into the frozen UNet,
-and the denoising loss. All randomness comes from one generator whose state is checkpointed,
-so a resumed run draws the same noise as an uninterrupted one.
+`draw()` makes every random number of a step: per example, from a generator seeded by (run seed,
+epoch, example index) — never by the process that trains it — so a run resumed on another number
+of processes, or with another per-process batch, draws exactly the same noise for the same
+example. `OnlineEncoder` turns pixels and token ids into VAE latents and text embeddings every
+step; a precomputed cache can replace it behind the same `encode(batch, draws)` call.
+`controlnet_loss` is the algorithm: noisy latents, ControlNet residuals into the frozen UNet, and
+the denoising loss.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ctrlnet_trainer.data import tokenize
 from ctrlnet_trainer.loss import denoising_loss, training_target
 from ctrlnet_trainer.models import Models
+from ctrlnet_trainer.seeds import sample_seed
+
+
+@dataclass
+class Draws:
+    """The random numbers of one micro-batch, one row per example."""
+
+    latent_eps: torch.Tensor  # standard normal: the VAE posterior sample is mean + std * eps
+    noise: torch.Tensor  # the diffusion noise added to the latents
+    timesteps: torch.Tensor  # int64
+    drop_prompt: torch.Tensor | None  # bool: this caption becomes "" (proportion_empty_prompts)
+
+    def to(self, device: torch.device) -> Draws:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Draws(move(self.latent_eps), move(self.noise), move(self.timesteps), move(self.drop_prompt))
+
+
+def draw(
+    sample_ids: torch.Tensor, seed: int, latent_shape: tuple[int, ...], num_train_timesteps: int, drop_proportion: float
+) -> Draws:
+    """Draws for examples `sample_ids` ((epoch, index) rows), on the CPU: a generator per example
+    (a few microseconds each), so the numbers do not depend on the batch an example lands in."""
+    eps, noise, steps, drops = [], [], [], []
+    for epoch, index in sample_ids.tolist():
+        g = torch.Generator().manual_seed(sample_seed(seed, epoch, index))
+        eps.append(torch.randn(latent_shape, generator=g))
+        noise.append(torch.randn(latent_shape, generator=g))
+        steps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        drops.append(torch.rand(1, generator=g))
+    drop = torch.cat(drops) < drop_proportion if drop_proportion > 0 else None
+    return Draws(torch.stack(eps), torch.stack(noise), torch.cat(steps), drop)
 
 
 class OnlineEncoder:
     def __init__(self, models: Models, weight_dtype: torch.dtype, device: torch.device):
         self.vae, self.text_encoder = models.vae, models.text_encoder
         self.scaling_factor = models.vae.config.scaling_factor
+        # Latents are the image downsampled once per VAE encoder block but the last.
+        self.downsample = 2 ** (len(models.vae.config.block_out_channels) - 1)
+        self.latent_channels = models.vae.config.latent_channels
         self.weight_dtype, self.device = weight_dtype, device
         self.empty_ids = tokenize(models.tokenizer, [""]).to(device)
 
+    def latent_shape(self, batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+        h, w = batch["pixel_values"].shape[-2:]
+        return self.latent_channels, h // self.downsample, w // self.downsample
+
     @torch.no_grad()
-    def encode(self, batch: dict[str, torch.Tensor], drop_prompt: torch.Tensor | None, generator: torch.Generator):
+    def encode(self, batch: dict[str, torch.Tensor], draws: Draws):
         pixels = batch["pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
-        latents = self.vae.encode(pixels).latent_dist.sample(generator=generator) * self.scaling_factor
+        posterior = self.vae.encode(pixels).latent_dist
+        eps = draws.latent_eps.to(posterior.mean.dtype)
+        latents = (posterior.mean + posterior.std * eps) * self.scaling_factor
         ids = batch["input_ids"].to(self.device, non_blocking=True)
-        if drop_prompt is not None:
+        if draws.drop_prompt is not None:
             # proportion_empty_prompts: these captions become "" (classifier-free guidance training).
-            ids = torch.where(drop_prompt[:, None], self.empty_ids.expand_as(ids), ids)
+            ids = torch.where(draws.drop_prompt[:, None], self.empty_ids.expand_as(ids), ids)
         text = self.text_encoder(ids, return_dict=False)[0]
         return latents, text
 
@@ -41,14 +85,12 @@ def controlnet_loss(
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     conditioning: torch.Tensor,
-    generator: torch.Generator,
+    draws: Draws,
     snr_gamma: float | None,
 ) -> torch.Tensor:
     scheduler = models.noise_scheduler
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
-    )
+    noise = draws.noise.to(latents.dtype)
+    timesteps = draws.timesteps
     noisy = scheduler.add_noise(latents, noise, timesteps)
     down, mid = controlnet(
         noisy,
@@ -68,9 +110,3 @@ def controlnet_loss(
     )[0]
     target = training_target(scheduler, latents, noise, timesteps, models.prediction_type)
     return denoising_loss(model_pred, target, timesteps, scheduler.alphas_cumprod, models.prediction_type, snr_gamma)
-
-
-def drop_prompt_mask(batch_size: int, proportion: float, generator: torch.Generator, device) -> torch.Tensor | None:
-    if proportion <= 0:
-        return None
-    return torch.rand(batch_size, generator=generator, device=device) < proportion

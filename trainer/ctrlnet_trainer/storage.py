@@ -14,10 +14,18 @@ import os
 import posixpath
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
+
+from ctrlnet.errors import StorageError, UserError
+
+_S3 = ("s3", "s3a")
+PROBE_TIMEOUT_S = 3.0
+"""Connect/read timeout of the one request that checks each object store at the start."""
 
 
 def is_remote(url: str) -> bool:
@@ -28,6 +36,93 @@ def is_remote(url: str) -> bool:
 def looks_like_path(where: str) -> bool:
     """A string meant as a filesystem path rather than a hub id (`org/name` has one slash)."""
     return where.startswith((".", "/", "~")) or where.count("/") > 1
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def bounded_options(url: str, timeout_s: float) -> dict:
+    """fsspec options for `url` whose requests give up after `timeout_s` with no retries of their
+    own (the caller decides about retrying): for S3 a connect/read timeout and one attempt. Other
+    protocols keep their defaults."""
+    if protocol_of(url) in _S3:
+        return {
+            "skip_instance_cache": True,  # never share (or retune) the cached client other code uses
+            "config_kwargs": {
+                "connect_timeout": timeout_s,
+                "read_timeout": timeout_s,
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
+            },
+        }
+    return {}
+
+
+def s3_endpoint(fs=None) -> str:
+    """The S3 endpoint a client talks to, for messages."""
+    url = getattr(fs, "endpoint_url", None) or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+    url = url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return url or "AWS S3 (no AWS_ENDPOINT_URL set)"
+
+
+def probe(outputs: Iterable[str | None], inputs: Iterable[str | None] = (), timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Reach every object store among `outputs` and `inputs` once (one listing request per
+    bucket, short timeout, no retries), so missing credentials or an unreachable endpoint fail in
+    seconds, before any model or data is loaded, with one line naming the endpoint and what to
+    set. Raises StorageError (exit 1), or UserError for a bucket that does not exist. A bucket
+    that only refuses the listing is an error for an output (the run lists its checkpoints) but
+    not for an input, which may be readable without it."""
+    seen = set()
+    for url, must_list in [*((u, True) for u in outputs), *((u, False) for u in inputs)]:
+        if not url or "://" not in url or protocol_of(url) not in _S3:
+            continue  # local paths, hub ids; other stores report their own errors when first used
+        fs, path = fsspec.core.url_to_fs(url, **bounded_options(url, timeout_s))
+        bucket, _, key = path.partition("/")
+        if bucket in seen:
+            continue
+        seen.add(bucket)
+        _probe_s3(fs, url, bucket, key, must_list)
+
+
+def _probe_s3(fs, url: str, bucket: str, key: str, must_list: bool) -> None:
+    from botocore.exceptions import (
+        ConnectionError as BotoConnectionError,
+    )
+    from botocore.exceptions import (
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    fs.retries = 1  # s3fs's own retry loop, on this private client only
+    try:
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+    except (NoCredentialsError, PartialCredentialsError):
+        raise StorageError(
+            f"no credentials for {url} (endpoint {s3_endpoint(fs)}): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (on a cluster: cluster.secrets.s3), or AWS_PROFILE"
+        ) from None
+    except (BotoConnectionError, TimeoutError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise UserError(
+                f"bucket {bucket!r} of {url} does not exist at {s3_endpoint(fs)}: create it, or fix the URL "
+                "(or AWS_ENDPOINT_URL if the bucket lives on another store)"
+            ) from None
+        if isinstance(e, PermissionError):
+            if not must_list:
+                return
+            raise StorageError(
+                f"{s3_endpoint(fs)} refused access to {url} ({_first_line(e)}): check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY and that they may list and write the bucket"
+            ) from None
+        raise StorageError(
+            f"cannot reach the object store at {s3_endpoint(fs)} for {url} ({_first_line(e)}): check "
+            "AWS_ENDPOINT_URL (the store's http(s) URL; unset for AWS S3) and that it is reachable from here"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 def local_path(url: str) -> str:
@@ -46,10 +141,14 @@ class Prefix:
     """A folder or object-storage prefix, e.g. `runs/a` or `s3://bucket/runs/a`."""
 
     url: str
+    options: dict = field(default_factory=dict, compare=False, repr=False)
+    """fsspec options, e.g. `bounded_options(url, timeout)` for a client that gives up quickly."""
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
+        if self.options and hasattr(self.fs, "retries"):
+            self.fs.retries = 1  # a private client (skip_instance_cache): the caller owns retrying
 
     @property
     def remote(self) -> bool:
@@ -137,8 +236,9 @@ class Prefix:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
-    def upload(self, local: str | Path, *parts: str) -> None:
-        """Copy a local file or folder to `<prefix>/<parts>` (a no-op when it is already there)."""
+    def upload(self, local: str | Path, *parts: str, timeout: float | None = None) -> None:
+        """Copy a local file or folder to `<prefix>/<parts>` (a no-op when it is already there).
+        `timeout`: give up (and cancel) after that many seconds in all (async stores)."""
         dest = self.join(*parts)
         local = str(local)
         if not self.remote:
@@ -150,10 +250,11 @@ class Prefix:
                 os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
                 shutil.copy2(local, dest)
             return
+        bound = {"timeout": timeout} if timeout and isinstance(self.fs, AsyncFileSystem) else {}
         if os.path.isdir(local):
-            self.fs.put(local.rstrip("/") + "/", dest, recursive=True)
+            self.fs.put(local.rstrip("/") + "/", dest, recursive=True, **bound)
         else:
-            self.fs.put_file(local, dest)
+            self.fs.put_file(local, dest, **bound)
 
     def download(self, local: str | Path, *parts: str) -> str:
         """Copy `<prefix>/<parts>` (file or folder) to `local`; returns the local path."""

@@ -231,20 +231,33 @@ def fill_examples(rows: int, resolution: int = 512, seed: int = 0, start: int = 
         yield fill_example(index, resolution, seed)
 
 
-def write_fill_parquet(out: str | Path, rows: int, resolution: int = 512, seed: int = 0) -> Path:
+def write_fill_parquet(
+    out: str | Path, rows: int, resolution: int = 512, seed: int = 0, *, overwrite: bool = False
+) -> Path:
     """Write `rows` rows to <out>/train.parquet, readable by `load_dataset('parquet', ...)`.
 
     Both image columns are the `datasets` Image feature (struct{bytes, path}, PNG bytes), so
-    loading gives PIL images back. Returns the parquet file's path.
+    loading gives PIL images back. Returns the parquet file's path. An existing train.parquet is
+    refused unless `overwrite`, and even then replaced only once the new file is complete.
     """
+    import os
     import tempfile
 
-    from datasets import Dataset, Features, Value
+    from datasets import Dataset, Features, Value, disable_progress_bars
     from datasets import Image as ImageFeature
 
+    from ctrlnet.errors import UserError
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "train.parquet"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder to write train.parquet into")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: choose another --out")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists: pass --overwrite to replace it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    disable_progress_bars()  # datasets' internal passes ("Generating train split") say nothing to the user
     features = Features({"image": ImageFeature(), "conditioning_image": ImageFeature(), "text": Value("string")})
     # from_generator materialises into an Arrow cache; keep that cache out of ~/.cache and
     # throw it away once the parquet file is written.
@@ -255,6 +268,12 @@ def write_fill_parquet(out: str | Path, rows: int, resolution: int = 512, seed: 
             gen_kwargs={"rows": rows, "resolution": resolution, "seed": seed},
             cache_dir=cache_dir,
         )
-        dataset.to_parquet(str(path))
+        # Written beside the target, then renamed over it: an interrupted run leaves the old file whole.
+        partial = out / f".train.parquet.{os.getpid()}.partial"
+        try:
+            dataset.to_parquet(str(partial))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         del dataset  # release the memory-mapped cache files before the directory goes
     return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import torch
 
 from ctrlnet.config.contract import FINAL_MODEL_DIR, METRICS_FILE
 from ctrlnet.config.train import TrainConfig
-from ctrlnet_trainer import accel, data, optim, rundir, seeds
+from ctrlnet.errors import UserError
+from ctrlnet_trainer import accel, data, optim, rundir
 from ctrlnet_trainer import models as model_lib
 from ctrlnet_trainer.checkpoints import Checkpointer, ResumePoint
 from ctrlnet_trainer.metrics import Meter
 from ctrlnet_trainer.preemption import Preempted, StopFlag
-from ctrlnet_trainer.step import OnlineEncoder, controlnet_loss, drop_prompt_mask
+from ctrlnet_trainer.step import OnlineEncoder, controlnet_loss, draw
 from ctrlnet_trainer.storage import Prefix
 from ctrlnet_trainer.validation import Validator
 
@@ -40,7 +42,9 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, accelerator, output: Prefix, stop: StopFlag):
+    def __init__(self, cfg: TrainConfig, accelerator, output: Prefix, stop: StopFlag, resume: ResumePoint | None):
+        """`resume`: the checkpoint to continue (ResumePoint.find, run before the Accelerator);
+        `cfg` already carries the gradient accumulation it asks for."""
         self.cfg, self.acc, self.output, self.stop = cfg, accelerator, output, stop
         self.device = accelerator.device
         self.ranks = accel.process_ranks()
@@ -48,13 +52,10 @@ class Trainer:
         deepspeed = cfg.distributed.strategy == "deepspeed"
 
         # --- the run: which output, which checkpoint to continue, which seed
-        previous = rundir.check_owner(output, cfg)  # every rank reads before anyone writes
+        previous = rundir.check_owner(output, cfg, resume)  # every rank reads before anyone writes
         accelerator.wait_for_everyone()
         self.checkpointer = Checkpointer(output, accelerator, self.ranks, cfg.checkpoint, deepspeed)
-        resume = self.checkpointer.find(cfg.checkpoint.resume, world=self.ranks.world, batch_size=cfg.loop.batch_size)
         self.seed = self._agree_on_seed(resume, previous)
-        if self.ranks.is_main and previous is None:
-            rundir.write_run(output, cfg, self.seed)
 
         # --- models (the same ControlNet init on every rank)
         from accelerate.utils import set_seed
@@ -83,17 +84,33 @@ class Trainer:
         accelerator.register_for_checkpointing(self.lr_scheduler)
         self.max_grad_norm = cfg.optim.max_grad_norm or math.inf
         self.grad_norm: torch.Tensor | None = None
-        # One noise stream per rank; checkpointed, so a resumed run draws the noise it would have.
-        self.noise = torch.Generator(device=self.device).manual_seed(seeds.noise_seed(self.seed, self.ranks.rank))
+        self.num_train_timesteps = self.models.noise_scheduler.config.num_train_timesteps
 
         # --- where the loop starts: step 0, or exactly where the checkpoint left off
-        self.checkpointer.track(self.controlnet, self.noise, self.state_dict)
+        self.checkpointer.track(self.controlnet, self.state_dict)
         self.step, position = 0, data.Position()
         if resume is not None:
             state = self.checkpointer.restore(resume)
             self.step, position = int(state["step"]), data.Position(**state["position"])
         self.batches = self._batches(position)
         self.batch_iter = iter(self.batches)
+
+        self.validator = Validator(
+            cfg,
+            self.models,
+            self.controlnet,
+            output,
+            accelerator,
+            weight_dtype=self.weight_dtype,
+            seed=self.seed,
+            is_main=self.ranks.is_main,
+            sharded=deepspeed and cfg.distributed.zero_stage == 3,
+        )
+
+        # --- inputs checked, about to train: the output is taken from here on (rundir)
+        rundir.claim(
+            output, cfg, self.seed, previous, start=self.step, total=self.total_steps, is_main=self.ranks.is_main
+        )
 
         # --- reporting
         if self.ranks.is_main and accelerator.log_with:
@@ -109,17 +126,7 @@ class Trainer:
             is_local_main=self.ranks.is_local_main,
             device=self.device,
             logging_dir=cfg.logging.logging_dir,
-        )
-        # ZeRO-3 shards the weights; sampling them needs every rank (not done here).
-        self.validator = Validator(
-            cfg,
-            self.models,
-            accelerator.unwrap_model(self.controlnet),
-            output,
-            accelerator,
-            weight_dtype=self.weight_dtype,
-            seed=self.seed,
-            enabled=self.ranks.is_main and not (deepspeed and cfg.distributed.zero_stage == 3),
+            count_skipped=cfg.data.skip_bad_rows,
         )
 
     # ------------------------------------------------------------ the loop
@@ -138,10 +145,10 @@ class Trainer:
             with self.meter.paused():  # samples/s measures training, not checkpoints or validation
                 checkpoint = self.checkpointer.maybe_save(self.step, stop)
                 if checkpoint is not None:
-                    self.meter.checkpointed(self.step, checkpoint)
+                    self.meter.checkpointed(checkpoint.step, checkpoint.url)
                 if stop:
                     self.meter.progress.close()
-                    raise Preempted(self.step, checkpoint)
+                    raise Preempted(self.step, checkpoint.url if checkpoint else None)
                 self.validator.maybe_run(self.step)
         return self.finish()
 
@@ -151,16 +158,18 @@ class Trainer:
         accum = cfg.loop.gradient_accumulation_steps
         total = torch.zeros((), device=self.device)
         for _ in range(accum):
-            batch = next(self.batch_iter)
+            batch = self._readable(next(self.batch_iter))
+            draws = draw(
+                batch["sample_id"],
+                self.seed,
+                self.encoder.latent_shape(batch),
+                self.num_train_timesteps,
+                cfg.data.proportion_empty_prompts,
+            ).to(self.device)
             with acc.accumulate(self.controlnet):
-                drop = drop_prompt_mask(
-                    batch["input_ids"].shape[0], cfg.data.proportion_empty_prompts, self.noise, self.device
-                )
-                latents, text = self.encoder.encode(batch, drop, self.noise)
+                latents, text = self.encoder.encode(batch, draws)
                 cond = batch["conditioning_pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
-                loss = controlnet_loss(
-                    self.models, self.controlnet, latents, text, cond, self.noise, cfg.loop.snr_gamma
-                )
+                loss = controlnet_loss(self.models, self.controlnet, latents, text, cond, draws, cfg.loop.snr_gamma)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     self.grad_norm = acc.clip_grad_norm_(self.controlnet.parameters(), self.max_grad_norm)
@@ -180,22 +189,44 @@ class Trainer:
             "total_steps": self.total_steps,
             "world_size": self.ranks.world,
             "batch_size": self.cfg.loop.batch_size,
+            "gradient_accumulation_steps": self.cfg.loop.gradient_accumulation_steps,
         }
+
+    def _readable(self, batch: dict) -> dict:
+        """The batch without its unreadable rows (data.skip_bad_rows), or one line naming one."""
+        bad = batch.pop(data.BAD_ROWS, None)
+        if not bad:
+            return batch
+        if not self.cfg.data.skip_bad_rows:
+            raise UserError(f"{bad[0]}: fix or remove it, or set train.data.skip_bad_rows=true to skip unreadable rows")
+        for row in bad:
+            print(f"warning: skipped {row}", file=sys.stderr, flush=True)
+        self.meter.skipped(len(bad))
+        if "pixel_values" not in batch:
+            raise UserError(
+                f"every row of a batch is unreadable ({bad[0]}, ...): check data.dataset and its image columns"
+            )
+        return batch
 
     # ------------------------------------------------------------ the end
     def finish(self) -> RunResult:
         acc, output = self.acc, self.output
+        last = self.checkpointer.flush()  # the last checkpoint's upload, before the run can be called done
+        if last is not None:
+            self.meter.checkpointed(last.step, last.url)
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.controlnet) if self.cfg.distributed.strategy == "deepspeed" else None
         repo = None
         if self.ranks.is_main:
             final = output.local(FINAL_MODEL_DIR)
-            acc.unwrap_model(self.controlnet).save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+            model_lib.save_controlnet(acc.unwrap_model(self.controlnet), final, state_dict)
             output.publish(FINAL_MODEL_DIR)
         self.validator.maybe_run(self.step, last=True)
         curve = self.meter.close()
         self.meter.done(self.step, output.url_of(FINAL_MODEL_DIR))
         acc.wait_for_everyone()
+        if self.ranks.is_main:
+            rundir.write_finished(output, self.step, output.url_of(FINAL_MODEL_DIR))  # last: the run is complete
         if self.ranks.is_main and self.cfg.hub.push:
             # After the last barrier: a failed upload ends this process alone, the others are done.
             from ctrlnet_trainer.hub import push_controlnet
@@ -233,8 +264,8 @@ class Trainer:
 
     def _steps_for_epochs(self, rows: int) -> int:
         loop = self.cfg.loop
-        per_epoch = (rows // self.ranks.world) // loop.batch_size
-        return max(1, loop.num_epochs * per_epoch // loop.gradient_accumulation_steps)
+        global_batch = self.ranks.world * loop.batch_size * loop.gradient_accumulation_steps
+        return max(1, loop.num_epochs * (rows // global_batch))
 
     def _batches(self, position: data.Position):
         cfg, ranks = self.cfg, self.ranks
@@ -248,10 +279,12 @@ class Trainer:
                 self.seed,
                 cfg.data.shuffle_buffer,
                 position,
+                num_workers=cfg.data.num_workers,
             )
         return data.MapBatches(
             self.examples,
             cfg.loop.batch_size,
+            cfg.loop.gradient_accumulation_steps,
             ranks.rank,
             ranks.world,
             self.seed,

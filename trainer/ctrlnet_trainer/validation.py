@@ -5,10 +5,13 @@ the end if the last step was not one of those."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from PIL import Image
 
 from ctrlnet.config.train import TrainConfig
+from ctrlnet.errors import UserError
 from ctrlnet_trainer.data import open_image, resize_center_crop
 from ctrlnet_trainer.models import Models
 from ctrlnet_trainer.storage import Prefix
@@ -19,13 +22,31 @@ SAMPLES_DIR = "samples"
 def validation_pairs(cfg: TrainConfig, seed: int) -> list[tuple[str, Image.Image]]:
     """Configured (prompt, image) pairs; for the synthetic data, two held-out synthetic rows."""
     if cfg.validation.prompts:
-        return [(p, open_image(i, None)) for p, i in cfg.validation.pairs()]
+        return [(p, _validation_image(i)) for p, i in cfg.validation.pairs()]
     if cfg.data.dataset is None:
         from ctrlnet_trainer.synthetic import fill_example
 
         rows = [fill_example(cfg.data.synthetic_rows + k, cfg.data.resolution, seed) for k in range(2)]
         return [(r["text"], r["conditioning_image"]) for r in rows]
     return []
+
+
+def _validation_image(where: str) -> Image.Image:
+    """A conditioning image named in validation.images; a missing or unreadable one is blamed on
+    that key (not on the dataset), before training starts rather than at the first validation."""
+    if "://" not in where and not Path(where).is_file():
+        what = "is a folder" if Path(where).is_dir() else "does not exist"
+        raise UserError(f"validation.images: {where!r} {what}: give an existing conditioning image (a path or URL)")
+    try:
+        return open_image(where, None)
+    except UserError:
+        raise UserError(
+            f"validation.images: {where!r} could not be read: give an existing conditioning image (a path or URL)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"validation.images: {where!r} is not an image PIL can read ({type(e).__name__}): give a PNG or JPEG"
+        ) from None
 
 
 def grid(rows: list[list[Image.Image]]) -> Image.Image:
@@ -100,7 +121,9 @@ def _to_dtype(out, dtype: torch.dtype):
 
 class Validator:
     """Samples from the ControlNet being trained, into `<output>/samples/step-N.png` (and
-    TensorBoard). Runs on the main process; a no-op elsewhere and when there is nothing to sample."""
+    TensorBoard), on the main process. Under DeepSpeed ZeRO-3 the weights are sharded: every
+    process calls `maybe_run` (gathering them is collective) and the main process samples from a
+    gathered copy."""
 
     def __init__(
         self,
@@ -112,26 +135,35 @@ class Validator:
         *,
         weight_dtype: torch.dtype,
         seed: int,
-        enabled: bool,
+        is_main: bool,
+        sharded: bool,
     ):
-        self.cfg, self.models, self.controlnet, self.output, self.acc = cfg, models, controlnet, output, accelerator
-        self.weight_dtype, self.seed = weight_dtype, seed
+        self.cfg, self.models, self.output, self.acc = cfg, models, output, accelerator
+        # `controlnet` is the accelerate-prepared model (a DeepSpeed engine under ZeRO); sampling
+        # uses the module inside, gathering the engine.
+        self.prepared, self.controlnet = controlnet, accelerator.unwrap_model(controlnet)
+        self.weight_dtype, self.seed, self.is_main, self.sharded = weight_dtype, seed, is_main, sharded
         self.every = cfg.validation.every_steps
-        self.pairs = validation_pairs(cfg, seed) if enabled else []
+        # The same answer on every rank (it decides a collective); the images load on main only.
+        self.active = bool(cfg.validation.prompts) or cfg.data.dataset is None
+        self.pairs = validation_pairs(cfg, seed) if is_main else []
         self.last_samples: str | None = None  # URL of the newest grid
 
     def due(self, step: int, last: bool) -> bool:
         on_schedule = step % self.every == 0
         # At the end: only if the last step was off schedule (on schedule, it has just run).
-        return bool(self.pairs) and (on_schedule != last)
+        return self.active and (on_schedule != last)
 
     def maybe_run(self, step: int, last: bool = False) -> None:
-        if self.due(step, last):
+        if self.due(step, last) and (self.is_main or self.sharded):
             self.run(step)
 
     def run(self, step: int) -> None:
+        controlnet = self._gathered() if self.sharded else self.controlnet
+        if not self.is_main:
+            return
         image = render_samples(
-            self.models, self.controlnet, self.pairs, self.cfg, self.weight_dtype, self.acc.device, self.seed
+            self.models, controlnet, self.pairs, self.cfg, self.weight_dtype, self.acc.device, self.seed
         )
         name = f"step-{step}.png"
         path = self.output.local(SAMPLES_DIR, name)
@@ -146,22 +178,36 @@ class Validator:
                 "validation", np.asarray(image), step, dataformats="HWC"
             )
 
+    def _gathered(self) -> torch.nn.Module | None:
+        """A full copy of the sharded ControlNet on the main process (None elsewhere): gathering
+        is collective, so every process calls this."""
+        from diffusers import ControlNetModel
+
+        state = self.acc.get_state_dict(self.prepared)  # every rank takes part
+        if not self.is_main:
+            return None
+        copy = ControlNetModel.from_config(self.controlnet.config)
+        copy.load_state_dict(state)
+        return copy.to(self.acc.device)
+
 
 @torch.no_grad()
 def heldout_loss(
     models: Models, controlnet: torch.nn.Module, batches: list[dict], weight_dtype, device, seed: int = 1234
 ) -> float:
-    """Mean denoising loss on fixed batches with fixed noise: comparable across ControlNets."""
-    from ctrlnet_trainer.step import OnlineEncoder, controlnet_loss
+    """Mean denoising loss on fixed batches with fixed draws (keyed by the batches' sample ids and
+    `seed`): comparable across ControlNets."""
+    from ctrlnet_trainer.step import OnlineEncoder, controlnet_loss, draw
 
     encoder = OnlineEncoder(models, weight_dtype, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    timesteps = models.noise_scheduler.config.num_train_timesteps
     was_training = controlnet.training
     controlnet.eval()
     total = 0.0
     for batch in batches:
-        latents, text = encoder.encode(batch, None, generator)
+        draws = draw(batch["sample_id"], seed, encoder.latent_shape(batch), timesteps, 0.0).to(device)
+        latents, text = encoder.encode(batch, draws)
         cond = batch["conditioning_pixel_values"].to(device, dtype=weight_dtype)
-        total += controlnet_loss(models, controlnet, latents, text, cond, generator, None).item()
+        total += controlnet_loss(models, controlnet, latents, text, cond, draws, None).item()
     controlnet.train(was_training)
     return total / len(batches)

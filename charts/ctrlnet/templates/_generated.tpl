@@ -18,3 +18,12 @@ Values the chart shares with ctrlnet's code, one named template each. */}}
 
 {{- /* contract.DEFAULT_OUTPUT */ -}}
 {{- define "ctrlnet.contract.output" -}}controlnet-model{{- end -}}
+
+{{- /* contract.HOME_DIR */ -}}
+{{- define "ctrlnet.contract.homeDir" -}}/home/ctrlnet{{- end -}}
+
+{{- /* contract.TMP_DIR */ -}}
+{{- define "ctrlnet.contract.tmpDir" -}}/tmp{{- end -}}
+
+{{- /* contract.SECRETS_DIR */ -}}
+{{- define "ctrlnet.contract.secretsDir" -}}/var/run/secrets/ctrlnet{{- end -}}

@@ -73,6 +73,7 @@ RESOURCES = {
         Resource("ConfigMap", "", "v1", "configmaps"),
         Resource("ServiceAccount", "", "v1", "serviceaccounts"),
         Resource("PersistentVolumeClaim", "", "v1", "persistentvolumeclaims"),
+        Resource("NetworkPolicy", "networking.k8s.io", "v1", "networkpolicies"),
         Resource("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs", TRAINING_OPERATOR),
         Resource("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", KUBEFLOW_TRAINER),
         Resource("Workload", "kueue.x-k8s.io", "v1beta1", "workloads", KUEUE),

@@ -8,7 +8,7 @@ from ctrlnet.cluster.runs import Run, run_selector
 from ctrlnet.errors import ClusterError
 
 # Objects a submit creates besides the job, found by the run's labels.
-COMPANIONS = ("ConfigMap", "ServiceAccount", "PersistentVolumeClaim")
+COMPANIONS = ("ConfigMap", "ServiceAccount", "PersistentVolumeClaim", "NetworkPolicy")
 
 
 def delete_run(kube: Kube, run: Run) -> list[str]:

@@ -363,6 +363,13 @@ def pod_reason(pod: dict, cs: dict, events: list[dict]) -> tuple[str | None, int
                 None,
             )
         if reason in ("ContainerCreating", "PodInitializing"):
+            mounts = [e for e in events if e.get("reason") == "FailedMount"]
+            if mounts:  # e.g. cluster.secrets.as_files with a missing Secret, or one without the key
+                return (
+                    f"cannot mount a volume (FailedMount): {mounts[-1].get('message') or '?'} "
+                    "(a missing Secret, or one without the key the job names?)",
+                    None,
+                )
             return "starting (pulling the image and mounting volumes)", None
         return f"{reason}: {message}".rstrip(": "), None
     for cond in st.get("conditions") or []:

@@ -8,8 +8,8 @@ output prefix that already holds a run (when the workstation can read the store)
 before anything is sent.
 
 Order: validate (the same checks as `ctrlnet validate`) -> check the cluster serves what the job
-needs -> server-side apply (field manager `ctrlnet`) of the ServiceAccount, ConfigMap and PVC,
-then the job.
+needs -> server-side apply (field manager `ctrlnet`) of the ServiceAccount, ConfigMap, PVC and
+NetworkPolicy, then the job.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def plan(file: str | None, overrides: list[str], *, name: str | None, namespace:
     """Load, name, place and validate the run; render its objects. Raises on any problem."""
     from ctrlnet.k8s.render import render_objects
 
-    base = load_job_config(file, overrides)
+    base = load_job_config(file, overrides, for_cluster=True)
     run_name = name or generated_name(base.cluster.name)
     output = run_output(base.train.output, run_name)
     cfg = _placed(base, run_name, namespace, output)
@@ -79,10 +79,16 @@ def _placed(base: JobConfig, name: str, namespace: str, output: str) -> JobConfi
     return validate(JobConfig, data)  # e.g. a --name that is not a DNS-1035 label: one line
 
 
-def problems(p: Plan, kube_version: str) -> list[str]:
+def problems(p: Plan, kube_version: str, warnings: list[str] | None = None) -> list[str]:
+    """`ctrlnet validate`'s problems with the run's objects; its warnings (hardening advice,
+    never a reason to refuse) go into `warnings`."""
     from ctrlnet.k8s.validate import validate_objects
 
-    return [str(x) for x in validate_objects(p.objects, kube_version=kube_version)]
+    found: list = []
+    out = [str(x) for x in validate_objects(p.objects, kube_version=kube_version, warnings=found)]
+    if warnings is not None:
+        warnings += [str(w) for w in found]
+    return out
 
 
 def check_cluster(kube: Kube, p: Plan) -> None:

@@ -73,7 +73,8 @@ def register(app: typer.Typer) -> None:
             raise UserError("no job config: pass one with -f job.yaml (see examples/)")
         kube = _kube(context, namespace)
         plan = sub.plan(file, set_ or [], name=name, namespace=namespace or kube.namespace)
-        problems = sub.problems(plan, kube_version)
+        warnings: list[str] = []
+        problems = sub.problems(plan, kube_version, warnings)
         if problems:
             for line in problems:
                 typer.echo(line)
@@ -89,6 +90,7 @@ def register(app: typer.Typer) -> None:
                     "backend": plan.backend.name,
                     "output": plan.output,
                     "dry_run": dry_run,
+                    "warnings": warnings,
                     "objects": applied
                     if dry_run
                     else [{"kind": o["kind"], "name": o["metadata"]["name"]} for o in applied],
@@ -115,6 +117,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  delete:   ctrlnet delete {plan.name}{ns}")
             if warning := sub.output_warning(plan):
                 typer.echo(f"note: {warning}", err=True)
+        if fmt != "json":  # after the outcome, so a refusal stays one line; -o json carries them
+            for w in warnings:
+                typer.echo(f"warning: {w}", err=True)
         if wait and not dry_run:
             from ctrlnet.cluster.follow import follow_status
             from ctrlnet.cluster.runs import find_run

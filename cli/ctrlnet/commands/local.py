@@ -7,7 +7,7 @@ import typer
 
 from ctrlnet.commands.options import ConfigFile, Overrides
 from ctrlnet.errors import UserError
-from ctrlnet.extras import require
+from ctrlnet.extras import check_installed, require
 
 # `ctrlnet train` shortcut flags -> config keys.
 SHORTCUTS = {
@@ -26,11 +26,28 @@ def _demo_preset() -> str:
     return str(resources.files("ctrlnet.presets").joinpath("demo.yaml"))
 
 
-def _trainer(module: str):
+def _demo_notice(train) -> str | None:
+    """What a run without -f takes from the embedded demo, or None when it takes nothing."""
+    tiny, synthetic = train.model.base is None, train.data.dataset is None
+    if tiny and synthetic:
+        return "no -f given: training the embedded demo (tiny random-init base, synthetic fill50k data)"
+    if tiny:
+        return "no -f or --base given: starting from the demo's tiny random-init base (give --base for a real one)"
+    if synthetic:
+        return "no -f or --data given: training on the demo's synthetic fill50k data (give --data for yours)"
+    return None
+
+
+def _trainer(module: str, needs: tuple[str, ...] = ("torch", "diffusers")):
     """A module of the trainer; without ctrlnet[train]: one line saying how to install it.
-    torch and diffusers first: the trainer's modules may import them only when they run."""
-    require("train", "torch")
-    require("train", "diffusers")
+    `needs` first: the trainer's modules may import them only when they run. Commands whose bad
+    input is caught before the models load import less (but still check that the rest is
+    installed), so a typo fails in a second, not ten."""
+    check_installed("train", "torch", "diffusers", "transformers", "datasets")
+    for package in needs:
+        require("train", package)
+    if "torch" in needs:
+        require("train", "ctrlnet_trainer.quiet").quiet_library_noise()
     return require("train", module)
 
 
@@ -47,6 +64,9 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
         checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
         resume: Annotated[str | None, typer.Option(help="`latest` or a checkpoint path to resume from.")] = None,
+        nproc: Annotated[
+            int, typer.Option("--nproc", min=1, help="Processes on this machine (one per GPU), under torchrun.")
+        ] = 1,
     ) -> None:
         """Train a ControlNet on this machine. With no -f: the embedded demo (tiny base, synthetic data)."""
         from ctrlnet.config import load_job_config
@@ -62,11 +82,21 @@ def register(app: typer.Typer) -> None:
             resume=resume,
         )
         overrides = [f"{SHORTCUTS[k]}={v}" for k, v in values.items() if v is not None]
-        if file is None:
-            typer.echo("no -f given: training the embedded demo (tiny random-init base, synthetic fill50k data)")
         cfg = load_job_config(file or _demo_preset(), [*overrides, *(set_ or [])])
+        if file is None:
+            # After loading (a bad flag is one error line, with no notice before it), and about
+            # what actually runs: --base/--data (or --set) replace parts of the demo.
+            if notice := _demo_notice(cfg.train):
+                typer.echo(notice)
 
-        result = _trainer("ctrlnet_trainer.run").train(cfg.train)
+        if nproc > 1:
+            from ctrlnet.local_launch import train_processes
+
+            code, result = train_processes(cfg.train, nproc)
+            if code:
+                raise typer.Exit(code)
+        else:
+            result = _trainer("ctrlnet_trainer.run").train(cfg.train)
         typer.echo(f"controlnet:  {result.controlnet}")
         if result.samples:
             typer.echo(f"samples:     {result.samples}")
@@ -83,10 +113,11 @@ def register(app: typer.Typer) -> None:
         rows: Annotated[int, typer.Option(min=1, help="Number of examples.")] = 1000,
         resolution: Annotated[int, typer.Option(min=8, help="Image size in pixels.")] = 512,
         seed: Annotated[int, typer.Option(help="Seed of colours and circles.")] = 0,
+        overwrite: Annotated[bool, typer.Option(help="Replace an existing train.parquet in --out.")] = False,
     ) -> None:
         """Write a synthetic fill50k look-alike as parquet (image, conditioning_image, text)."""
-        path = _trainer("ctrlnet_trainer.synthetic").write_fill_parquet(
-            out, rows=rows, resolution=resolution, seed=seed
+        path = _trainer("ctrlnet_trainer.synthetic", needs=("datasets",)).write_fill_parquet(
+            out, rows=rows, resolution=resolution, seed=seed, overwrite=overwrite
         )
         typer.echo(f"wrote {rows} rows to {path}")
 
@@ -98,12 +129,15 @@ def register(app: typer.Typer) -> None:
         out: Annotated[str, typer.Option(help="Folder to write the diffusers layout into.")],
         arch: Annotated[str, typer.Option(help="tiny (CPU tests) or sd15 (SD1.5-shaped).")] = "tiny",
         seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+        overwrite: Annotated[bool, typer.Option(help="Replace what --out already holds.")] = False,
     ) -> None:
         """Write a random-init Stable Diffusion base (unet, vae, text_encoder, tokenizer, scheduler)."""
-        base_model = _trainer("ctrlnet_trainer.base_model")
+        base_model = _trainer("ctrlnet_trainer.base_model", needs=())  # imports torch/diffusers when it builds
         if arch not in base_model.ARCHS:
             raise UserError(f"--arch {arch!r} is unknown: use one of {', '.join(base_model.ARCHS)}")
-        path = base_model.write_base(out, arch=arch, seed=seed)
+        base_model.check_out(out, overwrite)
+        _trainer("ctrlnet_trainer.base_model")
+        path = base_model.write_base(out, arch=arch, seed=seed, overwrite=overwrite)
         typer.echo(f"wrote {arch} base to {path}")
 
     @app.command()
@@ -112,14 +146,16 @@ def register(app: typer.Typer) -> None:
         controlnet: Annotated[str, typer.Option(help="Trained ControlNet folder (diffusers format).")],
         image: Annotated[str, typer.Option(help="Conditioning image file.")],
         prompt: Annotated[str, typer.Option(help="Text prompt.")],
-        out: Annotated[str, typer.Option(help="Folder for the PNGs.")] = "generated",
+        out: Annotated[
+            str, typer.Option(help="Folder for the PNGs (a name already taken there gets the next free number).")
+        ] = "generated",
         num_images: Annotated[int, typer.Option(min=1)] = 1,
         steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
         seed: Annotated[int, typer.Option()] = 0,
-        device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+        device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     ) -> None:
         """Generate images with StableDiffusionControlNetPipeline."""
-        generator = _trainer("ctrlnet_trainer.generate")
+        generator = _trainer("ctrlnet_trainer.generate", needs=("torch",))  # diffusers once the inputs pass
         for path in generator.generate(
             base=base,
             controlnet=controlnet,

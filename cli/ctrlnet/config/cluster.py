@@ -6,17 +6,30 @@ Rule kept for Helm's sake: a key that may be null defaults to null (Helm drops a
 overrides a non-null chart default, so "null to switch off" would silently not work).
 """
 
+import ipaddress
 import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ctrlnet.config.contract import TRAINER_UID
+from ctrlnet.config.credentials import credential_kind, refuse_credentials, secret_env_name
+from ctrlnet.config.k8s_syntax import (
+    QUANTITY,
+    cpu_problem,
+    label_value_problem,
+    qualified_name_problem,
+    quantity_problem,
+    secret_name_problem,
+)
 from ctrlnet.config.section import Section
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 """RFC 1035 label: what Kubeflow's webhooks require of a job name."""
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+IMAGE_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+"""An image reference pinned by digest ends so; anything else is a tag the registry can move."""
 MAX_NAME = 50
 """Longest job name: pods and their Services are `<name>-worker-<index>`, at most 63 characters."""
 
@@ -36,24 +49,73 @@ RESERVED_ENV = frozenset(
         "NODE_RANK",
     }
 )
-_SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+looks_secret = secret_env_name
+"""True for variable names that hold credentials (ctrlnet.config.credentials): those must come
+from a Secret (secretKeyRef)."""
+# Quantities also go into values.schema.json, so plain `helm install` refuses `64GB` too.
+_QUANTITY_SCHEMA = {"pattern": QUANTITY.pattern}
 
 
-def looks_secret(env_name: str) -> bool:
-    """True for variable names that hold credentials: those must come from a Secret (secretKeyRef)."""
-    return bool(_SECRET_NAME.search(env_name))
+def _secret_name(v: str) -> str:
+    """A Secret's name; a credential pasted in its place is refused without being quoted."""
+    kind = credential_kind(v, blobs=True)
+    if kind:
+        raise ValueError(
+            f"looks like {kind} (not shown): give the name of a Kubernetes Secret that holds it "
+            "(kubectl create secret generic NAME --from-literal=KEY=...), never the credential"
+        )
+    problem = secret_name_problem(v)
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
+def _env_var_name(v: str) -> str:
+    kind = credential_kind(v, blobs=True)
+    if kind:
+        raise ValueError(f"looks like {kind} (not shown): give an environment variable name, e.g. WANDB_API_KEY")
+    if not ENV_NAME.match(v):
+        raise ValueError("must be an environment variable name (letters, digits and '_'), e.g. WANDB_API_KEY")
+    return v
+
+
+def _check_keys(v: dict[str, str], what: str) -> dict[str, str]:
+    for key in v:
+        if problem := qualified_name_problem(key, what):
+            raise ValueError(problem)
+    return v
+
+
+def _quantity(example: str):
+    def check(v: str | None) -> str | None:
+        problem = quantity_problem(v, example) if v is not None else None
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    return check
 
 
 class Resources(Section):
     """Per-pod compute. Requests equal limits (Guaranteed QoS), so a training pod is never the
     first to be evicted for memory pressure."""
 
-    cpu: str = "8"
+    cpu: str = Field(default="8", json_schema_extra=_QUANTITY_SCHEMA)
     """CPU request and limit per pod (a Kubernetes quantity: `8`, `7500m`)."""
-    memory: str = "64Gi"
+    memory: str = Field(default="64Gi", json_schema_extra=_QUANTITY_SCHEMA)
     """Memory request and limit per pod (a Kubernetes quantity: `64Gi`)."""
-    ephemeral_storage: str | None = None
+    ephemeral_storage: str | None = Field(default=None, json_schema_extra=_QUANTITY_SCHEMA)
     """Local disk request and limit per pod (e.g. `100Gi`); unset: none requested."""
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        if problem := cpu_problem(v):
+            raise ValueError(problem)
+        return v
+
+    _memory = field_validator("memory")(_quantity("64Gi"))
+    _disk = field_validator("ephemeral_storage")(_quantity("100Gi"))
 
 
 class SecretEnv(Section):
@@ -68,12 +130,8 @@ class SecretEnv(Section):
     optional: bool = False
     """Start the pod even when the Secret or key is missing."""
 
-    @field_validator("name")
-    @classmethod
-    def _env_name(cls, v: str) -> str:
-        if not ENV_NAME.match(v):
-            raise ValueError(f"{v!r} is not an environment variable name (letters, digits, '_')")
-        return v
+    _name = field_validator("name")(_env_var_name)
+    _secret = field_validator("secret")(_secret_name)
 
 
 class SecretsConfig(Section):
@@ -82,13 +140,24 @@ class SecretsConfig(Section):
 
     s3: str | None = None
     """Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally
-    AWS_ENDPOINT_URL, AWS_REGION) for s3:// paths; each becomes the env var of the same name."""
+    AWS_ENDPOINT_URL, AWS_REGION) for s3:// paths; each becomes the env var of the same name.
+    With `as_files`: a Secret with key `config`, an AWS config file (see `as_files`)."""
     hub_token: str | None = None
-    """Secret holding the hub token, exposed as the env var named by `train.hub.token_env`."""
+    """Secret holding the hub token, exposed as the env var named by `train.hub.token_env`
+    (with `as_files`: as the file HF_TOKEN_PATH names)."""
     hub_token_key: str = "token"
     """Key of the hub token inside the `hub_token` Secret."""
     env: list[SecretEnv] = Field(default_factory=list)
     """More env vars from Secret keys, e.g. `{name: WANDB_API_KEY, secret: wandb, key: api-key}`."""
+    as_files: bool = False
+    """Mount the `s3` and `hub_token` Secrets as read-only files under /var/run/secrets/ctrlnet
+    instead of environment variables (which every child process inherits and a crash dump or a
+    debug print of the environment shows). The trainer reads them through the libraries' own
+    variables: AWS_CONFIG_FILE names `s3`'s key `config`, an AWS config file (`[default]` with
+    aws_access_key_id, aws_secret_access_key and optionally region, endpoint_url); HF_TOKEN_PATH
+    names the hub token. `env` entries stay variables (their libraries read only the environment)."""
+
+    _names = field_validator("s3", "hub_token")(lambda v: v if v is None else _secret_name(v))
 
 
 class ServiceAccountConfig(Section):
@@ -100,6 +169,11 @@ class ServiceAccountConfig(Section):
     """Annotations of the created ServiceAccount, e.g. `eks.amazonaws.com/role-arn` (IRSA) or
     `iam.gke.io/gcp-service-account` (Workload Identity) for keyless object-storage access."""
 
+    @field_validator("annotations")
+    @classmethod
+    def _annotation_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_keys(v, "annotation key")
+
 
 class CacheConfig(Section):
     """A shared PersistentVolumeClaim mounted in every pod: hub downloads and datasets are fetched
@@ -109,7 +183,7 @@ class CacheConfig(Section):
     """Mount a shared cache volume."""
     existing_claim: str | None = None
     """Use this existing PVC instead of creating one."""
-    size: str = "200Gi"
+    size: str = Field(default="200Gi", json_schema_extra=_QUANTITY_SCHEMA)
     """Size of the created PVC."""
     storage_class: str | None = None
     """StorageClass of the created PVC; unset: the cluster default."""
@@ -117,6 +191,8 @@ class CacheConfig(Section):
     """Access mode of the created PVC; several nodes need ReadWriteMany."""
     mount_path: str = "/cache"
     """Where the cache is mounted in the container."""
+
+    _size = field_validator("size")(_quantity("200Gi"))
 
 
 class KueueConfig(Section):
@@ -127,6 +203,14 @@ class KueueConfig(Section):
     """LocalQueue name (label `kueue.x-k8s.io/queue-name`); unset: no Kueue."""
     priority_class: str | None = None
     """WorkloadPriorityClass name (label `kueue.x-k8s.io/priority-class`)."""
+
+    @field_validator("queue", "priority_class")
+    @classmethod
+    def _label_value(cls, v: str | None) -> str | None:
+        # Both become label values on the job: the API server would refuse anything else.
+        if v is not None and (problem := label_value_problem(v)):
+            raise ValueError(problem)
+        return v
 
 
 class VolcanoConfig(Section):
@@ -148,12 +232,53 @@ class SecurityConfig(Section):
     """The pod always runs as non-root, without privilege escalation, all capabilities dropped and
     the RuntimeDefault seccomp profile; these are the ids it runs as."""
 
-    run_as_user: int = Field(default=1000, ge=1)
-    """UID of the trainer process (the image's `ctrlnet` user)."""
-    run_as_group: int = Field(default=1000, ge=0)
+    run_as_user: int = Field(default=TRAINER_UID, ge=1)
+    """UID of the trainer process (the image's `ctrlnet` user, 10001: at least 10000, so it
+    collides with no user of the node)."""
+    run_as_group: int = Field(default=TRAINER_UID, ge=0)
     """GID of the trainer process."""
-    fs_group: int = Field(default=1000, ge=0)
-    """Group that owns mounted volumes (cache PVC)."""
+    fs_group: int = Field(default=TRAINER_UID, ge=0)
+    """Group that owns mounted volumes (scratch, cache PVC)."""
+
+
+class NetworkPolicyConfig(Section):
+    """A NetworkPolicy for the job's pods (on by default): they accept connections from each
+    other only (rendezvous, NCCL / gloo), and reach each other, DNS (port 53) and
+    `egress_cidrs` on `egress_ports` (object storage, the hub, the cloud's metadata endpoints for
+    IRSA / Workload Identity). Enforced only where the cluster's network plugin implements
+    NetworkPolicy (Calico, Cilium, ...); elsewhere the object is inert."""
+
+    enabled: bool = True
+    """Render the NetworkPolicy; false: the pods' traffic is whatever the namespace allows."""
+    egress_cidrs: list[str] = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
+    """Address ranges the pods may connect to on `egress_ports`; empty: none (then data,
+    checkpoints and the base model must come from volumes or the job's own pods)."""
+    egress_ports: list[int] = Field(default_factory=lambda: [443, 80])
+    """TCP ports allowed to `egress_cidrs`: HTTPS (object storage, hub) and HTTP (metadata
+    endpoints, plain-HTTP S3 endpoints). Add e.g. 9000 for an in-cluster MinIO; empty: every port."""
+
+    @field_validator("egress_cidrs")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            try:
+                if "/" not in cidr:
+                    raise ValueError
+                ipaddress.ip_network(cidr, strict=True)
+            except ValueError:
+                raise ValueError(
+                    f"{cidr!r} is not a CIDR range (an address with its host bits zero and a prefix "
+                    "length, e.g. 10.0.0.0/8, 0.0.0.0/0 or ::/0)"
+                ) from None
+        return v
+
+    @field_validator("egress_ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        for port in v:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{port} is not a TCP port (1-65535)")
+        return v
 
 
 class TrainJobConfig(Section):
@@ -178,7 +303,9 @@ class ClusterConfig(Section):
     backend: Literal["pytorchjob", "trainjob"] = "pytorchjob"
     """PyTorchJob kubeflow.org/v1 (Training Operator v1.9) or TrainJob trainer.kubeflow.org/v1alpha1 (Kubeflow Trainer v2)."""
     image: str = "ghcr.io/ctrlnet/trainer:0.1.0"
-    """Trainer image (docker/Dockerfile); pin a tag or digest, never `latest`."""
+    """Trainer image (docker/Dockerfile). Pin its digest (`repo@sha256:<64 hex>`, or
+    `repo:tag@sha256:...`) so every pod and every restart runs the same image: `ctrlnet validate`
+    warns on a tag, which the registry can move."""
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
     """When the kubelet pulls the image."""
     image_pull_secrets: list[str] = Field(default_factory=list)
@@ -190,15 +317,22 @@ class ClusterConfig(Section):
     gpu_resource: str = "nvidia.com/gpu"
     """Extended resource name of a GPU (e.g. `amd.com/gpu`)."""
     resources: Resources = Field(default_factory=Resources)
-    shm_size: str = "16Gi"
+    shm_size: str = Field(default="16Gi", json_schema_extra=_QUANTITY_SCHEMA)
     """Size limit of the in-memory /dev/shm volume (NCCL and DataLoader workers use it; it counts
     against the pod's memory)."""
+    scratch_size: str = Field(default="100Gi", json_schema_extra=_QUANTITY_SCHEMA)
+    """Size limit of the pod's scratch volume (an emptyDir on the node's disk): the container's
+    root filesystem is read-only, and this volume holds /tmp (the staging copy of checkpoints
+    and outputs bound for object storage, torchrun's logs) and HOME (hub, torch and triton
+    caches, unless `cache` is enabled). A pod that outgrows it is evicted: allow a few
+    checkpoints of the model plus the base model."""
     env: dict[str, str] = Field(default_factory=dict)
     """Plain (non-secret) env vars for the trainer, e.g. `NCCL_DEBUG: WARN`, `AWS_REGION: eu-west-1`.
     Credentials go in `secrets`, never here."""
     secrets: SecretsConfig = Field(default_factory=SecretsConfig)
     service_account: ServiceAccountConfig = Field(default_factory=ServiceAccountConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    network_policy: NetworkPolicyConfig = Field(default_factory=NetworkPolicyConfig)
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Pod nodeSelector, e.g. `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`."""
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
@@ -258,7 +392,42 @@ class ClusterConfig(Section):
     def _image(cls, v: str) -> str:
         if not v.strip() or v != v.strip():
             raise ValueError("must be an image reference such as ghcr.io/org/trainer:0.1.0")
+        if "@" in v and not IMAGE_DIGEST.search(v):
+            raise ValueError(
+                "a digest must be @sha256: and 64 lowercase hex digits, e.g. ghcr.io/org/trainer@sha256:0123…"
+                " (docker buildx imagetools inspect IMAGE:TAG prints it)"
+            )
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        # Before the fields, so no later message can quote the value: a token under env, labels or
+        # annotations, or where a Secret's *name* belongs (secrets.hub_token: hf_...).
+        refuse_credentials(data, "cluster")
+        return data
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, v: list[str]) -> list[str]:
+        return [_secret_name(name) for name in v]
+
+    _shm = field_validator("shm_size")(_quantity("16Gi"))
+    _scratch = field_validator("scratch_size")(_quantity("100Gi"))
+
+    @field_validator("labels", "node_selector")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        _check_keys(v, "label key")
+        for key, value in v.items():
+            if problem := label_value_problem(value):
+                raise ValueError(f"the value of {key}: {problem}")
+        return v
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotation_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_keys(v, "annotation key")
 
     @field_validator("env")
     @classmethod

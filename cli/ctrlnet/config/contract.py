@@ -20,6 +20,18 @@ LAUNCH_MODULE = "ctrlnet_trainer.launch"
 TRAINER_MODULE = "ctrlnet_trainer"
 """What the launcher starts in every process: `-m TRAINER_MODULE --config CONFIG_PATH`."""
 
+TRAINER_UID = 10001
+"""UID and GID of the trainer image's `ctrlnet` user (docker/Dockerfile) and the chart's default
+runAsUser / runAsGroup / fsGroup: at least 10000, so it collides with no user of the node."""
+HOME_DIR = "/home/ctrlnet"
+"""HOME and WORKDIR of the trainer image; the chart mounts the pod's scratch volume there (the root
+filesystem is read-only), so every cache under HOME (hub, torch, triton, matplotlib) is writable."""
+TMP_DIR = "/tmp"
+"""The pod's other writable path (scratch volume): torchrun's logs, the staging of object-storage
+outputs (CTRLNET_WORK_DIR defaults to it), torch's compile caches."""
+SECRETS_DIR = "/var/run/secrets/ctrlnet"
+"""Where `cluster.secrets.as_files` mounts the referenced Secrets, one folder each (s3/, hub/)."""
+
 DEFAULT_HUB_TOKEN_ENV: str = HubConfig.model_fields["token_env"].default
 """The variable that carries the hub token when the job leaves `train.hub.token_env` unset."""
 DEFAULT_OUTPUT: str = TrainConfig.model_fields["output"].default
@@ -28,7 +40,11 @@ DEFAULT_OUTPUT: str = TrainConfig.model_fields["output"].default
 # The layout of a run's output prefix, written by the trainer and read by `ctrlnet status` /
 # `ctrlnet submit` (docs: README "What a run writes").
 RUN_FILE = "run.json"
-"""Seed and config of the run that owns the prefix."""
+"""Seed and config of the run that owns the prefix: written once the run has checked its inputs
+(models, data, checkpoint) and is about to train; from then on the output is taken."""
+FINISHED = "FINISHED"
+"""Written last by a run that completed (its final step, controlnet/, metrics): such an output is
+never trained into again."""
 CHECKPOINTS_DIR = "checkpoints"
 COMMITTED = "COMMITTED"
 """Written last into a checkpoint folder: a checkpoint without it does not exist."""

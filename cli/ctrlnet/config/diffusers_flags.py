@@ -105,7 +105,7 @@ EXTRAS: dict[str, str] = {
     "train.loop.snr_gamma": "Min-SNR-gamma loss weighting, which the guide promises and the script lacks.",
     "train.loop.device": "Train on CPU or CUDA explicitly.",
     "train.distributed": "DDP or DeepSpeed ZeRO configured in code, not by a hand-written accelerate config.",
-    "train.distributed.zero_stage": "DeepSpeed ZeRO stage 1, 2 or 3; checkpointing works under it (the reference's save hangs under DeepSpeed).",
+    "train.distributed.zero_stage": "DeepSpeed ZeRO stage 1, 2 or 3, with or without optimizer offload: each trains, checkpoints and resumes exactly (the reference's save hangs under DeepSpeed); ZeRO-3 gathers the weights for checkpoints, the final model and validation.",
     "train.distributed.offload_optimizer": "DeepSpeed optimizer-state offload to CPU.",
     "train.checkpoint": "Checkpoints are atomic (`COMMITTED` marker, `latest` pointer), may live in object storage, and resume at the exact batch.",
     "train.validation.num_inference_steps": "Denoising steps per validation image (the reference hard-codes 20).",

@@ -1,6 +1,6 @@
 """`JobConfig` = `train` (read by the trainer) + `cluster` (read by the chart)."""
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, model_validator
 
 from ctrlnet.config.cluster import ClusterConfig
 from ctrlnet.config.section import Section
@@ -10,3 +10,24 @@ from ctrlnet.config.train import TrainConfig
 class JobConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _devices_fit_the_pods(self, info: ValidationInfo) -> "JobConfig":
+        # Only for a job bound for a cluster (render, validate, submit: context target=cluster):
+        # a local `ctrlnet train` ignores the cluster section, so trying a cluster job file on a
+        # laptop with loop.device=cpu must not trip over its gpus_per_node.
+        if (info.context or {}).get("target") != "cluster":
+            return self
+        gpus, device = self.cluster.gpus_per_node, self.train.loop.device
+        if gpus == 0 and device == "cuda":
+            raise ValueError(
+                "train.loop.device is cuda but cluster.gpus_per_node is 0, so the pods get no GPU: "
+                "set cluster.gpus_per_node to the GPUs per pod, or train.loop.device to cpu or auto"
+            )
+        if gpus > 0 and device == "cpu":
+            raise ValueError(
+                f"cluster.gpus_per_node is {gpus} but train.loop.device is cpu: the pods would hold "
+                f"{gpus} GPU(s) each and train on the CPU; set cluster.gpus_per_node: 0 for a CPU job, "
+                "or train.loop.device to auto or cuda"
+            )
+        return self

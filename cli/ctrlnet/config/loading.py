@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from ctrlnet.config.credentials import CREDENTIAL_ERROR, credential_kind, secret_env_name, shown
 from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS
 from ctrlnet.config.job import JobConfig
 from ctrlnet.config.train import TrainConfig
@@ -23,8 +24,29 @@ from ctrlnet.errors import UserError
 M = TypeVar("M", bound=BaseModel)
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives one key twice: YAML loaders silently keep the last, so a job file
+    saying `max_steps: 100` and later `max_steps: 10` would train 10 steps without a word."""
+
+    def __init__(self, key: str, first: yaml.Mark, again: yaml.Mark):
+        super().__init__(problem=f"key {shown(key)} appears twice", problem_mark=again)
+        self.key, self.first, self.again = key, first, again
+
+
 class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader whose booleans are YAML 1.2's: true/false only (yes/no/on/off stay strings)."""
+    """SafeLoader whose booleans are YAML 1.2's: true/false only (yes/no/on/off stay strings),
+    and that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            # `<<` merge keys may repeat and be overridden: that is what they are for.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                raise DuplicateKeyError(key_node.value, seen[key_node.value], key_node.start_mark)
+            seen[key_node.value] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
@@ -54,6 +76,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     try:
         data = parse_yaml(text)
+    except DuplicateKeyError as e:
+        raise UserError(
+            f"config file {p}: key {shown(e.key)} is given twice (lines {e.first.line + 1} and {e.again.line + 1}): "
+            "keep one (YAML would silently use the last)"
+        ) from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -115,9 +142,7 @@ def _hint(model: type[BaseModel], path: list[str], part: str) -> str:
 
 def _unknown_key(model: type[BaseModel], path: list[str], part: str) -> str:
     where = ".".join(path) or "the top level"
-    return (
-        f"unknown key {part!r} at {where}{_hint(model, path, part)}; allowed: {', '.join(sorted(model.model_fields))}"
-    )
+    return f"unknown key {shown(part)} at {where}{_hint(model, path, part)}; allowed: {', '.join(sorted(model.model_fields))}"
 
 
 def resolve_key(model: type[BaseModel], parts: list[str]) -> FieldInfo:
@@ -126,7 +151,7 @@ def resolve_key(model: type[BaseModel], parts: list[str]) -> FieldInfo:
     field: FieldInfo | None = None
     for i, part in enumerate(parts):
         if current is None:
-            raise ValueError(f"{'.'.join(parts[:i])} is a value, not a section: it has no key {part!r}")
+            raise ValueError(f"{'.'.join(parts[:i])} is a value, not a section: it has no key {shown(part)}")
         field = current.model_fields.get(part)
         if field is None:
             raise ValueError(_unknown_key(current, parts[:i], part))
@@ -170,14 +195,16 @@ def apply_override(data: dict[str, Any], assignment: str, model: type[BaseModel]
     key, sep, raw = assignment.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise UserError(f"--set {assignment!r} is not KEY=VALUE: write e.g. --set train.loop.max_steps=100")
+        raise UserError(f"--set {shown(assignment)} is not KEY=VALUE: write e.g. --set train.loop.max_steps=100")
     parts = key.split(".")
     if not all(parts):
-        raise UserError(f"--set {key}: a key is dotted names like train.loop.max_steps, without empty parts")
+        raise UserError(
+            f"--set {_key_shown(parts)}: a key is dotted names like train.loop.max_steps, without empty parts"
+        )
     try:
         field = resolve_key(model, parts)
     except ValueError as e:
-        raise UserError(f"--set {key}: {e}") from None
+        raise UserError(f"--set {_key_shown(parts)}: {e}") from None
     value = _override_value(raw, field)
     node = data
     for part in parts[:-1]:
@@ -209,43 +236,102 @@ def _coerce(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
 # --- validation --------------------------------------------------------------------------------
 
 
+# Keys whose value may be a credential put in the wrong place: an error about them never quotes
+# the value (it names the key and the shape expected), whatever the value looks like.
+_SECRET_CAPABLE = frozenset({"env", "secrets", "hub", "image_pull_secrets", "annotations"})
+
+
+def _may_hold_secret(loc: list[str]) -> bool:
+    parts = [p.split("[")[0] for p in loc]
+    return bool(_SECRET_CAPABLE.intersection(parts)) or any(secret_env_name(p) for p in parts)
+
+
+def _got(loc: list[str], value: Any) -> str:
+    """What the user gave, for a message: the value itself only when it is a short scalar that
+    cannot be a credential; else its shape (a list, a mapping, a string)."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    text = repr(value)
+    if _may_hold_secret(loc) or credential_kind(str(value), blobs=True) or len(text) > 80:
+        return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+    return text
+
+
+def _key_shown(loc: list[str]) -> str:
+    """The dotted key, with any part that looks like a credential (a token given as a key) hidden."""
+    return ".".join("<hidden>" if credential_kind(p, blobs=True) else p for p in loc)
+
+
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
-    loc = [str(p) for p in err["loc"]]
+    # List indices as [i] (validation.images[1]), as a user would write them.
+    loc: list[str] = []
+    for p in err["loc"]:
+        if isinstance(p, int) and loc:
+            loc[-1] += f"[{p}]"
+        else:
+            loc.append(str(p))
+    if err["type"] == CREDENTIAL_ERROR:  # raised for a section: ctx names the key inside it
+        where = err.get("ctx", {}).get("where", "")
+        return f"{'.'.join([*loc, where] if where else loc) or 'the config'}: {err['msg']}"
     if not loc:  # a rule across sections (a model validator): its message names the keys
         return err["msg"].removeprefix("Value error, ")
-    key = ".".join(loc)
+    key = _key_shown(loc)
     if err["type"] == "extra_forbidden":
+        if credential_kind(loc[-1], blobs=True):
+            return f"{_key_shown(loc[:-1]) or 'the top level'}: an unknown key that looks like a credential (not shown): remove it"
         parent = _model_at(model, loc[:-1])
         if parent is not None:
             return f"{key}: {_unknown_key(parent, loc[:-1], loc[-1])}"
         return f"{key}: unknown key"
     msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
     if err["type"] == "literal_error":
-        return f"{key}: got {err.get('input')!r}; {msg[0].lower() + msg[1:]}"
+        return f"{key}: got {_got(loc, value)}; {msg[0].lower() + msg[1:]}"
     if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{key} is a section: give it keys (a mapping), not {err.get('input')!r}"
-    if "input" in err and not isinstance(err["input"], dict):
-        return f"{key}: {msg} (got {err['input']!r})"
+        if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            # cluster.env written as a Pod's env list: [{name: X, value: y}]
+            return (
+                f"{key} is a mapping NAME: value, not a Kubernetes list of {{name, value}} entries: write "
+                "e.g. `NCCL_DEBUG: WARN` (credentials go in cluster.secrets.env, by Secret reference)"
+            )
+        if err["type"] == "dict_type":
+            return f"{key}: {msg} (got {_got(loc, value)})"
+        return f"{key} is a section: give it keys (a mapping), not {_got(loc, value)}"
+    if err["type"] != "value_error" and "input" in err and not isinstance(value, dict):
+        # Pydantic's own messages ("Input should be a valid integer") need the value shown; ours
+        # (value_error) say what is wrong with it themselves, quoting it only when that is safe.
+        return f"{key}: {msg} (got {_got(loc, value)})"
     return f"{key}: {msg}"
 
 
-def validate(model: type[M], data: dict[str, Any]) -> M:
+def validate(model: type[M], data: dict[str, Any], context: dict[str, Any] | None = None) -> M:
+    """`data` as a `model`, or one UserError listing every problem. `context` reaches the
+    validators (`{"target": "cluster"}`: the config is about to become a job on a cluster)."""
     try:
-        return model.model_validate(_coerce(model, data))
+        return model.model_validate(_coerce(model, data), context=context)
     except ValidationError as e:
         problems = [_describe(err, model) for err in e.errors()]
         raise UserError("invalid config: " + "; ".join(problems)) from None
 
 
-def _load(model: type[M], path: str | Path | None, overrides: list[str] | None) -> M:
+def _load(
+    model: type[M], path: str | Path | None, overrides: list[str] | None, context: dict[str, Any] | None = None
+) -> M:
     data = read_yaml(path) if path else {}
     for assignment in overrides or []:
         apply_override(data, assignment, model)
-    return validate(model, data)
+    return validate(model, data, context)
 
 
-def load_job_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    return _load(JobConfig, path, overrides)
+def load_job_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, for_cluster: bool = False
+) -> JobConfig:
+    """The job config. `for_cluster`: it is about to run on a cluster (render, validate, submit),
+    so the rules about pods apply too (e.g. GPUs per pod against train.loop.device); a local
+    `ctrlnet train` ignores the cluster section."""
+    return _load(JobConfig, path, overrides, {"target": "cluster"} if for_cluster else None)
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -3,11 +3,15 @@
 docs/config.md maps each of that script's flags to a key here (ctrlnet.config.diffusers_flags).
 """
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ctrlnet.config.credentials import credential_kind, refuse_credentials
 from ctrlnet.config.section import Section
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
@@ -53,13 +57,18 @@ class DataConfig(Section):
     resolution: int = Field(default=512, gt=0, json_schema_extra={"multipleOf": 8})
     """Training resolution in pixels (a multiple of 8): resize the short side, then center-crop."""
     num_workers: int = Field(default=0, ge=0)
-    """DataLoader worker processes per rank."""
+    """Worker processes per rank that decode and transform images ahead of the step (map-style
+    and streamed data alike); 0: in the training process."""
     streaming: bool = False
     """Stream the dataset instead of downloading it whole (hub or remote data)."""
     shuffle_buffer: int = Field(default=1000, gt=0)
     """Shuffle buffer size when streaming."""
     synthetic_rows: int = Field(default=2000, gt=0)
     """Rows of the synthetic dataset used when `dataset` is unset."""
+    skip_bad_rows: bool = False
+    """Skip rows whose image or conditioning image cannot be read: each is named on stderr and
+    counted in metrics.jsonl (`skipped_rows`, per logged window). Off: such a row stops the run
+    with one line naming it."""
 
     @field_validator("resolution")
     @classmethod
@@ -139,6 +148,20 @@ class CheckpointConfig(Section):
     """Keep at most this many checkpoints (oldest removed after a newer one is committed)."""
     resume: str | None = None
     """`latest`, or a checkpoint path/URL, to continue a run at the exact batch where it stopped."""
+    on_corrupt: Literal["fail", "previous"] = "fail"
+    """A committed checkpoint that cannot be read (damaged weights or state): `fail` names it and
+    stops; `previous` names it and resumes from the committed checkpoint before it instead."""
+    upload_attempts: int = Field(default=5, gt=0)
+    """Object storage: tries per checkpoint upload (waiting `upload_backoff_s`, doubled each time,
+    between tries) before that checkpoint is given up: never committed, training goes on."""
+    upload_backoff_s: float = Field(default=2.0, ge=0)
+    """Object storage: wait before the second try of a failed checkpoint upload; doubles per try (at most 60 s)."""
+    upload_timeout_s: float = Field(default=120.0, gt=0)
+    """Object storage: connect and read timeout of each request of a checkpoint upload; a file's
+    whole upload fails after this plus 1 s per MiB (a store that stopped answering)."""
+    max_failed_uploads: int = Field(default=3, gt=0)
+    """Object storage: stop the run (exit 1, resumable from the last committed checkpoint) after
+    this many checkpoints in a row could not be uploaded."""
 
 
 class ValidationConfig(Section):
@@ -198,6 +221,20 @@ class HubConfig(Section):
     private: bool = False
     """Create the hub repo as private."""
 
+    @field_validator("token_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        # Never quote the value: a token pasted here instead of a variable's name is a common slip.
+        kind = credential_kind(v, blobs=True)
+        if kind:
+            raise ValueError(
+                f"looks like {kind} (not shown): give the name of the environment variable that holds "
+                "the token, e.g. HF_TOKEN, and export the token in it (on a cluster: cluster.secrets.hub_token)"
+            )
+        if not ENV_NAME.match(v):
+            raise ValueError("must be an environment variable name (letters, digits and '_'), e.g. HF_TOKEN")
+        return v
+
 
 class TrainConfig(Section):
     output: str = "controlnet-model"
@@ -212,9 +249,19 @@ class TrainConfig(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        # Before the fields: this section becomes the job's ConfigMap, readable by anyone who can
+        # read the namespace, and its values reach logs; `s3://KEY:SECRET@bucket` must stop here.
+        refuse_credentials(data, "train")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         # Rules across sections, here so `ctrlnet validate` and `config show` catch them before a pod starts.
+        if self.model.family == "sdxl":
+            raise ValueError("model.family sdxl: SDXL is not supported yet; use an SD1.x/2.x base (family auto or sd)")
         if self.data.streaming and self.loop.max_steps is None:
             raise ValueError("data.streaming needs loop.max_steps (a stream has no known length): set --max-steps N")
         return self

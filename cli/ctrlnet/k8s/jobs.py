@@ -145,6 +145,20 @@ def pod_sites(job: dict[str, Any]) -> list[PodSite]:
     return []
 
 
+def pod_templates(job: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(field path, pod template: metadata and spec) of every pod template of a job (a TrainJob:
+    its runtime patches of the `node` replicated job)."""
+    if job.get("kind") == "PyTorchJob":
+        return [(f"{r.path}.template", r.spec.get("template") or {}) for r in replicas(job)]
+    if job.get("kind") == "TrainJob":
+        return [
+            (f"spec.runtimePatches[{pi}]...replicatedJobs[{ji}].template.spec.template", tpl)
+            for pi, ji, rj, _ in patched_pods(job)
+            if rj.get("name") == "node" and isinstance(tpl := dig(rj, "template", "spec", "template"), dict)
+        ]
+    return []
+
+
 def mounted_configmaps(job: dict[str, Any]) -> list[str]:
     """Names of the ConfigMaps the job's pods mount as volumes."""
     if job.get("kind") == "PyTorchJob":

@@ -13,6 +13,9 @@ class Problem:
     message: str
     rule: str = field(default="", compare=False)
     """The rule that found it (ctrlnet.k8s.rules; "" for schema problems): for tests, not shown."""
+    warning: bool = field(default=False, compare=False)
+    """A hardening advice rather than a mistake (a mutable image tag, no NetworkPolicy, ...):
+    printed as `warning: <line>` on stderr, never failing `validate` or `submit`."""
 
     def __str__(self) -> str:
         return f"{self.obj}: {self.path}: {self.message}" if self.path else f"{self.obj}: {self.message}"

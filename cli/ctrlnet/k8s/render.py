@@ -14,7 +14,7 @@ __all__ = ["KIND_ORDER", "apply_order", "dump_objects", "render_objects", "rende
 # dump_objects (from yamlio) is re-exported for callers that render and print in one place.
 
 # Apply order: what a pod needs exists before the job that creates pods.
-KIND_ORDER = ["ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "PyTorchJob", "TrainJob"]
+KIND_ORDER = ["ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "NetworkPolicy", "PyTorchJob", "TrainJob"]
 
 
 def apply_order(obj: dict[str, Any]) -> tuple[int, str]:

@@ -13,8 +13,9 @@ from typing import Any, get_args
 
 import yaml
 
-from ctrlnet.config.cluster import DNS1035, RESERVED_ENV, ClusterConfig, looks_secret
-from ctrlnet.config.contract import CONFIG_DIR, CONFIG_FILE
+from ctrlnet.config.cluster import DNS1035, IMAGE_DIGEST, RESERVED_ENV, ClusterConfig
+from ctrlnet.config.contract import CONFIG_DIR, CONFIG_FILE, TMP_DIR
+from ctrlnet.config.credentials import credential_kind, find_credentials, secret_env_name, shown
 from ctrlnet.config.loading import validate as validate_model
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
@@ -28,6 +29,7 @@ from ctrlnet.k8s.jobs import (
     node_pod,
     patched_pods,
     pod_sites,
+    pod_templates,
     replica_specs,
     replicas,
     run_policy,
@@ -39,6 +41,14 @@ from ctrlnet.k8s.problem import Problem, dig, ident
 
 Finding = tuple[str, str]
 """(field path, message): what a rule yields; rule_problems() adds the object's name."""
+
+
+def warning(rule):
+    """Marks a rule whose findings are hardening advice, not mistakes: `validate` and `submit`
+    print them as `warning: ...` and go on (Problem.warning)."""
+    rule.warning = True
+    return rule
+
 
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -58,10 +68,10 @@ def object_name(obj: dict[str, Any]) -> Iterator[Finding]:
         if not DNS1035.match(name) or len(name) > 63:
             yield (
                 "metadata.name",
-                f"{name!r} is not a DNS-1035 label (lowercase letters, digits, '-', starting with a letter, at most 63): rename the job",
+                f"{shown(name)} is not a DNS-1035 label (lowercase letters, digits, '-', starting with a letter, at most 63): rename the job",
             )
     elif name and not DNS1123_SUBDOMAIN.match(name):
-        yield "metadata.name", f"{name!r} is not a DNS-1123 name (lowercase letters, digits, '-', '.')"
+        yield "metadata.name", f"{shown(name)} is not a DNS-1123 name (lowercase letters, digits, '-', '.')"
 
 
 def label_values(obj: dict[str, Any]) -> Iterator[Finding]:
@@ -70,23 +80,50 @@ def label_values(obj: dict[str, Any]) -> Iterator[Finding]:
         if not LABEL_VALUE.match(str(v)) or len(str(v)) > 63:
             yield (
                 f"metadata.labels.{k}",
-                f"{v!r} is not a valid label value (at most 63 characters: letters, digits, '-', '_', '.')",
+                f"{shown(v)} is not a valid label value (at most 63 characters: letters, digits, '-', '_', '.')",
             )
 
 
 def credentials_by_reference(obj: dict[str, Any]) -> Iterator[Finding]:
-    """Credentials by secretKeyRef only, and every reference names its Secret and key."""
+    """Credentials by secretKeyRef only (by the variable's name: *TOKEN*, *_KEY, *_AUTH, *_PAT,
+    DSN, ... or its value's shape), and every reference names its Secret and key."""
     for path, e in walk_env(obj):
         name = str(e.get("name", ""))
-        if "value" in e and looks_secret(name):
+        if credential_kind(name, blobs=True):
+            name = "a variable whose name looks like a credential"  # reported, unquoted, by no_credentials_in_values
+        if "value" in e and secret_env_name(name) and not _names_a_file(e):
             yield (
                 path,
                 f"{name} has an inline value: credentials must come from a Secret (valueFrom.secretKeyRef), never a literal",
+            )
+        elif "value" in e and (kind := credential_kind(e["value"])):
+            yield (
+                f"{path}.value",
+                f"{name}'s value looks like {kind} (not shown): credentials must come from a Secret (valueFrom.secretKeyRef), never a literal",
             )
         for ref_kind in ("secretKeyRef", "configMapKeyRef"):
             ref = dig(e, "valueFrom", ref_kind)
             if ref is not None and (not ref.get("name") or not ref.get("key")):
                 yield f"{path}.valueFrom.{ref_kind}", f"{name}: name the Secret and its key"
+
+
+def _names_a_file(e: dict[str, Any]) -> bool:
+    """A `*_FILE` / `*_PATH` variable whose value is an absolute path names the file that holds a
+    credential (HF_TOKEN_PATH, AWS_SHARED_CREDENTIALS_FILE: cluster.secrets.as_files), not the credential."""
+    name, value = str(e.get("name", "")).upper(), str(e.get("value", ""))
+    return name.endswith(("_FILE", "_PATH")) and value.startswith("/") and not credential_kind(value)
+
+
+def no_credentials_in_values(obj: dict[str, Any]) -> Iterator[Finding]:
+    """No value outside an env entry looks like a credential (a URL with user:password in an
+    annotation or the trainer's config, a token in an argument): objects are readable by anyone
+    with read access to the namespace, and land in Git with GitOps. The value is never shown."""
+    for path, kind in find_credentials(obj):
+        if ".env[" in ".".join(path) and path[-1] == "value":
+            continue  # credentials_by_reference reports env entries
+        if obj.get("kind") == "Secret":
+            continue  # no_secret_objects reports the whole object
+        yield ".".join(path), f"holds {kind} (not shown): reference a Secret by name (secretKeyRef) instead"
 
 
 def no_secret_objects(obj: dict[str, Any]) -> Iterator[Finding]:
@@ -427,6 +464,165 @@ def grace_period_fits_a_checkpoint(pod: PodSite) -> Iterator[Finding]:
         )
 
 
+# --- hardening: the pod-security scanner's checks (checkov CKV_K8S_*), as ctrlnet sees them -----
+# The chart passes them by default (docs/kubernetes.md#hardening); a job that opts out, or a
+# hand-written manifest, gets a warning. Probes are not among them: a batch job has nothing to probe.
+
+_READ_ONLY_SOURCES = ("configMap", "secret", "downwardAPI", "projected")
+
+
+def _writable_mounts(pod: PodSite) -> list[str]:
+    """Mount paths of the container's writable volumes (emptyDir, PVC, ...; not read-only ones)."""
+    volumes = {v.get("name"): v for v in pod.spec.get("volumes") or []}
+    out = []
+    for m in _mounts(pod):
+        v = volumes.get(m.get("name"))
+        if not v or m.get("readOnly") or any(k in v for k in _READ_ONLY_SOURCES):
+            continue
+        if dig(v, "persistentVolumeClaim", "readOnly"):
+            continue
+        out.append(str(m.get("mountPath", "")).rstrip("/") or "/")
+    return out
+
+
+def _under(path: str, mounts: list[str]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def _env_value(pod: PodSite, name: str) -> str | None:
+    return next((str(e["value"]) for e in pod.env if e.get("name") == name and "value" in e), None)
+
+
+def _read_only_root(pod: PodSite) -> bool:
+    return pod.container is not None and _security_contexts(pod)[1].get("readOnlyRootFilesystem") is True
+
+
+def writable_scratch(pod: PodSite) -> Iterator[Finding]:
+    """With a read-only root filesystem, TMPDIR (/tmp) and HOME are on writable volumes: torchrun,
+    the staging of object-storage outputs and every cache (hub, torch, triton) write there."""
+    if not _read_only_root(pod):
+        return
+    writable = _writable_mounts(pod)
+    for var, path in (("TMPDIR", _env_value(pod, "TMPDIR") or TMP_DIR), ("HOME", _env_value(pod, "HOME"))):
+        if path and not _under(path, writable):
+            yield (
+                f"{pod.path}.containers.volumeMounts",
+                f"the root filesystem is read-only but {var} ({path}) is on no writable volume: mount an "
+                "emptyDir there (the chart mounts its scratch volume at /tmp and HOME)",
+            )
+
+
+def _local_absolute(url: str) -> str | None:
+    path = url[len("file://") :] if url.startswith("file://") else url
+    return path if "://" not in path and path.startswith("/") else None
+
+
+def local_paths_writable(job: dict[str, Any], objs: list[dict[str, Any]]) -> Iterator[Finding]:
+    """With a read-only root filesystem, the trainer's local train.output and model.cache_dir are
+    on writable volumes (else the first checkpoint fails, hours in)."""
+    cms = {(o.get("metadata") or {}).get("name"): o for o in objs if o.get("kind") == "ConfigMap"}
+    for name in mounted_configmaps(job):
+        train, _ = _train_config(cms[name]) if name in cms else (None, None)
+        if train is None:
+            continue
+        for key, value in (("output", train.output), ("model.cache_dir", train.model.cache_dir)):
+            path = _local_absolute(value) if value else None
+            pod = next((p for p in pod_sites(job) if _read_only_root(p) and path), None)
+            writable = [m for m in _writable_mounts(pod) if m != "/dev/shm"] if pod is not None else []
+            if pod is not None and path and not _under(path, writable):
+                yield (
+                    f"{pod.path}.containers.volumeMounts",
+                    f"train.{key} {shown(path)} is on the read-only root filesystem: write to object storage "
+                    f"(s3://...) or under a writable volume ({', '.join(writable) or 'none mounted'})",
+                )
+
+
+@warning
+def read_only_root_filesystem(pod: PodSite) -> Iterator[Finding]:
+    """(warning, checkov CKV_K8S_22) The container's root filesystem is read-only: nothing in the
+    pod can rewrite the image's files; the trainer writes to its volumes only."""
+    if pod.container is not None and not _read_only_root(pod):
+        yield (
+            f"{pod.path}.containers.securityContext.readOnlyRootFilesystem",
+            "is not true: set it, with /tmp and HOME on an emptyDir (as the chart does)",
+        )
+
+
+@warning
+def uid_at_least_10000(pod: PodSite) -> Iterator[Finding]:
+    """(warning, checkov CKV_K8S_40) runAsUser is at least 10000, so the trainer shares its uid
+    with no user of the node (the image's ctrlnet user is 10001)."""
+    pod_sc, c_sc = _security_contexts(pod)
+    uid = c_sc.get("runAsUser", pod_sc.get("runAsUser"))
+    if pod.container is not None and uid != 0 and (uid is None or int(uid) < 10000):
+        yield (
+            f"{pod.path}.securityContext.runAsUser",
+            f"{'is unset' if uid is None else f'is {uid}'}: run as a uid of at least 10000 (cluster.security, "
+            "default 10001, the image's ctrlnet user), which no user of the node has",
+        )
+
+
+@warning
+def image_pinned_by_digest(job: dict[str, Any]) -> Iterator[Finding]:
+    """(warning, checkov CKV_K8S_43) The trainer image is pinned by digest: a tag can be moved,
+    so the pods of one job, or a pod restarted hours later, could run different images."""
+    if job.get("kind") == "TrainJob":
+        images = [("spec.trainer.image", trainer(job).get("image"))]
+    else:
+        images = [
+            (f"{r.path}.template.spec.containers[{i}].image", c.get("image"))
+            for r in replicas(job)
+            for i, c in enumerate(r.pod.get("containers") or [])
+        ]
+    seen: set[str] = set()
+    for path, image in images:
+        if isinstance(image, str) and image and not IMAGE_DIGEST.search(image) and image not in seen:
+            seen.add(image)
+            yield (
+                path,
+                f"{image} is a tag the registry can move: pin its digest (cluster.image: "
+                f"{image.split('@')[0]}@sha256:<digest>; `docker buildx imagetools inspect {image}` prints it)",
+            )
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, Any]) -> bool:
+    """Whether a LabelSelector matches `labels` (an empty selector matches every pod)."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for ex in selector.get("matchExpressions") or []:
+        key, op, values = ex.get("key"), ex.get("operator"), ex.get("values") or []
+        if (
+            (op == "In" and labels.get(key) not in values)
+            or (op == "NotIn" and key in labels and labels[key] in values)
+            or (op == "Exists" and key not in labels)
+            or (op == "DoesNotExist" and key in labels)
+        ):
+            return False
+    return True
+
+
+@warning
+def pods_have_a_network_policy(job: dict[str, Any], objs: list[dict[str, Any]]) -> Iterator[Finding]:
+    """(warning, checkov CKV2_K8S_6) A NetworkPolicy among the objects selects the job's pods:
+    without one any pod of the cluster can reach their rendezvous port and collectives, and
+    they can reach anything."""
+    ns = dig(job, "metadata", "namespace")
+    policies = [
+        dig(o, "spec", "podSelector", default={}) or {}
+        for o in objs
+        if o.get("kind") == "NetworkPolicy" and (ns is None or dig(o, "metadata", "namespace") in (None, ns))
+    ]
+    for path, tpl in pod_templates(job):
+        labels = dig(tpl, "metadata", "labels", default={}) or {}
+        if not any(_selects(sel, labels) for sel in policies):
+            yield (
+                f"{path}.metadata.labels",
+                "no NetworkPolicy selects these pods: keep cluster.network_policy.enabled (the chart's "
+                "policy lets them reach each other, DNS and object storage only)",
+            )
+            return
+
+
 # --- across objects ------------------------------------------------------------------------------
 
 
@@ -443,7 +639,7 @@ def mounted_configmaps_present(job: dict[str, Any], objs: list[dict[str, Any]]) 
 Rule = Callable[..., Iterator[Finding]]
 RULES: dict[str, list[Rule]] = {
     # Keys: "*" (every object) or a kind: rule(obj). In the order they report.
-    "*": [object_name, label_values, credentials_by_reference],
+    "*": [object_name, label_values, credentials_by_reference, no_credentials_in_values],
     "Secret": [no_secret_objects],
     "ConfigMap": [trainer_config_loads, restarted_pods_resume],
     "PyTorchJob": [
@@ -455,6 +651,7 @@ RULES: dict[str, list[Rule]] = {
         queued_jobs_start_suspended,
         gang_fits,
         nproc_per_node_is_a_number,
+        image_pinned_by_digest,
     ],
     "TrainJob": [
         runtime_named,
@@ -463,6 +660,7 @@ RULES: dict[str, list[Rule]] = {
         queued_jobs_start_suspended,
         no_env_in_runtime_patches,
         node_container_patched,
+        image_pinned_by_digest,
     ],
     # Parts of jobs, after the job's own rules: rule(Replica) for each PyTorchJob replica, then
     # rule(PodSite) for each pod template (a PyTorchJob's replicas, a TrainJob's node).
@@ -485,20 +683,31 @@ RULES: dict[str, list[Rule]] = {
         uid_is_not_root,
         unprivileged,
         grace_period_fits_a_checkpoint,
+        writable_scratch,
+        read_only_root_filesystem,
+        uid_at_least_10000,
     ],
     # rule(job, every object), after every object's own rules.
-    "job, across objects": [mounted_configmaps_present],
+    "job, across objects": [mounted_configmaps_present, local_paths_writable, pods_have_a_network_policy],
 }
 
 
 def _apply(rules: list[Rule], who: str, *subject: Any) -> list[Problem]:
-    return [Problem(who, path, message, rule.__name__) for rule in rules for path, message in rule(*subject)]
+    return [
+        Problem(who, path, message, rule.__name__, warning=getattr(rule, "warning", False))
+        for rule in rules
+        for path, message in rule(*subject)
+    ]
 
 
 def referenced_secrets(obj: dict[str, Any]) -> set[str]:
-    """Names of the Secrets an object's env references (by secretKeyRef with a name and key)."""
+    """Names of the Secrets an object's env references (by secretKeyRef with a name and key) and
+    its pods mount (cluster.secrets.as_files)."""
     refs = (dig(e, "valueFrom", "secretKeyRef") for _, e in walk_env(obj))
-    return {r["name"] for r in refs if r is not None and r.get("name") and r.get("key")}
+    names = {r["name"] for r in refs if r is not None and r.get("name") and r.get("key")}
+    for site in pod_sites(obj):
+        names |= {n for v in site.spec.get("volumes") or [] if (n := dig(v, "secret", "secretName"))}
+    return names
 
 
 def rule_problems(objs: list[dict[str, Any]], secrets_seen: set[str] | None = None) -> list[Problem]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ctrlnet.config.credentials import credential_kind
 from ctrlnet.errors import UserError
 from ctrlnet.extras import require
 from ctrlnet.k8s.problem import Problem, ident
@@ -38,6 +39,21 @@ CRD_FILES = {
 }
 
 
+def check_kube_version(version: str) -> str:
+    """`version` as MAJOR.MINOR when kubernetes-validate has schemas for it; else one UserError
+    listing the range it has (an unknown version must not silently check against another)."""
+    kv = require("k8s", "kubernetes_validate.utils")
+    known = sorted({kv.major_minor(v) for v in kv.all_versions()}, key=_vkey)
+    match = re.fullmatch(r"v?(\d+)\.(\d+)(\.\d+)?", version.strip())
+    wanted = f"{match.group(1)}.{match.group(2)}" if match else None
+    if wanted not in known:
+        raise UserError(
+            f"--kube-version {version!r} is not supported: give a Kubernetes version from {known[0]} to "
+            f"{known[-1]} (the schemas kubernetes-validate ships), e.g. --kube-version {DEFAULT_KUBE_VERSION}"
+        )
+    return wanted
+
+
 def schema_problems(obj: dict[str, Any], kube_version: str = DEFAULT_KUBE_VERSION) -> list[Problem]:
     """Where `obj` breaks its kind's schema (a CRD ctrlnet knows, else the core kind's at `kube_version`)."""
     api_version, kind = obj.get("apiVersion"), obj.get("kind")
@@ -52,7 +68,7 @@ def schema_problems(obj: dict[str, Any], kube_version: str = DEFAULT_KUBE_VERSIO
     problems = []
     for err in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
         path = ".".join(str(p) for p in err.absolute_path)
-        problems.append(Problem(who, path, _message(err)))
+        problems.append(Problem(who, path, _message(err, secret=kind == "Secret")))
     return problems
 
 
@@ -150,8 +166,18 @@ def _vkey(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", v)[:2])
 
 
-def _message(err: Any) -> str:
+# Fields whose values may be credentials put there by mistake: a schema message never quotes them
+# (nor any field of a Secret).
+_SENSITIVE_FIELDS = frozenset({"env", "stringData", "binaryData", "annotations", "args", "command"})
+
+
+def _message(err: Any, secret: bool = False) -> str:
     if err.validator in ("anyOf", "oneOf") and err.context:
         err = min(err.context, key=lambda e: len(e.absolute_path))
     msg = err.message
+    value = err.instance
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        sensitive = secret or _SENSITIVE_FIELDS.intersection(map(str, err.absolute_path))
+        if sensitive or credential_kind(str(value), blobs=True):
+            msg = msg.replace(repr(value), "the value (not shown)")
     return msg if len(msg) <= 240 else msg[:237] + "..."

@@ -12,7 +12,6 @@ Each problem is one line: `<Kind>/<name>: <field path>: <what is wrong and what 
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 from ctrlnet.k8s.problem import Problem
@@ -23,14 +22,26 @@ __all__ = ["DEFAULT_KUBE_VERSION", "Problem", "rule_problems", "schema_problems"
 
 
 def validate_objects(
-    objs: list[dict[str, Any]], kube_version: str = DEFAULT_KUBE_VERSION, secrets_seen: set[str] | None = None
+    objs: list[dict[str, Any]],
+    kube_version: str = DEFAULT_KUBE_VERSION,
+    secrets_seen: set[str] | None = None,
+    warnings: list[Problem] | None = None,
 ) -> list[Problem]:
     """Every problem in `objs`: schema problems first, then rules; [] when all is well.
-    `secrets_seen` collects the Secrets the objects reference."""
+    `secrets_seen` collects the Secrets the objects reference, `warnings` the hardening advice
+    (Problem.warning: rules marked @warning in ctrlnet.k8s.rules), which is never a problem."""
     problems: list[Problem] = []
     for obj in objs:
         if not isinstance(obj, dict):
-            problems.append(Problem("?", "", f"not a Kubernetes object: {json.dumps(obj)[:80]}"))
+            # Never quoted: a stray scalar document may be a pasted credential.
+            problems.append(
+                Problem(
+                    "?", "", f"not a Kubernetes object: a {type(obj).__name__}, not a mapping with apiVersion and kind"
+                )
+            )
             continue
         problems += schema_problems(copy.deepcopy(obj), kube_version)
-    return problems + rule_problems([o for o in objs if isinstance(o, dict)], secrets_seen)
+    found = rule_problems([o for o in objs if isinstance(o, dict)], secrets_seen)
+    if warnings is not None:
+        warnings += [p for p in found if p.warning]
+    return problems + [p for p in found if not p.warning]

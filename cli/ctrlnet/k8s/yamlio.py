@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from ctrlnet.errors import UserError
+
 
 def parse_manifests(texts: Iterable[str]) -> list[dict[str, Any]]:
     """Every object in YAML texts (multi-document streams; the items of a `kind: List`), in order."""
@@ -18,6 +20,38 @@ def parse_manifests(texts: Iterable[str]) -> list[dict[str, Any]]:
                 objs += doc.get("items") or []
             elif doc:
                 objs.append(doc)
+    return objs
+
+
+_SHAPES = {str: "a string", list: "a list", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def parse_manifest_file(text: str, source: str) -> list[dict[str, Any]]:
+    """The objects of one file's YAML stream, as parse_manifests; bad input is one UserError
+    naming `source` and the line: YAML that does not parse, a document that is not an object."""
+    loader = yaml.SafeLoader(text)
+    objs: list[dict[str, Any]] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            doc = loader.construct_document(node)
+            if isinstance(doc, dict) and doc.get("kind") == "List":
+                objs += doc.get("items") or []
+            elif isinstance(doc, dict):
+                objs.append(doc)
+            elif doc is not None:
+                # Named by its type and line, never quoted: it may be a pasted credential.
+                raise UserError(
+                    f"{source}: the document at line {node.start_mark.line + 1} is {_SHAPES.get(type(doc), 'a scalar')}, "
+                    "not a Kubernetes object (a mapping with apiVersion and kind)"
+                )
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None)
+        raise UserError(f"{source}: not valid YAML{at}{f' ({problem})' if problem else ''}: fix the syntax") from None
+    finally:
+        loader.dispose()
     return objs
 
 

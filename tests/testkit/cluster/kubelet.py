@@ -10,7 +10,8 @@ How a container becomes a process (see also the LoopbackCluster docs):
   (value, valueFrom secretKeyRef/configMapKeyRef/fieldRef/resourceFieldRef, envFrom);
 * volumes are per-pod local folders (configMap/secret: their keys as files; emptyDir: a folder;
   persistentVolumeClaim: one folder per claim, shared by the pods that mount it and kept for the
-  cluster's lifetime; hostPath: the host path itself). Every command/arg/env value and workingDir
+  cluster's lifetime; hostPath: the host path itself; a subPath of an emptyDir or claim is created
+  as a folder, as the kubelet does). Every command/arg/env value and workingDir
   that starts with a volumeMount's mountPath (also `--flag=<mountPath>...`) is rewritten to the
   local folder: that is how `/etc/ctrlnet/config.yaml` is found;
 * host names of the pod's namespace (pods and services, with `.ns[.svc[.cluster.local]]`, and the
@@ -389,8 +390,15 @@ class PodRuntime(threading.Thread):
             if base is None:
                 continue
             local = base / m["subPath"] if m.get("subPath") else base
+            if m.get("subPath") and not local.exists() and base.is_dir() and not self._keyed(m.get("name", "")):
+                local.mkdir(parents=True, exist_ok=True)  # as the kubelet does for a subPath of an emptyDir or PVC
             out.append((m["mountPath"].rstrip("/") or "/", str(local)))
         return sorted(out, key=lambda t: -len(t[0]))
+
+    def _keyed(self, volume: str) -> bool:
+        """A volume whose subPaths name keys (configMap, secret, projected), not folders to create."""
+        v = next((v for v in self.pod["spec"].get("volumes") or [] if v.get("name") == volume), {})
+        return any(k in v for k in ("configMap", "secret", "projected", "downwardAPI"))
 
     def _rewrite_path(self, s: str, mm: list[tuple[str, str]]) -> str:
         def one(v: str) -> str:

@@ -121,9 +121,10 @@ def _core(
     subs: set[str] | None = None,
     categories: list[str] | None = None,
     returns_object: bool = False,
+    group: str = "",
 ) -> ResourceType:
     return ResourceType(
-        group="",
+        group=group,
         versions=["v1"],
         storage_version="v1",
         plural=plural,
@@ -148,6 +149,9 @@ def core_types() -> list[ResourceType]:
         _core("serviceaccounts", "ServiceAccount", short=["sa"]),
         _core("events", "Event", short=["ev"]),
         _core("persistentvolumeclaims", "PersistentVolumeClaim", short=["pvc"], subs={"status"}),
+        # Built in, in a named group: stored and schema-checked like the core kinds; not enforced
+        # (the pods share the loopback interface).
+        _core("networkpolicies", "NetworkPolicy", short=["netpol"], group="networking.k8s.io"),
     ]
 
 

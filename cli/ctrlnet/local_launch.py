@@ -1,0 +1,67 @@
+"""`ctrlnet train --nproc N`: N training processes on this machine (one per GPU), started the way
+a pod starts them — ctrlnet's torchrun launcher on a config file — so a workstation with several
+GPUs runs exactly the cluster's code path. The trainer is a child process: nothing of it is
+imported here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ctrlnet.config import contract
+from ctrlnet.config.train import TrainConfig
+from ctrlnet.extras import require
+
+
+@dataclass
+class LaunchResult:
+    controlnet: str
+    samples: str | None
+    loss_curve: str | None
+    metrics: str
+
+
+def train_processes(cfg: TrainConfig, nproc: int) -> tuple[int, LaunchResult | None]:
+    """(exit code, results). On failure the processes have printed why (the launcher's last line
+    is the error), so the caller only passes the code on."""
+    require("train", "torch")
+    with tempfile.TemporaryDirectory(prefix="ctrlnet-train-") as tmp:
+        config = Path(tmp) / contract.CONFIG_FILE
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        cmd = [
+            sys.executable,
+            "-m",
+            contract.LAUNCH_MODULE,
+            "--standalone",
+            "--nnodes=1",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            contract.TRAINER_MODULE,
+            "--config",
+            str(config),
+        ]
+        # CPU processes share the cores: one thread each unless the user chose (torchrun's default too).
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        code = subprocess.call(cmd, env=env)
+    return (code, None) if code else (0, _outputs(cfg.output))
+
+
+def _outputs(output: str) -> LaunchResult:
+    """Where the run's results are (the same report as an in-process run)."""
+    import fsspec
+
+    root = output.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(root)
+    samples = sorted(fs.glob(f"{path}/samples/step-*.png"), key=lambda p: int(p.rsplit("-", 1)[1].split(".")[0]))
+    return LaunchResult(
+        controlnet=f"{root}/{contract.FINAL_MODEL_DIR}",
+        samples=f"{root}/samples/{samples[-1].rsplit('/', 1)[1]}" if samples else None,
+        loss_curve=f"{root}/loss.png" if fs.exists(f"{path}/loss.png") else None,
+        metrics=f"{root}/{contract.METRICS_FILE}",
+    )
