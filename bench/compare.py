@@ -1,177 +1,281 @@
-"""Time ctrlnet's trainer and diffusers' train_controlnet.py side by side on one machine.
+"""The benchmark: ctrlnet's tiers and diffusers' train_controlnet.py (unchanged), side by side.
 
-Both train the same random-init base on the same parquet data with the same batch, resolution
-and precision. Prints `COMPARE_RESULT {json}`. See bench/README.md."""
+One invocation, one machine, one GPU: a random-weight base (`ctrlnet model init`), synthetic fill
+data (`ctrlnet data synth-fill`), the precompute of the cached tiers (timed once, on its own), then
+each tier of bench/tiers/ through `ctrlnet train -f`, then the reference through bench/ref_runner.py.
+Prints a table and one `COMPARE_RESULT {json}` line: samples/s, MFU (counted FLOPs per sample over
+the GPU's dense bf16 peak), peak memory, warm-up and compile time, and each row's ratios to the
+reference. docs/benchmarks.md explains every column and holds the results.
+
+    python bench/compare.py                                   # GPU: all tiers + reference, SD1.5, 512 px
+    python bench/compare.py --cpu --arch tiny --steps 3       # CPU smoke on the tiny base (no speed claim)
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import statistics
+import os
+import platform
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: make the `bench` package importable
 
-def run(cmd: list[str], log: Path) -> str:
-    print("+", " ".join(cmd), flush=True)
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
-    text = log.read_text()
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}); last output:\n{text[-3000:]}")
-    return text
+from bench import flops, ours, reference  # noqa: E402
+from bench.steps import Failed  # noqa: E402
 
-
-def ours(a, base: Path, data: Path, work: Path) -> dict:
-    out = work / "ours"
-    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time (the trainer refuses a used output)
-    empty = work / "empty.yaml"
-    empty.write_text("{}\n")  # every key comes from --set below
-    cmd = [
-        sys.executable,
-        "-m",
-        "ctrlnet_trainer",
-        "--config",
-        str(empty),
-        "--set",
-        f"output={out}",
-        "--set",
-        f"model.base={base}",
-        "--set",
-        f"data.dataset={data}",
-        "--set",
-        f"data.resolution={a.resolution}",
-        "--set",
-        f"data.num_workers={a.workers}",
-        "--set",
-        f"loop.batch_size={a.batch_size}",
-        "--set",
-        f"loop.max_steps={a.steps}",
-        "--set",
-        f"loop.mixed_precision={a.precision}",
-        "--set",
-        "loop.seed=0",
-        "--set",
-        f"checkpoint.every_steps={a.steps * 10}",
-        "--set",
-        "logging.report_to=none",
-        "--set",
-        "optim.learning_rate=1e-5",
-    ]
-    run(cmd, work / "ours.log")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    # metrics rows carry samples/s per step; convert to seconds per step.
-    step_s = [a.batch_size / r["samples_per_s"] for r in rows]
-    warm = step_s[len(step_s) // 4 :]
-    med = statistics.median(warm)
-    return {
-        "median_step_s": round(med, 4),
-        "samples_per_s": round(a.batch_size / med, 2),
-        "peak_alloc_gib": max((r.get("gpu_mem_gib") or 0) for r in rows) or None,
-    }
+GPU_TIERS = "fastest,fastest@32,6gb,zero-offload"
+CPU_DEFAULTS = {"arch": "tiny", "resolution": 64, "batch_size": 8, "precision": "no", "steps": 3}
+GPU_DEFAULTS = {"arch": "sd15", "resolution": 512, "batch_size": 16, "precision": "bf16", "steps": 40}
+REF_WORKERS = 8  # the reference's loader workers on a GPU (ours: each tier file's data.num_workers)
 
 
-def reference(a, base: Path, data: Path, work: Path) -> dict:
-    shutil.rmtree(work / "ref", ignore_errors=True)
-    cmd = [
-        sys.executable,
-        a.runner,
-        a.reference,
-        f"--pretrained_model_name_or_path={base}",
-        f"--train_data_dir={data}",
-        f"--output_dir={work / 'ref'}",
-        f"--resolution={a.resolution}",
-        f"--train_batch_size={a.batch_size}",
-        f"--max_train_steps={a.steps}",
-        f"--mixed_precision={a.precision}",
-        f"--dataloader_num_workers={a.workers}",
-        f"--checkpointing_steps={a.steps * 10}",
-        "--learning_rate=1e-5",
-        "--seed=0",
-        "--report_to=tensorboard",
-    ]
-    if a.torchvision_shim:
-        cmd.insert(1, str(Path(__file__).resolve().parent / "cpu_shim" / "run_with_shim.py"))
-    text = run(cmd, work / "ref.log")
-    line = next(ln for ln in text.splitlines()[::-1] if ln.startswith("REFERENCE_RESULT "))
-    r = json.loads(line.split(" ", 1)[1])
-    med = r["median_step_s"]
-    return {
-        "median_step_s": round(med, 4),
-        "samples_per_s": round(a.batch_size / med, 2),
-        "peak_alloc_gib": r.get("peak_alloc_gib"),
-    }
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reference", help="path to diffusers' train_controlnet.py (unchanged)")
-    p.add_argument("--runner", help="path to shared/bench/run_reference.py")
-    p.add_argument("--arch", default="sd15", choices=["sd15", "tiny"])
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", default="bf16", choices=["no", "fp16", "bf16"])
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--rows", type=int, default=0, help="dataset rows (default: enough for the steps)")
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--only", choices=["ours", "reference"], default=None)
-    p.add_argument("--work", default=None)
     p.add_argument(
-        "--torchvision-shim",
-        action="store_true",
-        help="run the reference with bench/cpu_shim's torchvision.transforms (no torchvision here)",
+        "--cpu", action="store_true", help="smoke run on the CPU: tiny base, 64 px, GPU-only keys overridden"
     )
-    a = p.parse_args()
-    work = Path(a.work or tempfile.mkdtemp(prefix="ctrlnet-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    base, data = work / "base", work / "data"
-    ctrlnet = [sys.executable, "-c", "from ctrlnet.cli import main; main()"]
-    if not (base / "model_index.json").exists():
-        run([*ctrlnet, "model", "init", "--out", str(base), "--arch", a.arch], work / "init.log")
-    if not (data / "train.parquet").exists():
-        rows = a.rows or a.batch_size * (a.steps + 2)
-        run(
-            [
-                *ctrlnet,
-                "data",
-                "synth-fill",
-                "--out",
-                str(data),
-                "--rows",
-                str(rows),
-                "--resolution",
-                str(a.resolution),
-            ],
-            work / "data.log",
-        )
-    result = {
-        "arch": a.arch,
-        "resolution": a.resolution,
-        "batch_size": a.batch_size,
-        "precision": a.precision,
-        "steps": a.steps,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    p.add_argument(
+        "--tiers", default=None, help=f"comma-separated, TIER or TIER@BATCH (default: {GPU_TIERS}; --cpu: the tiers)"
+    )
+    p.add_argument("--only", choices=["ours", "reference"], default=None, help="run one side only")
+    p.add_argument("--reference", type=Path, default=reference.DEFAULT_SCRIPT, help="diffusers' train_controlnet.py")
+    p.add_argument("--arch", choices=["sd15", "tiny"], default=None, help="base architecture (random weights)")
+    p.add_argument("--resolution", type=int, default=None, help="pixels, every run (default 512; --cpu: 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="the reference's batch (default 16; --cpu: 8)")
+    p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None, help="the reference's mixed precision")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40; --cpu: 3)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data loader workers, every run (default: the tiers' own, reference 8; --cpu: 0)",
+    )
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
+    p.add_argument("--jobs", type=int, default=None, help="--cpu only: runs at a time (default 2; timings: 1)")
+    p.add_argument("--work", type=Path, default=None, help="folder for base, data, caches, runs and logs")
+    p.add_argument("--torchvision-shim", action="store_true", help="run the reference with bench/cpu_shim's transforms")
+    a = p.parse_args(argv)
+    for key, value in (CPU_DEFAULTS if a.cpu else GPU_DEFAULTS).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.cpu and a.workers is None:
+        a.workers = 0  # worker processes only cost start-up time on a smoke run
+    if a.jobs is not None and a.jobs > 1 and not a.cpu:
+        p.error("--jobs above 1 is for the CPU smoke run: GPU runs take the GPU one at a time")
+    a.jobs = a.jobs or (2 if a.cpu else 1)
     try:
-        import torch
+        a.tier_list = [
+            ours.Tier.parse(t) for t in (a.tiers or (",".join(ours.TIERS) if a.cpu else GPU_TIERS)).split(",")
+        ]
+    except ValueError as e:
+        p.error(str(e))
+    return a
 
-        result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        pass
-    if a.only != "reference":
-        result["ours"] = ours(a, base, data, work)
-    if a.only != "ours":
-        if not (a.reference and a.runner):
-            sys.exit("--reference and --runner are needed to time the reference (or pass --only ours)")
-        result["reference"] = reference(a, base, data, work)
-    if "ours" in result and "reference" in result:
-        result["speedup"] = round(result["reference"]["median_step_s"] / result["ours"]["median_step_s"], 3)
+
+def environment(cpu: bool) -> dict:
+    import diffusers
+    import torch
+
+    env = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+    }
+    if not cpu and torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        try:
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            env["driver"] = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip() or None
+        except OSError:
+            env["driver"] = None
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    return env
+
+
+def prepare(a, work: Path, rows: int) -> tuple[Path, Path]:
+    """The base and the data, written once per work folder by the code behind `ctrlnet model
+    init` and `ctrlnet data synth-fill` (in this process: two fewer interpreter start-ups)."""
+    from ctrlnet_trainer.base_model import write_base
+    from ctrlnet_trainer.synthetic import write_fill_parquet
+
+    base, data = work / f"base-{a.arch}", work / f"data-{a.resolution}px-{rows}"
+    if not (base / "model_index.json").exists():
+        print(f"+ ctrlnet model init --arch {a.arch} --out {base}", flush=True)
+        write_base(base, arch=a.arch, seed=0, overwrite=True)
+    if not (data / "train.parquet").exists():
+        print(f"+ ctrlnet data synth-fill --rows {rows} --resolution {a.resolution} --out {data}", flush=True)
+        write_fill_parquet(str(data), rows=rows, resolution=a.resolution, seed=0, overwrite=True)
+    return base, data
+
+
+def run_all(a, setup: ours.Setup, base: Path, data: Path, result: dict) -> None:
+    """Every run, `a.jobs` at a time (one at a time on a GPU: runs never share it). A cached tier
+    starts once its cache is made; each distinct cache is precomputed once, before the tiers that
+    read it. A run that fails is a row with its error: the others' figures still count."""
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        ref = None
+        if a.only != "ours" and a.jobs > 1:  # alongside the precompute
+            ref = pool.submit(_guarded, "reference", None, run_reference, a, setup, base, data)
+        made: dict[str, tuple[Path, Future]] = {}
+        tiers: list[Future | dict] = []
+        for tier in [] if a.only == "reference" else a.tier_list:
+            try:
+                train = ours.load(tier, setup)
+            except Exception as e:  # noqa: BLE001 - a tier file that does not load is that tier's failure
+                tiers.append(_failed(tier.label, tier.shown, e))
+                continue
+            cache, precomputed = None, None
+            if train.data.cache:
+                key = ours.cache_key(train)
+                if key not in made:
+                    path = setup.work / f"cache-{len(made)}"
+                    made[key] = (
+                        path,
+                        pool.submit(_guarded, f"precompute {path.name}", None, ours.precompute, tier, setup, path),
+                    )
+                cache, precomputed = made[key]
+            tiers.append(pool.submit(_guarded, tier.label, tier.shown, _train, tier, setup, cache, precomputed))
+        if a.only != "ours" and ref is None:
+            ref = pool.submit(_guarded, "reference", None, run_reference, a, setup, base, data)
+        result["precompute"] = [f.result() for _, f in made.values()]
+        result["runs"] = [t if isinstance(t, dict) else t.result() for t in tiers] + ([ref.result()] if ref else [])
+
+
+def _guarded(name: str, config: str | None, job, *args) -> dict:
+    try:
+        return job(*args)
+    except Exception as e:  # noqa: BLE001 - reported in its row, and on stderr as it happens
+        return _failed(name, config, e)
+
+
+def _failed(name: str, config: str | None, error: Exception) -> dict:
+    print(f"{name} failed: {error}", file=sys.stderr, flush=True)
+    return {"name": name, **({"config": config} if config else {}), "error": str(error)}
+
+
+def _train(tier: ours.Tier, setup: ours.Setup, cache: Path | None, precomputed: Future | None) -> dict:
+    if precomputed is not None and "error" in (made := precomputed.result()):
+        raise Failed(f"its cache could not be made: {made['error']}")
+    return ours.train(tier, setup, cache)
+
+
+def run_reference(a, setup: ours.Setup, base: Path, data: Path) -> dict:
+    return reference.run_reference(
+        a.reference,
+        base=base,
+        data=data,
+        work=setup.work,
+        batch=a.batch_size,
+        resolution=a.resolution,
+        steps=a.steps,
+        precision=a.precision,
+        workers=REF_WORKERS if a.workers is None else a.workers,
+        shim=a.torchvision_shim or (a.cpu and not reference.torchvision_importable()),
+        env=setup.env,
+    )
+
+
+def count_flops(result: dict, base: Path) -> None:
+    """Each row's counted FLOPs per sample (bench/flops.py), once per distinct step shape."""
+    counted: dict[tuple, float] = {}
+    for row in result["runs"]:
+        if "error" in row:
+            continue
+        key = (row["resolution"], row["batch_size"], not row["cached"])
+        if key not in counted:
+            counted[key] = flops.flops_per_sample(base, key[1], key[0], encode=key[2])
+        row["flops_per_sample"] = counted[key]
+
+
+def finish(result: dict, peak: float | None) -> None:
+    """MFU and the ratios to the reference, on every row that ran."""
+    ref = next((r for r in result["runs"] if r["name"] == "reference" and "error" not in r), None)
+    for row in result["runs"]:
+        if "error" in row:
+            continue
+        row["mfu"] = _round(flops.mfu(row["flops_per_sample"], row["samples_per_s"], peak), 4)
+        if ref is not None and row is not ref:
+            row["speedup"] = round(row["samples_per_s"] / ref["samples_per_s"], 3)
+            if row["peak_memory_gib"] and ref["peak_memory_gib"]:
+                row["memory_ratio"] = round(row["peak_memory_gib"] / ref["peak_memory_gib"], 3)
+
+
+def table(result: dict) -> str:
+    cols = [
+        ("run", "name", "{}"),
+        ("batch", "batch_size", "{}"),
+        ("px", "resolution", "{}"),
+        ("samples/s", "samples_per_s", "{:.2f}"),
+        ("s/step", "median_step_s", "{:.4f}"),
+        ("TFLOP/sample", "flops_per_sample", "{:.4g}", 1e12),
+        ("MFU", "mfu", "{:.1%}"),
+        ("peak GiB", "peak_memory_gib", "{:.2f}"),
+        ("warm-up s", "warmup_s", "{:.1f}"),
+        ("compile s", "compile_s", "{:.1f}"),
+        ("x ref", "speedup", "{:.2f}"),
+        ("mem x ref", "memory_ratio", "{:.2f}"),
+    ]
+    lines = [[c[0] for c in cols]]
+    for row in result["runs"]:
+        if "error" in row:
+            lines.append([row["name"], "failed: " + row["error"].splitlines()[0]])
+            continue
+        cells = []
+        for col in cols:
+            value = row.get(col[1])
+            if value is not None and len(col) > 3:
+                value = value / col[3]
+            cells.append("-" if value is None else col[2].format(value))
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(cols))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in lines]
+    for p in result["precompute"]:
+        out.append(f"precompute ({p['for']}): {p['rows']} rows in {p['seconds']} s -> {p['cache']}")
+    return "\n".join(out)
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    work = a.work or Path(tempfile.mkdtemp(prefix="ctrlnet-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if a.cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run is a CPU run even on a GPU machine
+    batches = [t.batch or ours.file_batch(t) for t in a.tier_list] + [a.batch_size]
+    base, data = prepare(a, work, rows=max(batches) * (a.steps + 2))
+    setup = ours.Setup(base, data, work, a.steps, a.resolution, a.workers, a.cpu, env)
+    result: dict = {"env": environment(a.cpu), "steps": a.steps, "arch": a.arch, "work": str(work)}
+    peak = a.peak_tflops or (None if a.cpu else flops.peak_tflops(result["env"].get("device")))
+    result["peak_tflops"] = peak
+    if a.only != "ours" and not a.reference.is_file():
+        why = f"no reference script at {a.reference} (bench/README.md: how to fetch it)"
+        if not a.cpu:
+            sys.exit(f"error: {why}; or pass --only ours")
+        result["reference_skipped"] = why  # offline, e.g. CI: the smoke run is ours alone
+        print(f"reference skipped: {why}", file=sys.stderr, flush=True)
+        a.only = "ours"
+    run_all(a, setup, base, data, result)
+    count_flops(result, base)
+    finish(result, peak)
+    print(table(result), flush=True)
     print("COMPARE_RESULT " + json.dumps(result), flush=True)
+    return 1 if any("error" in r for r in result["runs"]) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from testkit.cli import assert_user_error
+
 pytestmark = pytest.mark.slow
 
 CTRLNET = Path(sys.executable).parent / "ctrlnet"
@@ -36,16 +38,6 @@ def ctrlnet(env, tmp_path):
         )
 
     return run
-
-
-def assert_user_error(proc, *words):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    for word in words:
-        assert word in errors[0], errors[0]
-    return errors[0]
 
 
 def sha256(path: Path) -> str:

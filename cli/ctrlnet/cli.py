@@ -5,7 +5,7 @@ import sys
 
 import typer
 
-from ctrlnet.commands import cluster_cmd, config_cmd, k8s, local
+from ctrlnet.commands import cluster_cmd, config_cmd, k8s, local, precompute_cmd
 from ctrlnet.errors import UserError
 
 app = typer.Typer(
@@ -16,7 +16,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (config_cmd, local, k8s, cluster_cmd):
+for module in (config_cmd, local, precompute_cmd, k8s, cluster_cmd):
     module.register(app)
 
 

@@ -1,7 +1,7 @@
-"""`ctrlnet train --nproc N`: N training processes on this machine (one per GPU), started the way
-a pod starts them — ctrlnet's torchrun launcher on a config file — so a workstation with several
-GPUs runs exactly the cluster's code path. The trainer is a child process: nothing of it is
-imported here."""
+"""`ctrlnet train --nproc N` (and `ctrlnet precompute --nproc N`): N processes on this machine (one
+per GPU), started the way a pod starts them — ctrlnet's torchrun launcher running a trainer module
+on a config file — so a workstation with several GPUs runs exactly the cluster's code path. The
+trainer is a child process: nothing of it is imported here."""
 
 from __future__ import annotations
 
@@ -30,8 +30,15 @@ class LaunchResult:
 def train_processes(cfg: TrainConfig, nproc: int) -> tuple[int, LaunchResult | None]:
     """(exit code, results). On failure the processes have printed why (the launcher's last line
     is the error), so the caller only passes the code on."""
+    code = run_processes(cfg, nproc, contract.TRAINER_MODULE)
+    return (code, None) if code else (0, _outputs(cfg.output))
+
+
+def run_processes(cfg: TrainConfig, nproc: int, module: str, args: tuple[str, ...] = ()) -> int:
+    """Run `python -m <module> --config <cfg> <args>` in `nproc` processes under ctrlnet's launcher;
+    the exit code (the launcher has printed each distinct worker error once, last)."""
     require("train", "torch")
-    with tempfile.TemporaryDirectory(prefix="ctrlnet-train-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ctrlnet-launch-") as tmp:
         config = Path(tmp) / contract.CONFIG_FILE
         config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         cmd = [
@@ -42,14 +49,14 @@ def train_processes(cfg: TrainConfig, nproc: int) -> tuple[int, LaunchResult | N
             "--nnodes=1",
             f"--nproc-per-node={nproc}",
             "-m",
-            contract.TRAINER_MODULE,
+            module,
             "--config",
             str(config),
+            *args,
         ]
         # CPU processes share the cores: one thread each unless the user chose (torchrun's default too).
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        code = subprocess.call(cmd, env=env)
-    return (code, None) if code else (0, _outputs(cfg.output))
+        return subprocess.call(cmd, env=env)
 
 
 def _outputs(output: str) -> LaunchResult:

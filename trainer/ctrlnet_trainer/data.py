@@ -135,6 +135,14 @@ def subset(source: Source, max_samples: int | None, seed: int) -> Source:
     return Source(source.rows.select(order), source.root)
 
 
+def training_rows(cfg: DataConfig, cache_dir: str | None, seed: int) -> Source:
+    """The rows a map-style run trains on, row i = dataset index i: what `ctrlnet precompute`
+    encodes and what a cached run checks the cache's row count against."""
+    source = open_source(cfg, cache_dir, seed)
+    check_columns(source, cfg)
+    return subset(source, cfg.max_train_samples, seed)
+
+
 class _Indexed:
     def __init__(self, rows, order: list[int]):
         self.rows, self.order = rows, order

@@ -1,11 +1,24 @@
 """What a run reports while it trains: the `Meter` (windowed loss and samples/s between logging
 steps) writes metrics.jsonl (one line per logged step), the tracker (TensorBoard through
 accelerate), a progress bar in a terminal or progress lines (ctrlnet.config.progress) on a pod's
-stdout; at the end, a loss curve PNG."""
+stdout; at the end, a loss curve PNG.
+
+Speed fields of a row (a window = the steps since the previous row; paused time excluded):
+    step_s           mean wall seconds per optimizer step
+    data_wait_s      mean seconds per step spent blocked waiting for the next batch (0: the loader
+                     keeps up; close to step_s: the GPU starves)
+    compile_s        once, in the first row after the process's first WARMUP_STEPS steps (or the
+                     last row of a shorter run): how much longer the first step took than the
+                     median of the steps after it, data waits left out. The one-time cost of
+                     torch.compile (plus cuDNN autotuning and allocator warm-up, a fraction of a
+                     second in an eager run); a warm compile cache shrinks it
+    peak_memory_gib  CUDA: the window's peak of allocated memory (gpu_mem_gib: the run's peak so far)
+"""
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -18,12 +31,9 @@ from ctrlnet.config.progress import format_line
 from ctrlnet_trainer.storage import Prefix
 
 LOSS_CURVE = "loss.png"
-
-
-def gpu_memory_gib() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+# Steps timed one by one at the start (synchronized on CUDA, so each is its own device time): the
+# first against the median of the rest gives compile_s.
+WARMUP_STEPS = 4
 
 
 class MetricsLog:
@@ -133,11 +143,36 @@ class Meter:
         self.count_skipped, self.window_skipped = count_skipped, torch.zeros((), device=device)
         self.window_start = time.perf_counter()
         self.paused_seconds = 0.0
+        self.device = device
+        self.window_data_wait = 0.0
+        # Per-step timing of the first WARMUP_STEPS steps (for compile_s); paused time left out.
+        self.step_mark, self.paused_total, self.paused_at_mark = self.window_start, 0.0, 0.0
+        self.step_data_wait, self.first_steps, self.compile_reported = 0.0, [], False
+        self.run_peak_gib = 0.0
+
+    @contextmanager
+    def waiting(self):
+        """Time spent in here is the step waiting for its batch (data_wait_s)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            waited = time.perf_counter() - start
+            self.window_data_wait += waited
+            self.step_data_wait += waited
 
     def add(self, loss: torch.Tensor) -> None:
         """One optimizer step's mean loss (a device tensor: no host sync until the window is logged)."""
         self.window_loss += loss.detach()
         self.window_steps += 1
+        if len(self.first_steps) < WARMUP_STEPS:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # a step's time is its device time, not its launch time
+            now = time.perf_counter()
+            took = now - self.step_mark - (self.paused_total - self.paused_at_mark)
+            self.first_steps.append(max(0.0, took - self.step_data_wait))
+            self.step_mark, self.paused_at_mark = now, self.paused_total
+        self.step_data_wait = 0.0
 
     def skipped(self, rows: int) -> None:
         """This process skipped `rows` unreadable rows (reported as `skipped_rows` with the window)."""
@@ -159,12 +194,20 @@ class Meter:
             "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
             "samples_per_s": round(self.samples_per_step * self.window_steps / max(elapsed, 1e-9), 3),
             "epoch": epoch,
+            "step_s": round(elapsed / self.window_steps, 5),
+            "data_wait_s": round(self.window_data_wait / self.window_steps, 5),
         }
+        if (compile_s := self._compile_s(last=step == self.total)) is not None:
+            row["compile_s"] = compile_s
         if self.count_skipped:  # a collective on every rank, as the config is the same everywhere
             row["skipped_rows"] = int(all_reduce(self.window_skipped).item())
             self.window_skipped.zero_()
-        if (mem := gpu_memory_gib()) is not None:
-            row["gpu_mem_gib"] = mem
+        if self.device.type == "cuda":
+            window_peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)  # the next window's peak is its own
+            self.run_peak_gib = max(self.run_peak_gib, window_peak)
+            row["gpu_mem_gib"] = round(self.run_peak_gib, 3)
+            row["peak_memory_gib"] = round(window_peak, 3)
         if self.progress_lines:
             left = (self.total - step) * self.samples_per_step / max(row["samples_per_s"], 1e-9)
             print(
@@ -174,6 +217,8 @@ class Meter:
                     total=self.total,
                     loss=row["loss"],
                     samples_per_s=row["samples_per_s"],
+                    step_s=row["step_s"],
+                    data_wait_s=row["data_wait_s"],
                     eta_s=round(left),
                     epoch=epoch,
                 ),
@@ -186,7 +231,16 @@ class Meter:
         self.progress.update(loss=f"{mean_loss:.4f}")
         self.window_loss.zero_()
         self.window_steps, self.window_start, self.paused_seconds = 0, time.perf_counter(), 0.0
+        self.window_data_wait = 0.0
         return row
+
+    def _compile_s(self, last: bool) -> float | None:
+        """compile_s, once: the first step's excess over the median of the steps after it."""
+        steps = self.first_steps
+        if self.compile_reported or len(steps) < 2 or (len(steps) < WARMUP_STEPS and not last):
+            return None
+        self.compile_reported = True
+        return round(max(0.0, steps[0] - statistics.median(steps[1:])), 3)
 
     def checkpointed(self, step: int, url: str) -> None:
         """A checkpoint was committed: tell status (and publish the metrics written so far)."""
@@ -205,7 +259,9 @@ class Meter:
         try:
             yield
         finally:
-            self.paused_seconds += time.perf_counter() - start
+            paused = time.perf_counter() - start
+            self.paused_seconds += paused
+            self.paused_total += paused
 
     def publish(self) -> None:
         """Bring the metrics and TensorBoard logs written so far into the output (main process)."""

@@ -19,8 +19,8 @@ from ctrlnet_trainer.storage import Prefix, is_remote, local_path, looks_like_pa
 class Models:
     family: str
     tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
+    text_encoder: torch.nn.Module | None  # None: training from a precomputed cache (cached.py)
+    vae: torch.nn.Module | None  # None: a cached run's process that renders no validation samples
     unet: torch.nn.Module
     noise_scheduler: object
     controlnet: torch.nn.Module
@@ -123,28 +123,36 @@ def detect_family(base: str, cfg: TrainConfig) -> str:
     return "sdxl" if "XL" in name else "sd"
 
 
-def load_models(cfg: TrainConfig, seed: int) -> Models:
+@dataclass
+class Base:
+    """The frozen parts of a base, as loaded (unet None when not asked for)."""
+
+    family: str
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module | None
+    noise_scheduler: object
+
+
+def load_base(cfg: TrainConfig, seed: int, *, with_unet: bool = True) -> Base:
+    """model.base (or the built-in tiny base when unset), checked and loaded; one line when it cannot be."""
     if cfg.model.base is None:
         from ctrlnet_trainer.base_model import build_base
 
         parts = build_base("tiny", seed=seed)
-        family, base = "sd", None
-        tokenizer, text_encoder, vae, unet, scheduler = (
-            parts.tokenizer,
-            parts.text_encoder,
-            parts.vae,
-            parts.unet,
-            parts.noise_scheduler,
-        )
-    else:
-        base = resolve_location(cfg.model.base, "model.base", cfg.model.cache_dir, cfg.model.revision)
-        check_base_layout(base, "model.base", cfg.model.base, need_tokenizer=cfg.model.tokenizer is None)
-        family = detect_family(base, cfg)
-        if family == "sdxl":
-            raise UserError(
-                "model.base is an SDXL model; this trainer supports SD1.x/2.x so far: use an SD1.x/2.x base"
-            )
-        tokenizer, text_encoder, vae, unet, scheduler = _load_sd(base, cfg)
+        return Base("sd", parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler)
+    base = resolve_location(cfg.model.base, "model.base", cfg.model.cache_dir, cfg.model.revision)
+    check_base_layout(base, "model.base", cfg.model.base, need_tokenizer=cfg.model.tokenizer is None)
+    family = detect_family(base, cfg)
+    if family == "sdxl":
+        raise UserError("model.base is an SDXL model; this trainer supports SD1.x/2.x so far: use an SD1.x/2.x base")
+    return Base(family, *_load_sd(base, cfg, with_unet))
+
+
+def load_models(cfg: TrainConfig, seed: int) -> Models:
+    base = load_base(cfg, seed)
+    unet, scheduler = base.unet, base.noise_scheduler
 
     if cfg.model.controlnet:
         from diffusers import ControlNetModel
@@ -167,10 +175,20 @@ def load_models(cfg: TrainConfig, seed: int) -> Models:
         )
     if cfg.model.prediction_type:
         scheduler.register_to_config(prediction_type=prediction_type)
-    return Models(family, tokenizer, text_encoder, vae, unet, scheduler, controlnet, prediction_type, cfg.model.base)
+    return Models(
+        base.family,
+        base.tokenizer,
+        base.text_encoder,
+        base.vae,
+        unet,
+        scheduler,
+        controlnet,
+        prediction_type,
+        cfg.model.base,
+    )
 
 
-def _load_sd(base: str, cfg: TrainConfig):
+def _load_sd(base: str, cfg: TrainConfig, with_unet: bool):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -185,7 +203,7 @@ def _load_sd(base: str, cfg: TrainConfig):
         weights = dict(variant=m.variant, **opts)
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **weights)
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **weights)
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights) if with_unet else None
     except Exception as e:
         raise UserError(
             f"model.base {m.base!r} could not be loaded ({_short(e)}): it must hold a Stable Diffusion "
@@ -195,8 +213,9 @@ def _load_sd(base: str, cfg: TrainConfig):
 
 
 def prepare_for_training(models: Models, cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> None:
-    """Freeze the base in `weight_dtype` on `device`; ControlNet stays fp32 (master weights)."""
-    for frozen in (models.vae, models.unet, models.text_encoder):
+    """Freeze the base in `weight_dtype` on `device`; ControlNet stays fp32 (master weights).
+    A part set to None is not needed (a cached run drops its encoders: cached.py)."""
+    for frozen in (m for m in (models.vae, models.unet, models.text_encoder) if m is not None):
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(device)

@@ -10,7 +10,7 @@ import os
 
 from ctrlnet.config.contract import METRICS_FILE
 from ctrlnet.config.train import TrainConfig
-from ctrlnet_trainer import accel, rundir, storage
+from ctrlnet_trainer import accel, rundir, speed, storage
 from ctrlnet_trainer.checkpoints import ResumePoint
 from ctrlnet_trainer.preemption import StopFlag
 from ctrlnet_trainer.quiet import quiet_library_noise
@@ -29,7 +29,9 @@ def train(cfg: TrainConfig) -> RunResult:
         hub_token(cfg.hub)  # fail before training, not after
     # Reach every object store the run names once, quickly: no credentials or an unreachable
     # endpoint is one line in seconds, not a traceback after minutes of retries.
-    storage.probe(outputs=[cfg.output], inputs=[cfg.model.base, cfg.data.dataset, cfg.checkpoint.resume])
+    storage.probe(
+        outputs=[cfg.output], inputs=[cfg.model.base, cfg.data.dataset, cfg.data.cache, cfg.checkpoint.resume]
+    )
     output = Prefix(cfg.output)
     done = rundir.finished_as_configured(output, cfg)
     if done is not None:  # e.g. a restarted pod of a job that is done: nothing to train, nothing to overwrite
@@ -49,7 +51,8 @@ def train(cfg: TrainConfig) -> RunResult:
     accelerator = accel.build_accelerator(cfg, output.local(), use_cuda)
     stop = StopFlag().install()
     try:
-        return Trainer(cfg, accelerator, output, stop, resume).train()
+        with speed.process_settings(cfg, accelerator.device):  # compile cache, SDPA kernels; restored after
+            return Trainer(cfg, accelerator, output, stop, resume).train()
     finally:
         stop.uninstall()
         for tracker in accelerator.trackers:  # not end_training(): the process group outlives a run

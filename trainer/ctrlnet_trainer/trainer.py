@@ -21,8 +21,9 @@ import torch
 from ctrlnet.config.contract import FINAL_MODEL_DIR, METRICS_FILE
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
-from ctrlnet_trainer import accel, data, optim, rundir
+from ctrlnet_trainer import accel, data, optim, rundir, speed
 from ctrlnet_trainer import models as model_lib
+from ctrlnet_trainer.cached import CachedRun
 from ctrlnet_trainer.checkpoints import Checkpointer, ResumePoint
 from ctrlnet_trainer.metrics import Meter
 from ctrlnet_trainer.preemption import Preempted, StopFlag
@@ -62,17 +63,35 @@ class Trainer:
 
         set_seed(self.seed)
         self.models = model_lib.load_models(cfg, self.seed)
+        # data.cache: the rows come encoded, checked against this config here (before anything
+        # trains or the output is claimed); the encoders never reach the device (cached.py).
+        self.cached = (
+            CachedRun.open(cfg, self.seed, self.models, self.weight_dtype, self.ranks, accelerator)
+            if cfg.data.cache
+            else None
+        )
         model_lib.prepare_for_training(self.models, cfg, self.device, self.weight_dtype)
+        speed_lines = speed.apply_speed_settings(self.models, cfg, self.device)  # compile, channels_last, fp8
+        if self.ranks.is_main:
+            print("\n".join(f"speed: {line}" for line in speed_lines), flush=True)
+        needed = speed.GradientCheck.needed(cfg, self.device)  # compiled gradients == eager ones, once
+        self.grad_check = speed.GradientCheck(self.models.controlnet, self.ranks.is_main) if needed else None
         if cfg.loop.allow_tf32 and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.encoder = OnlineEncoder(self.models, self.weight_dtype, self.device)
+        if self.cached:
+            self.encoder = self.cached.encoder(self.weight_dtype, self.device)
+        else:
+            self.encoder = OnlineEncoder(self.models, self.weight_dtype, self.device)
 
         # --- data
-        source = data.open_source(cfg.data, cfg.model.cache_dir, self.seed)
-        data.check_columns(source, cfg.data)
-        self.source = data.subset(source, cfg.data.max_train_samples, self.seed)
-        self.examples = data.Examples(self.source, cfg.data, self.models.tokenizer, self.seed)
+        if self.cached:  # the same rows, indices and per-epoch caption choice, already encoded
+            self.source, self.examples = self.cached.source, self.cached.examples
+        else:
+            source = data.open_source(cfg.data, cfg.model.cache_dir, self.seed)
+            data.check_columns(source, cfg.data)
+            self.source = data.subset(source, cfg.data.max_train_samples, self.seed)
+            self.examples = data.Examples(self.source, cfg.data, self.models.tokenizer, self.seed)
 
         # --- optimizer, LR schedule, accelerate state
         accum = cfg.loop.gradient_accumulation_steps
@@ -105,6 +124,7 @@ class Trainer:
             seed=self.seed,
             is_main=self.ranks.is_main,
             sharded=deepspeed and cfg.distributed.zero_stage == 3,
+            prompts=self.cached.prompts if self.cached else None,
         )
 
         # --- inputs checked, about to train: the output is taken from here on (rundir)
@@ -142,7 +162,8 @@ class Trainer:
                 epoch=self.batches.position.epoch,
             )
             stop = self.stop.agreed(self.device)
-            with self.meter.paused():  # samples/s measures training, not checkpoints or validation
+            # samples/s measures training, not checkpoints or validation; validation runs uncompiled
+            with self.meter.paused(), speed.eager():
                 checkpoint = self.checkpointer.maybe_save(self.step, stop)
                 if checkpoint is not None:
                     self.meter.checkpointed(checkpoint.step, checkpoint.url)
@@ -158,7 +179,9 @@ class Trainer:
         accum = cfg.loop.gradient_accumulation_steps
         total = torch.zeros((), device=self.device)
         for _ in range(accum):
-            batch = self._readable(next(self.batch_iter))
+            with self.meter.waiting():  # data_wait_s: time the step is blocked on the loader
+                batch = next(self.batch_iter)
+            batch = self._readable(batch)
             draws = draw(
                 batch["sample_id"],
                 self.seed,
@@ -169,6 +192,9 @@ class Trainer:
             with acc.accumulate(self.controlnet):
                 latents, text = self.encoder.encode(batch, draws)
                 cond = batch["conditioning_pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
+                if self.grad_check is not None and not self.grad_check.done:  # the unwrapped ControlNet: no all-reduce
+                    args = (self.models, self.models.controlnet, latents, text, cond, draws, cfg.loop.snr_gamma)
+                    self.grad_check.run(controlnet_loss, *args)
                 loss = controlnet_loss(self.models, self.controlnet, latents, text, cond, draws, cfg.loop.snr_gamma)
                 acc.backward(loss)
                 if acc.sync_gradients:
@@ -202,7 +228,7 @@ class Trainer:
         for row in bad:
             print(f"warning: skipped {row}", file=sys.stderr, flush=True)
         self.meter.skipped(len(bad))
-        if "pixel_values" not in batch:
+        if "conditioning_pixel_values" not in batch:  # online and cached batches both carry it
             raise UserError(
                 f"every row of a batch is unreadable ({bad[0]}, ...): check data.dataset and its image columns"
             )
@@ -221,7 +247,8 @@ class Trainer:
             final = output.local(FINAL_MODEL_DIR)
             model_lib.save_controlnet(acc.unwrap_model(self.controlnet), final, state_dict)
             output.publish(FINAL_MODEL_DIR)
-        self.validator.maybe_run(self.step, last=True)
+        with speed.eager():
+            self.validator.maybe_run(self.step, last=True)
         curve = self.meter.close()
         self.meter.done(self.step, output.url_of(FINAL_MODEL_DIR))
         acc.wait_for_everyone()

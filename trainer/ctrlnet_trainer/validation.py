@@ -5,6 +5,7 @@ the end if the last step was not one of those."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +50,30 @@ def _validation_image(where: str) -> Image.Image:
         ) from None
 
 
+@dataclass
+class EncodedPrompts:
+    """The validation prompts' text embeddings, made once: a run that trains from a precomputed
+    cache (cached.py) has no text encoder on its device, so the pipeline gets embeddings."""
+
+    by_prompt: dict[str, torch.Tensor]  # prompt -> [L, D]
+    empty: torch.Tensor  # the negative prompt "" of classifier-free guidance
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, text_encoder, tokenizer, prompts: list[str]) -> EncodedPrompts:
+        from ctrlnet_trainer.data import tokenize
+
+        unique = sorted(set(prompts))
+        ids = tokenize(tokenizer, [*unique, ""]).to(text_encoder.device)
+        hidden = text_encoder(ids, return_dict=False)[0].cpu()
+        return cls(dict(zip(unique, hidden[:-1], strict=True)), hidden[-1])
+
+    def pipeline_args(self, prompt: str, n: int, device: torch.device, dtype: torch.dtype) -> dict:
+        """What replaces `prompt=[prompt] * n` in the pipeline call."""
+        put = lambda t: t.to(device, dtype)[None].expand(n, -1, -1).contiguous()  # noqa: E731
+        return {"prompt_embeds": put(self.by_prompt[prompt]), "negative_prompt_embeds": put(self.empty)}
+
+
 def grid(rows: list[list[Image.Image]]) -> Image.Image:
     w, h = rows[0][0].size
     cols = max(len(r) for r in rows)
@@ -68,8 +93,10 @@ def render_samples(
     weight_dtype: torch.dtype,
     device: torch.device,
     seed: int,
+    prompts: EncodedPrompts | None = None,
 ) -> Image.Image:
-    """A grid: one row per pair, the conditioning image then `num_images` samples."""
+    """A grid: one row per pair, the conditioning image then `num_images` samples. `prompts`: the
+    prompts already encoded (models.text_encoder is then None)."""
     from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     pipe = StableDiffusionControlNetPipeline(
@@ -95,10 +122,14 @@ def render_samples(
     try:
         for prompt, image in pairs:
             cond = resize_center_crop(image, size)
+            n = cfg.validation.num_images
+            text = (
+                {"prompt": [prompt] * n} if prompts is None else prompts.pipeline_args(prompt, n, device, weight_dtype)
+            )
             with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
                 images = pipe(
-                    [prompt] * cfg.validation.num_images,
-                    cond,
+                    **text,
+                    image=cond,
                     height=size,
                     width=size,
                     num_inference_steps=cfg.validation.num_inference_steps,
@@ -137,12 +168,14 @@ class Validator:
         seed: int,
         is_main: bool,
         sharded: bool,
+        prompts: EncodedPrompts | None = None,
     ):
         self.cfg, self.models, self.output, self.acc = cfg, models, output, accelerator
         # `controlnet` is the accelerate-prepared model (a DeepSpeed engine under ZeRO); sampling
         # uses the module inside, gathering the engine.
         self.prepared, self.controlnet = controlnet, accelerator.unwrap_model(controlnet)
         self.weight_dtype, self.seed, self.is_main, self.sharded = weight_dtype, seed, is_main, sharded
+        self.prompts = prompts  # set when the models have no text encoder (a cached run)
         self.every = cfg.validation.every_steps
         # The same answer on every rank (it decides a collective); the images load on main only.
         self.active = bool(cfg.validation.prompts) or cfg.data.dataset is None
@@ -163,7 +196,7 @@ class Validator:
         if not self.is_main:
             return
         image = render_samples(
-            self.models, controlnet, self.pairs, self.cfg, self.weight_dtype, self.acc.device, self.seed
+            self.models, controlnet, self.pairs, self.cfg, self.weight_dtype, self.acc.device, self.seed, self.prompts
         )
         name = f"step-{step}.png"
         path = self.output.local(SAMPLES_DIR, name)

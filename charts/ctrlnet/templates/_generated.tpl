@@ -13,6 +13,9 @@ Values the chart shares with ctrlnet's code, one named template each. */}}
 {{- /* contract.TRAINER_MODULE */ -}}
 {{- define "ctrlnet.contract.trainerModule" -}}ctrlnet_trainer{{- end -}}
 
+{{- /* contract.PRECOMPUTE_MODULE */ -}}
+{{- define "ctrlnet.contract.precomputeModule" -}}ctrlnet_trainer.precompute{{- end -}}
+
 {{- /* contract.DEFAULT_HUB_TOKEN_ENV */ -}}
 {{- define "ctrlnet.contract.hubTokenEnv" -}}HF_TOKEN{{- end -}}
 

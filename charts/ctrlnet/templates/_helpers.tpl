@@ -42,7 +42,7 @@ One source per fact:
   "app.kubernetes.io/name" "ctrlnet"
   "app.kubernetes.io/instance" (include "ctrlnet.name" .)
   "app.kubernetes.io/version" .Chart.AppVersion
-  "app.kubernetes.io/component" "training"
+  "app.kubernetes.io/component" (ternary "precompute" "training" (eq .Values.cluster.task "precompute"))
   "app.kubernetes.io/part-of" "ctrlnet"
   "app.kubernetes.io/managed-by" .Release.Service
   "helm.sh/chart" (printf "%s-%s" .Chart.Name .Chart.Version)
@@ -75,9 +75,20 @@ PET_NODE_RANK (and PET_NNODES / PET_NPROC_PER_NODE, which these flags match). */
 - --nnodes={{ .Values.cluster.nodes }}
 - --nproc-per-node={{ include "ctrlnet.procsPerNode" . }}
 - -m
-- {{ include "ctrlnet.contract.trainerModule" . }}
+- {{ include "ctrlnet.module" . }}
 - --config
 - {{ include "ctrlnet.contract.configDir" . }}/{{ include "ctrlnet.contract.configFile" . }}
+{{- end -}}
+
+{{/* The module the launcher starts in every process, by cluster.task: the trainer, or the
+precompute job that encodes train.data into train.data.cache (same command line, same pods). */}}
+{{- define "ctrlnet.module" -}}
+{{- if eq .Values.cluster.task "precompute" -}}
+{{- $_ := required "cluster.task is precompute but train.data.cache is not set: give the folder or URL the job writes the cache to" (dig "data" "cache" "" (.Values.train | default dict)) -}}
+{{- include "ctrlnet.contract.precomputeModule" . -}}
+{{- else -}}
+{{- include "ctrlnet.contract.trainerModule" . -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "ctrlnet.command" -}}
@@ -108,6 +119,11 @@ scratch volume (the root filesystem is read-only); cluster.env may override any 
 {{- if not (hasKey $env "HF_HOME") }}
 - name: HF_HOME
   value: {{ ternary (printf "%s/huggingface" $c.cache.mount_path) (printf "%s/.cache/huggingface" (include "ctrlnet.contract.homeDir" .)) $c.cache.enabled | quote }}
+{{- end }}
+{{- if and $c.cache.enabled (not (hasKey $env "TORCHINDUCTOR_CACHE_DIR")) }}
+{{- /* compiled kernels on the cache volume: a restarted pod does not pay the compile again */}}
+- name: TORCHINDUCTOR_CACHE_DIR
+  value: {{ printf "%s/torch-compile" $c.cache.mount_path | quote }}
 {{- end }}
 {{- range $k := keys $env | sortAlpha }}
 - name: {{ $k }}

@@ -417,16 +417,18 @@ def render(s: RunStatus) -> str:
         lines.append(f"  output: {s.output}")
     p = s.progress
     if p:
-        parts = [f"step {p.get('step')}" + (f"/{p['total']}" if p.get("total") else "")]
+        unit = "rows" if p.get("job") == "precompute" else "step"  # a precompute job counts rows encoded
+        parts = [f"{unit} {p.get('step')}" + (f"/{p['total']}" if p.get("total") else "")]
         if p.get("loss") is not None:
             parts.append(f"loss {p['loss']:.4f}")
         if p.get("samples_per_s") is not None:
-            parts.append(f"{p['samples_per_s']:.1f} samples/s")
+            parts.append(f"{p['samples_per_s']:.1f} {'rows' if unit == 'rows' else 'samples'}/s")
         if p.get("eta_s") is not None and p.get("event") != "done":
             parts.append(f"ETA {human_duration(p['eta_s'])}")
         source = " (from the output store; the rank-0 log has none yet)" if p.get("source") == "output" else ""
         lines.append("  progress: " + ", ".join(parts) + source)
-        lines.append(f"  checkpoint: {p.get('checkpoint') or 'none committed yet'}")
+        if unit == "step":  # a precompute job has no checkpoints: its shards are its progress
+            lines.append(f"  checkpoint: {p.get('checkpoint') or 'none committed yet'}")
     else:
         lines.append("  progress: no progress line yet")
     if s.pods:
@@ -468,7 +470,8 @@ def summary_line(s: RunStatus) -> str:
     """One line for a log of changes (`status -w` off a terminal)."""
     pods = ", ".join(f"{x.role}={x.phase}" for x in s.pods) or "no pods"
     p = s.progress
-    step = f" step {p.get('step')}/{p.get('total')}" if p else ""
+    unit = "rows" if p and p.get("job") == "precompute" else "step"
+    step = f" {unit} {p.get('step')}/{p.get('total')}" if p else ""
     queue = f" queue {s.queue.state}" if s.queue else ""
     return f"{s.phase}{queue}{step} [{pods}] restarts={s.restarts}"
 

@@ -7,6 +7,14 @@ clobber outputs. The user sees the prefix at submit time; an existing job of tha
 output prefix that already holds a run (when the workstation can read the store), is refused
 before anything is sent.
 
+A precompute job (`cluster.task: precompute`, `ctrlnet precompute --cluster`) is submitted the same
+way, named `<cluster.name>-precompute-<5 random>`, with the same labels (so status, logs, list and
+delete find it). It writes `train.data.cache`, not a run prefix: its output is that cache, which a
+later run reads and a restarted precompute completes (finished shards are kept), so the "output
+holds a run" rule does not apply. Two writers of one cache at once are refused instead: a submit
+whose cache an unfinished precompute job in the namespace writes (a precompute job, or a training
+run that would read a half-written cache) is refused, naming that job.
+
 Order: validate (the same checks as `ctrlnet validate`) -> check the cluster serves what the job
 needs -> server-side apply (field manager `ctrlnet`) of the ServiceAccount, ConfigMap, PVC and
 NetworkPolicy, then the job.
@@ -19,7 +27,7 @@ import string
 from dataclasses import dataclass
 
 from ctrlnet.cluster.kube import RESOURCES, Kube
-from ctrlnet.cluster.runs import BACKENDS, KUEUE_QUEUE_LABEL, MANAGED_BY, OUTPUT_ANNOTATION, TOOL
+from ctrlnet.cluster.runs import BACKENDS, KUEUE_QUEUE_LABEL, MANAGED_BY, OUTPUT_ANNOTATION, TOOL, Run, tool_selector
 from ctrlnet.config import JobConfig, load_job_config
 from ctrlnet.config.cluster import MAX_NAME
 from ctrlnet.config.contract import RUN_FILE
@@ -29,9 +37,15 @@ _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 _SUFFIX_LEN = 5
 
 
-def generated_name(base: str) -> str:
-    """`base-xxxxx`, within the job-name limit and still a DNS-1035 label."""
-    stem = base[: MAX_NAME - _SUFFIX_LEN - 1].rstrip("-")
+PRECOMPUTE_SUFFIX = "-precompute"
+COMPONENT = "app.kubernetes.io/component"
+"""The chart's label saying what a job's pods run: `training`, or `precompute` (cluster.task)."""
+
+
+def generated_name(base: str, kind: str = "") -> str:
+    """`base<kind>-xxxxx`, within the job-name limit and still a DNS-1035 label (`base` is
+    shortened first, so `kind`, e.g. -precompute, always shows)."""
+    stem = base[: MAX_NAME - _SUFFIX_LEN - 1 - len(kind)].rstrip("-") + kind
     return f"{stem}-{''.join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(_SUFFIX_LEN))}"
 
 
@@ -53,14 +67,27 @@ class Plan:
     def backend(self):
         return BACKENDS[self.cfg.cluster.backend]
 
+    @property
+    def precompute(self) -> bool:
+        return self.cfg.cluster.task == "precompute"
+
+    @property
+    def output_key(self) -> str:
+        """The config key `output` comes from, for messages."""
+        return "train.data.cache" if self.precompute else "train.output"
+
 
 def plan(file: str | None, overrides: list[str], *, name: str | None, namespace: str) -> Plan:
     """Load, name, place and validate the run; render its objects. Raises on any problem."""
     from ctrlnet.k8s.render import render_objects
 
     base = load_job_config(file, overrides, for_cluster=True)
-    run_name = name or generated_name(base.cluster.name)
-    output = run_output(base.train.output, run_name)
+    if base.cluster.task == "precompute":  # writes the cache the config names (validated: it is set)
+        run_name = name or generated_name(base.cluster.name, PRECOMPUTE_SUFFIX)
+        output = base.train.data.cache
+    else:
+        run_name = name or generated_name(base.cluster.name)
+        output = run_output(base.train.output, run_name)
     cfg = _placed(base, run_name, namespace, output)
     objects = render_objects(cfg)
     for obj in objects:  # `ctrlnet submit` objects say so; a Helm release of the same chart says Helm
@@ -69,13 +96,15 @@ def plan(file: str | None, overrides: list[str], *, name: str | None, namespace:
 
 
 def _placed(base: JobConfig, name: str, namespace: str, output: str) -> JobConfig:
-    """`base` with the four values a submit decides: name, namespace, output, output annotation."""
+    """`base` with the values a submit decides: name, namespace, the output annotation and (for a
+    training run) its output prefix."""
     from ctrlnet.config.loading import validate
 
     data = base.model_dump(mode="json")
     data["cluster"].update(name=name, namespace=namespace)
     data["cluster"]["annotations"] = {**data["cluster"]["annotations"], OUTPUT_ANNOTATION: output}
-    data["train"]["output"] = output
+    if base.cluster.task == "train":
+        data["train"]["output"] = output
     return validate(JobConfig, data)  # e.g. a --name that is not a DNS-1035 label: one line
 
 
@@ -107,9 +136,32 @@ def check_cluster(kube: Kube, p: Plan) -> None:
             f"(created {existing['metadata'].get('creationTimestamp', '?')}): choose another --name, "
             f"or remove it with `ctrlnet delete {p.name} -n {p.namespace}`"
         )
-    taken = output_holds_a_run(p.output)
-    if taken:
+    if not p.precompute and output_holds_a_run(p.output):
         raise UserError(f"output {p.output} already holds a run: choose another --name (or another train.output root)")
+    cache = p.cfg.train.data.cache
+    writer = cache and cache_writer(kube, cache, p.namespace)
+    if writer:
+        doing = "writing it too" if p.precompute else "training on a half-written cache"
+        raise ClusterError(
+            f"precompute job {writer} in namespace {p.namespace} is still writing cache {cache}: two jobs "
+            f"would be {doing}; wait for it (`ctrlnet status {writer} -n {p.namespace} -w`) or delete it"
+        )
+
+
+def cache_writer(kube: Kube, cache: str, namespace: str) -> str | None:
+    """The unfinished precompute job in `namespace` that writes `cache`, if any (a finished one has
+    left it complete, or resumable by a new job)."""
+    from ctrlnet.cluster.status import TERMINAL, job_phase
+
+    want = cache.rstrip("/")
+    for backend in BACKENDS.values():
+        if not kube.served(backend.resource):
+            continue
+        for job in kube.list(backend.resource.kind, namespace, labels=f"{tool_selector()},{COMPONENT}=precompute"):
+            run = Run(job, backend)
+            if (run.output or "").rstrip("/") == want and job_phase(job, backend.name)[0] not in TERMINAL:
+                return run.name
+    return None
 
 
 def output_holds_a_run(url: str) -> bool:
@@ -131,9 +183,13 @@ def output_warning(p: Plan) -> str | None:
         return None
     if cache.enabled and p.output.startswith(cache.mount_path.rstrip("/") + "/"):
         return None
+    if p.precompute:
+        lost = "the cache is lost with the pods (and other pods never see it)"
+    else:
+        lost = "checkpoints and the model are lost when the pod goes"
     return (
-        f"train.output {p.output} is a path inside the pod: checkpoints and the model are lost when the pod "
-        f"goes; use object storage (s3://, gs://) or a path under the cache volume ({cache.mount_path})"
+        f"{p.output_key} {p.output} is a path inside the pod: {lost}; use object storage (s3://, gs://) "
+        f"or a path under the cache volume ({cache.mount_path})"
     )
 
 

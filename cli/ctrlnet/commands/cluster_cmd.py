@@ -44,88 +44,113 @@ def _emit(doc, fmt: str) -> None:
         typer.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
 
 
+# The options of `ctrlnet submit`, shared with `ctrlnet precompute --cluster`.
+RunName = Annotated[
+    str | None,
+    typer.Option(
+        "--name", help="Run name (default: cluster.name, -precompute for a precompute job, plus a random suffix)."
+    ),
+]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Let the API server validate everything; persist nothing.")]
+Wait = Annotated[bool, typer.Option("--wait", help="Follow the run to its end: exit 0 if it succeeds, 1 if it fails.")]
+KubeVersion = Annotated[str, typer.Option("--kube-version", help="Schemas to check core objects against.")]
+
+
+def submit_job(
+    file: str | None,
+    overrides: list[str],
+    name: str | None,
+    namespace: str | None,
+    context: str | None,
+    dry_run: bool,
+    wait: bool,
+    output: str,
+    kube_version: str,
+    task: str | None = None,
+) -> None:
+    """`ctrlnet submit` (a training run, or a precompute job when the config says cluster.task:
+    precompute, or `task` does): validate, check the cluster, apply, print what was done (and
+    follow it with --wait)."""
+    from ctrlnet.cluster import submit as sub
+
+    fmt = _format(output, ("text", "json"))
+    if file is None and not overrides:
+        raise UserError("no job config: pass one with -f job.yaml (see examples/)")
+    if task:
+        overrides = [*overrides, f"cluster.task={task}"]
+    kube = _kube(context, namespace)
+    plan = sub.plan(file, overrides, name=name, namespace=namespace or kube.namespace)
+    warnings: list[str] = []
+    problems = sub.problems(plan, kube_version, warnings)
+    if problems:
+        for line in problems:
+            typer.echo(line)
+        typer.echo(f"{len(problems)} problem(s) in the objects of run {plan.name}; nothing was sent", err=True)
+        raise typer.Exit(1)
+    sub.check_cluster(kube, plan)
+    applied = sub.apply(kube, plan, dry_run=dry_run)
+    if fmt == "json":
+        _emit(
+            {
+                "name": plan.name,
+                "namespace": plan.namespace,
+                "backend": plan.backend.name,
+                "task": plan.cfg.cluster.task,
+                "output": plan.output,
+                "dry_run": dry_run,
+                "warnings": warnings,
+                "objects": applied
+                if dry_run
+                else [{"kind": o["kind"], "name": o["metadata"]["name"]} for o in applied],
+            },
+            "json",
+        )
+    elif dry_run:
+        from ctrlnet.k8s.render import dump_objects
+
+        typer.echo(dump_objects(applied), nl=False)
+        typer.echo(
+            f"dry run: the API server accepted {len(applied)} object(s) for run {plan.name} in "
+            f"{plan.namespace}; nothing was created",
+            err=True,
+        )
+    else:
+        ns = f" -n {plan.namespace}"
+        typer.echo(f"submitted {plan.backend.resource.kind} {plan.name} in namespace {plan.namespace}")
+        typer.echo(f"  cache:    {plan.output}" if plan.precompute else f"  outputs:  {plan.output}")
+        if sub.queue_of(plan):
+            typer.echo(f"  queued in Kueue LocalQueue {sub.queue_of(plan)}: it starts when admitted")
+        typer.echo(f"  status:   ctrlnet status {plan.name}{ns} -w")
+        typer.echo(f"  logs:     ctrlnet logs {plan.name}{ns} -f")
+        typer.echo(f"  delete:   ctrlnet delete {plan.name}{ns}")
+        if warning := sub.output_warning(plan):
+            typer.echo(f"note: {warning}", err=True)
+    if fmt != "json":  # after the outcome, so a refusal stays one line; -o json carries them
+        for w in warnings:
+            typer.echo(f"warning: {w}", err=True)
+    if wait and not dry_run:
+        from ctrlnet.cluster.follow import follow_status
+        from ctrlnet.cluster.runs import find_run
+
+        final = follow_status(kube, find_run(kube, plan.name, plan.namespace), sys.stdout, tty=False)
+        raise typer.Exit(0 if final.phase == "Succeeded" else 1)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def submit(
         file: ConfigFile = None,
         set_: Overrides = None,
-        name: Annotated[
-            str | None, typer.Option("--name", help="Run name (default: cluster.name plus a random suffix).")
-        ] = None,
+        name: RunName = None,
         namespace: Namespace = None,
         context: Context = None,
-        dry_run: Annotated[
-            bool, typer.Option("--dry-run", help="Let the API server validate everything; persist nothing.")
-        ] = False,
-        wait: Annotated[
-            bool, typer.Option("--wait", help="Follow the run to its end: exit 0 if it succeeds, 1 if it fails.")
-        ] = False,
+        dry_run: DryRun = False,
+        wait: Wait = False,
         output: Format = "text",
-        kube_version: Annotated[
-            str, typer.Option("--kube-version", help="Schemas to check core objects against.")
-        ] = "1.30",
+        kube_version: KubeVersion = "1.30",
     ) -> None:
         """Submit a new run: validate, render through the chart, server-side apply (a new name and output prefix each time)."""
-        from ctrlnet.cluster import submit as sub
-
-        fmt = _format(output, ("text", "json"))
-        if file is None and not set_:
-            raise UserError("no job config: pass one with -f job.yaml (see examples/)")
-        kube = _kube(context, namespace)
-        plan = sub.plan(file, set_ or [], name=name, namespace=namespace or kube.namespace)
-        warnings: list[str] = []
-        problems = sub.problems(plan, kube_version, warnings)
-        if problems:
-            for line in problems:
-                typer.echo(line)
-            typer.echo(f"{len(problems)} problem(s) in the objects of run {plan.name}; nothing was sent", err=True)
-            raise typer.Exit(1)
-        sub.check_cluster(kube, plan)
-        applied = sub.apply(kube, plan, dry_run=dry_run)
-        if fmt == "json":
-            _emit(
-                {
-                    "name": plan.name,
-                    "namespace": plan.namespace,
-                    "backend": plan.backend.name,
-                    "output": plan.output,
-                    "dry_run": dry_run,
-                    "warnings": warnings,
-                    "objects": applied
-                    if dry_run
-                    else [{"kind": o["kind"], "name": o["metadata"]["name"]} for o in applied],
-                },
-                "json",
-            )
-        elif dry_run:
-            from ctrlnet.k8s.render import dump_objects
-
-            typer.echo(dump_objects(applied), nl=False)
-            typer.echo(
-                f"dry run: the API server accepted {len(applied)} object(s) for run {plan.name} in "
-                f"{plan.namespace}; nothing was created",
-                err=True,
-            )
-        else:
-            ns = f" -n {plan.namespace}"
-            typer.echo(f"submitted {plan.backend.resource.kind} {plan.name} in namespace {plan.namespace}")
-            typer.echo(f"  outputs:  {plan.output}")
-            if sub.queue_of(plan):
-                typer.echo(f"  queued in Kueue LocalQueue {sub.queue_of(plan)}: it starts when admitted")
-            typer.echo(f"  status:   ctrlnet status {plan.name}{ns} -w")
-            typer.echo(f"  logs:     ctrlnet logs {plan.name}{ns} -f")
-            typer.echo(f"  delete:   ctrlnet delete {plan.name}{ns}")
-            if warning := sub.output_warning(plan):
-                typer.echo(f"note: {warning}", err=True)
-        if fmt != "json":  # after the outcome, so a refusal stays one line; -o json carries them
-            for w in warnings:
-                typer.echo(f"warning: {w}", err=True)
-        if wait and not dry_run:
-            from ctrlnet.cluster.follow import follow_status
-            from ctrlnet.cluster.runs import find_run
-
-            final = follow_status(kube, find_run(kube, plan.name, plan.namespace), sys.stdout, tty=False)
-            raise typer.Exit(0 if final.phase == "Succeeded" else 1)
+        submit_job(file, set_ or [], name, namespace, context, dry_run, wait, output, kube_version)
 
     @app.command()
     def status(

@@ -89,7 +89,8 @@ def register(app: typer.Typer) -> None:
             if notice := _demo_notice(cfg.train):
                 typer.echo(notice)
 
-        if nproc > 1:
+        # DeepSpeed needs the process group torchrun sets up, even for one process.
+        if nproc > 1 or cfg.train.distributed.strategy == "deepspeed":
             from ctrlnet.local_launch import train_processes
 
             code, result = train_processes(cfg.train, nproc)

@@ -19,6 +19,9 @@ LAUNCH_MODULE = "ctrlnet_trainer.launch"
 """The pod's entrypoint, `python -m LAUNCH_MODULE`: torchrun with exit codes Kubeflow can act on."""
 TRAINER_MODULE = "ctrlnet_trainer"
 """What the launcher starts in every process: `-m TRAINER_MODULE --config CONFIG_PATH`."""
+PRECOMPUTE_MODULE = "ctrlnet_trainer.precompute"
+"""The latent/text-embedding cache job (`ctrlnet precompute`): the same command line as
+TRAINER_MODULE, started by the same launcher; each process encodes its own shards."""
 
 TRAINER_UID = 10001
 """UID and GID of the trainer image's `ctrlnet` user (docker/Dockerfile) and the chart's default
@@ -55,3 +58,8 @@ TRAINER_STATE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_MODEL_DIR = "controlnet"
 """The final ControlNet (diffusers format); checkpoints hold the same folder name."""
+
+# A precomputed cache (`train.data.cache`, written by `ctrlnet precompute`; format: ctrlnet_trainer.cache).
+CACHE_MANIFEST = "cache.json"
+"""Written last by a precompute, once every shard exists: rows, shards, fingerprint. A cache
+without it does not exist; `ctrlnet precompute --nproc` reports from it."""

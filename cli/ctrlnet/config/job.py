@@ -31,3 +31,14 @@ class JobConfig(Section):
                 "or train.loop.device to auto or cuda"
             )
         return self
+
+    @model_validator(mode="after")
+    def _precompute_writes_a_cache(self) -> "JobConfig":
+        # Any target (the chart refuses it too): pods that would encode everything and write it nowhere.
+        if self.cluster.task == "precompute" and not self.train.data.cache:
+            raise ValueError(
+                "cluster.task is precompute but train.data.cache is not set: give the folder or URL the job "
+                "writes the cache to (object storage, or a path on the cache volume), e.g. "
+                "--set train.data.cache=s3://bucket/caches/fill50k-sd15-512"
+            )
+        return self

@@ -10,6 +10,8 @@ A fixed prefix, then one JSON object (a stable contract, versioned by "v"):
     step, total    optimizer steps done / to do
     loss           mean loss over the window since the previous "step" line
     samples_per_s  training throughput over that window (all processes together)
+    step_s         mean seconds per optimizer step over that window ("step" events)
+    data_wait_s    of which, mean seconds a step waited for its batch ("step" events)
     eta_s          seconds left at that throughput
     epoch          data epoch of the next batch
     checkpoint     URL of the newest committed checkpoint ("checkpoint" events; null before the first)

@@ -69,6 +69,10 @@ class DataConfig(Section):
     """Skip rows whose image or conditioning image cannot be read: each is named on stderr and
     counted in metrics.jsonl (`skipped_rows`, per logged window). Off: such a row stops the run
     with one line naming it."""
+    cache: str | None = None
+    """Folder or URL of a precomputed cache of this data (`ctrlnet precompute` writes it): training
+    reads the VAE latent distributions and text embeddings from it instead of encoding every step.
+    It must match this config (base, resolution, dataset, rows, seed, dtype), else the run stops."""
 
     @field_validator("resolution")
     @classmethod
@@ -130,6 +134,30 @@ class LoopConfig(Section):
     """Min-SNR-gamma loss weighting (5.0 is the paper's choice); unset: plain MSE."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; `auto` uses CUDA when present."""
+    compile: Literal["auto", "off", "regional", "full"] = "auto"
+    """torch.compile of the ControlNet and the frozen UNet: `regional` compiles each of their down,
+    mid and up blocks (the glue between them stays eager), `full` each whole model; `auto`:
+    regional on CUDA, off on the CPU. Where compiling cannot work (no C compiler, no triton) the
+    run says so in one line and trains eagerly. Validation samples always run eagerly."""
+    compile_cache: str | None = None
+    """Local folder of the persistent compile cache (inductor's FX graph and AOT autograd caches),
+    so a restarted pod does not compile again; unset: `<model.cache_dir>/torch-compile` when
+    model.cache_dir is set, else inductor's default (TORCHINDUCTOR_CACHE_DIR, or under /tmp)."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """channels_last memory format for the UNet, ControlNet and VAE (faster convolutions on
+    tensor cores); `auto`: on for CUDA, off on the CPU."""
+    fp8: Literal["off", "controlnet", "unet", "both"] = "off"
+    """FP8 matmuls (torchao float8 training) in the attention blocks' Linear layers of the chosen
+    model(s). Needs a GPU of compute capability 8.9 or newer (Ada, Hopper), where torchao must be
+    installed (`pip install 'ctrlnet[fp8]'`); elsewhere the run says it is off and why, and trains
+    without it. Best with `compile` on."""
+
+    @field_validator("compile_cache")
+    @classmethod
+    def _local_folder(cls, v: str | None) -> str | None:
+        if v and "://" in v and not v.startswith("file://"):
+            raise ValueError("must be a local folder (e.g. on the cache volume), not an object-storage URL")
+        return v
 
 
 class DistributedConfig(Section):
@@ -262,6 +290,11 @@ class TrainConfig(Section):
         # Rules across sections, here so `ctrlnet validate` and `config show` catch them before a pod starts.
         if self.model.family == "sdxl":
             raise ValueError("model.family sdxl: SDXL is not supported yet; use an SD1.x/2.x base (family auto or sd)")
+        if self.data.streaming and self.data.cache:
+            raise ValueError(
+                "data.cache and data.streaming=true: a cache holds fixed rows; unset one of them "
+                "(precompute a non-streamed dataset, or stream without a cache)"
+            )
         if self.data.streaming and self.loop.max_steps is None:
             raise ValueError("data.streaming needs loop.max_steps (a stream has no known length): set --max-steps N")
         return self

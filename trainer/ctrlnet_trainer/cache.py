@@ -1,0 +1,321 @@
+"""The precomputed cache's format: written by `ctrlnet precompute` (precompute.py), read by a run
+with `data.cache` set (cached.py). A folder or an object-storage prefix, through storage.Prefix:
+
+    fingerprint.json                    what the cache is made from; written first, so a second
+                                        precompute of another config into the same place stops
+    empty_prompt.safetensors            the text embedding of "" (data.proportion_empty_prompts), once;
+    empty_prompt.json                   its record, written after it
+    shards/shard-00000.safetensors      rows [first_row, first_row + rows), tensors below
+    shards/shard-00000.json             the shard's record (rows, bytes, sha256, fingerprint id),
+                                        written after the shard: a shard without it is unfinished
+    cache.json                          the manifest (fingerprint + every record), written last, once
+                                        every shard exists: a cache without it does not exist
+
+A shard of n rows whose captions number m in all:
+
+    latent_mean, latent_logvar  [n, 4, H/8, W/8]  weight dtype: the VAE posterior (logvar clamped as
+                                                  diffusers' DiagonalGaussianDistribution does)
+    text                        [m, 77, D]        weight dtype: the text encoder's last hidden states
+    text_offsets                [n + 1] int64     row j's captions are text[offsets[j]:offsets[j + 1]]
+    conditioning                [n, 3, H, W]      uint8: the conditioning image after resize + crop
+                                                  (lossless, 4x smaller than the float the loader makes)
+
+and in its metadata `bad_rows`: {row: why} for rows that could not be read (data.skip_bad_rows;
+their tensors are zeros and they have no caption).
+
+Shard size (the default --shard-rows): per row of SD1.5 at 512 px in fp32, the latent mean and
+logvar are 2 x 4 x 64 x 64 x 4 B = 128 KiB, one caption's embedding 77 x 768 x 4 B = 231 KiB and
+the conditioning image 3 x 512 x 512 B = 768 KiB: ~1.1 MiB, so 256 rows are ~280 MiB (bf16: ~240
+MiB) — big enough that object-storage requests are few, small enough to redo after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ctrlnet.config.contract import CACHE_MANIFEST
+from ctrlnet.config.train import TrainConfig
+from ctrlnet.errors import UserError
+from ctrlnet_trainer.storage import Prefix
+
+DEFAULT_SHARD_ROWS = 256
+VERSION = 1
+TRANSFORM_VERSION = 1
+"""Bump when what a row becomes changes (data.resize_center_crop, to_tensor, the posterior's
+clamp, tokenization): older caches then no longer match any run's fingerprint."""
+
+MANIFEST = CACHE_MANIFEST
+FINGERPRINT = "fingerprint.json"
+EMPTY_PROMPT = "empty_prompt.safetensors"
+EMPTY_PROMPT_RECORD = "empty_prompt.json"
+SHARDS = "shards"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def record_name(index: int) -> str:
+    return f"shard-{index:05d}.json"
+
+
+def shard_plan(rows: int, shard_rows: int) -> list[tuple[int, int, int]]:
+    """(index, first row, rows) of every shard: consecutive, the last one possibly shorter."""
+    return [(i, first, min(shard_rows, rows - first)) for i, first in enumerate(range(0, rows, shard_rows))]
+
+
+# ---------------------------------------------------------------- fingerprint
+def fingerprint_id(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_digest(root: str | Path, parts: tuple[str, ...]) -> str:
+    """sha256 over the relative paths and contents of every file under `root/<part>` (weights,
+    configs, vocabularies): any change to what the encoders are built from changes it."""
+    root = Path(root)
+    lines = []
+    for part in parts:
+        for path in sorted(p for p in (root / part).rglob("*") if p.is_file()):
+            lines.append(f"{path.relative_to(root).as_posix()}\0{file_sha256(path)}")
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def build_fingerprint(
+    cfg: TrainConfig, seed: int, *, rows: int, scaling_factor: float, max_length: int, dtype: torch.dtype
+) -> dict:
+    """What a cache's values depend on, as comparable JSON. A cached run recomputes it from its own
+    config and refuses a cache whose fingerprint differs in any field."""
+    m, d = cfg.model, cfg.data
+    # The seed picks the rows (max_train_samples' shuffle), makes the synthetic rows and the
+    # in-code base; otherwise it plays no part in the cache and runs with any seed may share it.
+    seed_matters = d.dataset is None or d.max_train_samples is not None
+    return {
+        "base": base_identity(m.base, m.revision, m.cache_dir, seed),
+        "tokenizer": None
+        if m.tokenizer is None
+        else base_identity(m.tokenizer, m.revision, m.cache_dir, seed, "model.tokenizer"),
+        "variant": m.variant,
+        "dtype": str(dtype).removeprefix("torch."),
+        "scaling_factor": float(scaling_factor),
+        "max_length": int(max_length),
+        "resolution": d.resolution,
+        "transform": TRANSFORM_VERSION,
+        "dataset": d.dataset if d.dataset is not None else f"synthetic fill50k, {d.synthetic_rows} rows",
+        "config_name": d.config_name,
+        "split": d.split,
+        "columns": [d.image_column, d.conditioning_image_column, d.caption_column],
+        "rows": rows,
+        "max_train_samples": d.max_train_samples,
+        "seed": seed if seed_matters else None,
+    }
+
+
+def base_identity(
+    where: str | None, revision: str | None, cache_dir: str | None, seed: int, key: str = "model.base"
+) -> str:
+    """The base (or tokenizer) as content: the in-code tiny base by its seed; a folder (or a
+    bucket's local copy) by the sha256 of its VAE, text encoder and tokenizer files; a hub id by
+    the commit its cached snapshot resolved to."""
+    from ctrlnet_trainer.models import resolve_location
+
+    if where is None:
+        return f"builtin tiny, seed {seed}"
+    local = resolve_location(where, key, cache_dir, revision)
+    if Path(local).is_dir():
+        parts = tuple(p for p in ("vae", "text_encoder", "tokenizer") if (Path(local) / p).is_dir())
+        return folder_digest(local, parts or (".",))  # a tokenizer folder holds its files at the top
+    return f"hub {where}@{_hub_commit(where, revision, cache_dir)}"
+
+
+def _hub_commit(repo: str, revision: str | None, cache_dir: str | None) -> str:
+    """The commit a hub id resolves to here (its cached snapshot; the loaders fetched it), else the
+    revision asked for."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo, revision=revision, cache_dir=cache_dir, local_files_only=True, allow_patterns=["*.json"]
+        )
+        return Path(folder).name
+    except Exception:  # noqa: BLE001 - not cached in the hub layout: the name is what we know
+        return revision or "main"
+
+
+def differences(cached: dict, wanted: dict) -> list[str]:
+    """`field (cache X, this run Y)` for each field whose value differs, in the fingerprint's order."""
+
+    def shown(value) -> str:
+        return value[:24] + "..." if isinstance(value, str) and len(value) > 40 else json.dumps(value)
+
+    keys = [*wanted, *(k for k in cached if k not in wanted)]
+    return [
+        f"{key} (cache {shown(cached.get(key))}, this run {shown(wanted.get(key))})"
+        for key in keys
+        if cached.get(key) != wanted.get(key)
+    ]
+
+
+# ---------------------------------------------------------------- writing
+def save_atomically(prefix: Prefix, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *parts: str) -> dict:
+    """Write a safetensors file at `<prefix>/<parts>` that readers see whole or not at all: staged
+    under a temporary name on this machine, then renamed (a folder) or uploaded in one request (a
+    bucket). Its {file, bytes, sha256}."""
+    from safetensors.torch import save_file
+
+    final = prefix.local(*parts)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staged), metadata=metadata)
+        os.chmod(staged, 0o644)  # safetensors creates 0600; a cache is shared with other users and pods
+        entry = {"file": "/".join(parts), "bytes": staged.stat().st_size, "sha256": file_sha256(staged)}
+        if prefix.staged:
+            prefix.upload(staged, *parts)
+        else:
+            os.replace(staged, final)
+    finally:
+        staged.unlink(missing_ok=True)
+    return entry
+
+
+def write_json(prefix: Prefix, record: dict, *parts: str) -> None:
+    prefix.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n", *parts)
+
+
+def read_json(prefix: Prefix, *parts: str) -> dict | None:
+    if not prefix.exists(*parts):
+        return None
+    try:
+        return json.loads(prefix.read_text(*parts))
+    except ValueError:
+        return None  # a torn or foreign file: treated as absent, so the shard is redone
+
+
+def complete_record(prefix: Prefix, index: int, first: int, rows: int, fp_id: str) -> dict | None:
+    """Shard `index`'s record when the shard is finished for this fingerprint and layout: its
+    record says so and its file is there with the recorded size. Else None (redo it)."""
+    record = read_json(prefix, SHARDS, record_name(index)) or {}
+    expected = {"fingerprint": fp_id, "first_row": first, "rows": rows}
+    if any(record.get(key) != value for key, value in expected.items()):
+        return None
+    return record if has_file(prefix, record) else None
+
+
+def has_file(prefix: Prefix, entry: dict) -> bool:
+    path = prefix.join(entry["file"])
+    try:
+        return prefix.exists(entry["file"]) and prefix.fs.size(path) == entry["bytes"]
+    except (OSError, KeyError):
+        return False
+
+
+def manifest(fingerprint: dict, rows: int, shard_rows: int, records: list[dict], empty: dict) -> dict:
+    return {
+        "version": VERSION,
+        "fingerprint": fingerprint,
+        "fingerprint_id": fingerprint_id(fingerprint),
+        "rows": rows,
+        "shard_rows": shard_rows,
+        "empty_prompt": empty,
+        "shards": records,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ---------------------------------------------------------------- reading
+def read_manifest(url: str) -> dict | None:
+    """The manifest of the cache at `url`, or None when there is none (not yet, or never)."""
+    return read_json(Prefix(url), MANIFEST)
+
+
+class CacheReader:
+    """Rows of a finished cache, read from memory-mapped shards (random access costs a page-in,
+    not a shard). A bucket's shards are first copied to this node (`localize`), checked against
+    their sha256; a folder's are read in place."""
+
+    def __init__(self, prefix: Prefix, manifest: dict):
+        self.prefix, self.manifest = prefix, manifest
+        self.shards = manifest["shards"]
+        self.firsts = [s["first_row"] for s in self.shards]
+        self.rows = int(manifest["rows"])
+        self._open: dict[int, tuple] = {}
+        self._pid = os.getpid()
+
+    def localize(self) -> None:
+        """Copy a bucket's files to this node's mirror (once per node: call on the local main
+        process, then wait for it); a folder needs nothing."""
+        if not self.prefix.staged:
+            return
+        for entry in [self.manifest["empty_prompt"], *self.shards]:
+            local = self.prefix.local(entry["file"])
+            if local.exists() and local.stat().st_size == entry["bytes"]:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            staged = local.with_name(f".{local.name}.partial-{os.getpid()}")
+            self.prefix.download(staged, entry["file"])
+            if file_sha256(staged) != entry["sha256"]:
+                staged.unlink(missing_ok=True)
+                raise UserError(
+                    f"data.cache {self.prefix.url}: {entry['file']} does not match its sha256 in {MANIFEST}: "
+                    "re-run ctrlnet precompute into a new data.cache"
+                )
+            os.replace(staged, local)
+
+    def _path(self, entry: dict) -> str:
+        return str(self.prefix.local(entry["file"]))
+
+    def empty_prompt(self) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(self._path(self.manifest["empty_prompt"]))["text"][0]
+
+    def _shard(self, index: int) -> tuple:
+        """(safe_open handle, text offsets) of shard `index`, opened once per process (a
+        DataLoader worker forked from a process that had it open reopens its own)."""
+        if os.getpid() != self._pid:
+            self._open, self._pid = {}, os.getpid()
+        if index not in self._open:
+            from safetensors import safe_open
+
+            entry = self.shards[index]
+            try:
+                handle = safe_open(self._path(entry), framework="pt")
+            except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own SafetensorError
+                raise UserError(
+                    f"data.cache {self.prefix.url}: {entry['file']} cannot be read ({type(e).__name__}): "
+                    "re-run ctrlnet precompute into a new data.cache"
+                ) from None
+            bad = json.loads((handle.metadata() or {}).get("bad_rows", "{}"))
+            self._open[index] = (handle, handle.get_tensor("text_offsets").tolist(), bad)
+        return self._open[index]
+
+    def row(self, i: int) -> dict[str, torch.Tensor]:
+        """Row `i`: latent_mean, latent_logvar, text ([captions, L, D]), conditioning (uint8), and
+        `bad`: None, or the description of an unreadable row (then the tensors are zeros)."""
+        import bisect
+
+        index = bisect.bisect_right(self.firsts, i) - 1
+        handle, offsets, bad = self._shard(index)
+        j = i - self.firsts[index]
+        take = lambda name, a, b: handle.get_slice(name)[a:b]  # noqa: E731 - reads just these rows
+        return {
+            "latent_mean": take("latent_mean", j, j + 1)[0],
+            "latent_logvar": take("latent_logvar", j, j + 1)[0],
+            "text": take("text", offsets[j], offsets[j + 1]),
+            "conditioning": take("conditioning", j, j + 1)[0],
+            "bad": bad.get(str(i)),  # why row i is unreadable, or None
+        }

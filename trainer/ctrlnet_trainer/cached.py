@@ -1,0 +1,147 @@
+"""Training from a precomputed cache (`data.cache`, written by `ctrlnet precompute`): the same rows,
+batches and random draws as online encoding, read already encoded.
+
+`CachedRun.open` refuses a cache that does not match the run's config (one line naming each field
+that differs) before anything trains, and takes the encoders off the models: the validation
+prompts are encoded once on the CPU, then the text encoder is dropped; the VAE keeps only its
+decoder on the process that renders validation samples, and is dropped elsewhere. Neither encoder ever reaches the device. The run then uses
+
+    CachedExamples  data.Examples' interface (indexed by (row, epoch), the same caption choice per
+                    epoch), so GlobalBatchSampler / MapBatches and exact resume apply unchanged
+    CachedEncoder   step.OnlineEncoder's interface: a fresh latent per step from the cached posterior
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ctrlnet.config.train import TrainConfig
+from ctrlnet.errors import UserError
+from ctrlnet_trainer import cache, data
+from ctrlnet_trainer.models import Models
+from ctrlnet_trainer.seeds import row_rng
+from ctrlnet_trainer.step import Draws
+from ctrlnet_trainer.storage import Prefix
+from ctrlnet_trainer.validation import EncodedPrompts, validation_pairs
+
+
+class CachedExamples:
+    """Cache rows -> {latent_mean, latent_logvar, prompt_embeds, conditioning_pixel_values, sample_id}."""
+
+    def __init__(self, reader: cache.CacheReader, seed: int):
+        self.reader, self.seed = reader, seed
+
+    def __len__(self) -> int:
+        return self.reader.rows
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, epoch = key
+        row = self.reader.row(index)
+        if row["bad"]:
+            example = data.BadRow(row["bad"])
+        else:
+            captions = row["text"]
+            # data.Examples draws rng.choice(captions) from this very generator: the same index.
+            pick = row_rng(self.seed, epoch, index).choice(range(len(captions))) if len(captions) > 1 else 0
+            example = {
+                "latent_mean": row["latent_mean"],
+                "latent_logvar": row["latent_logvar"],
+                "prompt_embeds": captions[pick],
+                "conditioning_pixel_values": row["conditioning"].float().div_(255.0),  # as data.to_tensor
+            }
+        example["sample_id"] = torch.tensor([epoch, index])  # keys the step's random draws (step.draw)
+        return example
+
+
+class CachedEncoder:
+    """step.OnlineEncoder's `encode(batch, draws)` from cached posteriors and embeddings: the latent
+    is (mean + std * latent_eps) * scaling_factor, with std = exp(logvar / 2) as diffusers'
+    DiagonalGaussianDistribution computes it, in the same dtype on the same device."""
+
+    def __init__(self, scaling_factor: float, empty_prompt: torch.Tensor, weight_dtype: torch.dtype, device):
+        self.scaling_factor, self.weight_dtype, self.device = scaling_factor, weight_dtype, device
+        self.empty = empty_prompt.to(device, weight_dtype)
+
+    def latent_shape(self, batch: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        return tuple(batch["latent_mean"].shape[1:])
+
+    @torch.no_grad()
+    def encode(self, batch: dict[str, torch.Tensor], draws: Draws):
+        put = lambda t: t.to(self.device, dtype=self.weight_dtype, non_blocking=True)  # noqa: E731
+        mean, logvar = put(batch["latent_mean"]), put(batch["latent_logvar"])
+        std = torch.exp(0.5 * logvar)
+        latents = (mean + std * draws.latent_eps.to(mean.dtype)) * self.scaling_factor
+        text = put(batch["prompt_embeds"])
+        if draws.drop_prompt is not None:
+            # proportion_empty_prompts: these captions become "" (classifier-free guidance training).
+            text = torch.where(draws.drop_prompt[:, None, None], self.empty.expand_as(text), text)
+        return latents, text
+
+
+class CachedRun:
+    """What a cached run uses in place of the encoders: the rows, the encoder, the validation prompts."""
+
+    def __init__(self, source: data.Source, reader: cache.CacheReader, prompts: EncodedPrompts | None, seed: int):
+        self.source, self.reader, self.prompts = source, reader, prompts
+        self.examples = CachedExamples(reader, seed)
+        self.scaling_factor: float = reader.manifest["fingerprint"]["scaling_factor"]
+
+    @classmethod
+    def open(
+        cls, cfg: TrainConfig, seed: int, models: Models, weight_dtype: torch.dtype, ranks, accelerator
+    ) -> CachedRun:
+        """Check the cache against this run (every process), bring it to this node (object
+        storage), and strip the encoders from `models` (before they are moved to the device)."""
+        prefix = Prefix(cfg.data.cache)
+        manifest = cache.read_json(prefix, cache.MANIFEST)
+        if manifest is None:
+            started = prefix.exists(cache.FINGERPRINT)
+            raise UserError(
+                f"data.cache {prefix.url} holds no finished cache ({cache.MANIFEST} is missing"
+                + ("; a precompute started there did not finish" if started else "")
+                + "): run `ctrlnet precompute -f <your job file>` first; it writes data.cache"
+                + (" and continues where it stopped" if started else "")
+            )
+        source = data.training_rows(cfg.data, cfg.model.cache_dir, seed)
+        wanted = cache.build_fingerprint(
+            cfg,
+            seed,
+            rows=len(source.rows),
+            scaling_factor=models.vae.config.scaling_factor,
+            max_length=models.tokenizer.model_max_length,
+            dtype=weight_dtype,
+        )
+        if manifest["fingerprint"] != wanted:
+            raise UserError(
+                f"data.cache {prefix.url} was made for another config; differs: "
+                f"{', '.join(cache.differences(manifest['fingerprint'], wanted))}: run ctrlnet precompute with "
+                "this config into a new data.cache, or train with the cache's settings"
+            )
+        reader = cache.CacheReader(prefix, manifest)
+        if ranks.is_local_main:
+            reader.localize()  # one copy per node of a bucket's shards
+        accelerator.wait_for_everyone()
+        prompts = _encode_validation_prompts(cfg, seed, models) if ranks.is_main else None
+        _drop_encoders(models, keep_decoder=prompts is not None)
+        return cls(source, reader, prompts, seed)
+
+    def encoder(self, weight_dtype: torch.dtype, device: torch.device) -> CachedEncoder:
+        return CachedEncoder(self.scaling_factor, self.reader.empty_prompt(), weight_dtype, device)
+
+
+def _encode_validation_prompts(cfg: TrainConfig, seed: int, models: Models) -> EncodedPrompts | None:
+    """On the CPU, in the text encoder's own (fp32) weights: done once, before it is dropped."""
+    prompts = [prompt for prompt, _ in validation_pairs(cfg, seed)]
+    return EncodedPrompts.encode(models.text_encoder, models.tokenizer, prompts) if prompts else None
+
+
+def _drop_encoders(models: Models, keep_decoder: bool) -> None:
+    """No text encoder; the VAE only where it decodes validation samples (the main process of a run
+    with validation), and there without its encoder (and the conv after it)."""
+    models.text_encoder = None
+    if not keep_decoder:
+        models.vae = None
+        return
+    models.vae.encoder = None
+    if getattr(models.vae, "quant_conv", None) is not None:
+        models.vae.quant_conv = None
