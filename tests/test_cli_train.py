@@ -1,5 +1,6 @@
 """`ctrlnet train / generate / data synth-fill / model init` as a user runs them: the console script
-in a subprocess. Bad input exits 2 with one `error:` line that names the problem, never a traceback."""
+in a subprocess (or, for bad input the trainer catches, its entry point in this process: see
+ctrlnet_here). Bad input exits 2 with one `error:` line that names the problem, never a traceback."""
 
 import hashlib
 import os
@@ -36,6 +37,29 @@ def ctrlnet(env, tmp_path):
             env=env,
             timeout=timeout,
         )
+
+    return run
+
+
+@pytest.fixture
+def ctrlnet_here(env, tmp_path, monkeypatch, capfd):
+    """The same command line through the same entry point (`ctrlnet.cli.main`), in this process: no
+    ten seconds of imports per call. For bad input caught before any hub access (what the
+    libraries read from the environment at import time, such as HF_HUB_OFFLINE, is the suite's)."""
+
+    def run(*args):
+        from ctrlnet.cli import main
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", ["ctrlnet", *map(str, args)])
+        capfd.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
 
     return run
 
@@ -85,26 +109,26 @@ def test_invalid_config_is_one_error_line(ctrlnet, tmp_path, args, words):
         ("train.loop.attention=xformers", ["xformers", "GPU"]),
     ],
 )
-def test_gpu_only_option_on_cpu_is_refused(ctrlnet, tmp_path, setting, words):
-    proc = ctrlnet("train", "--output", tmp_path / "out", "--max-steps", 2, "--set", setting)
+def test_gpu_only_option_on_cpu_is_refused(ctrlnet_here, tmp_path, setting, words):
+    proc = ctrlnet_here("train", "--output", tmp_path / "out", "--max-steps", 2, "--set", setting)
     assert_user_error(proc, *words)
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_dataset_path(ctrlnet, tmp_path):
+def test_missing_dataset_path(ctrlnet_here, tmp_path):
     missing = tmp_path / "no-such-data"
-    proc = ctrlnet("train", "--data", missing, "--output", tmp_path / "out", "--max-steps", 2, "--resolution", 32)
+    proc = ctrlnet_here("train", "--data", missing, "--output", tmp_path / "out", "--max-steps", 2, "--resolution", 32)
     assert_user_error(proc, str(missing), "does not exist")
 
 
-def test_missing_column_then_fixed_rerun_into_the_same_output(ctrlnet, tmp_path, parquet_dir):
+def test_missing_column_then_fixed_rerun_into_the_same_output(ctrlnet_here, tmp_path, parquet_dir):
     out = tmp_path / "out"
     common = ["train", "--data", parquet_dir, "--output", out, "--max-steps", 2, "--resolution", 32, "--batch-size", 2]
-    proc = ctrlnet(*common, "--set", "train.data.caption_column=nope")
+    proc = ctrlnet_here(*common, "--set", "train.data.caption_column=nope")
     line = assert_user_error(proc, "caption_column", "'nope'")
     assert "text" in line  # names the columns there are
     # The failed attempt trained nothing, so the corrected command may use the same output.
-    proc = ctrlnet(*common)
+    proc = ctrlnet_here(*common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
 
@@ -151,12 +175,12 @@ def test_output_holding_another_run_is_refused_and_left_intact(demo, ctrlnet):
     assert {p: sha256(p) for p in before} == before
 
 
-def test_model_init_then_generate_with_the_demo_controlnet(demo, ctrlnet, tmp_path):
+def test_model_init_then_generate_with_the_demo_controlnet(demo, ctrlnet, ctrlnet_here, tmp_path):
     from ctrlnet_trainer.synthetic import fill_example
 
     _, out = demo
     base = tmp_path / "base"
-    proc = ctrlnet("model", "init", "--out", base, "--arch", "tiny")  # seed 0: the demo's in-code base
+    proc = ctrlnet_here("model", "init", "--out", base, "--arch", "tiny")  # seed 0: the demo's in-code base
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(base) in proc.stdout
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -279,20 +303,20 @@ def test_synth_fill_refuses_an_existing_parquet(ctrlnet, tmp_path):
     assert_user_error(ctrlnet("data", "synth-fill", "--out", tmp_path / "f", "--rows", 2), "is a file")
 
 
-def test_model_init_overwrite_replaces_the_folder_whole(ctrlnet, tmp_path):
+def test_model_init_overwrite_replaces_the_folder_whole(ctrlnet, ctrlnet_here, tmp_path):
     base = tmp_path / "b"
     base.mkdir()
     (base / "model_index.json").write_text("mine")
     assert_user_error(ctrlnet("model", "init", "--out", base), "already holds", "model_index.json", "--overwrite")
     assert (base / "model_index.json").read_text() == "mine"
-    proc = ctrlnet("model", "init", "--out", base, "--overwrite")
+    proc = ctrlnet_here("model", "init", "--out", base, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (base / "vae" / "config.json").is_file() and (base / "model_index.json").read_text() != "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging folder left behind
 
 
 # ------------------------------------------------------------------ generate: bad input, before the models load
-def test_generate_bad_input_is_one_line(ctrlnet, tmp_path):
+def test_generate_bad_input_is_one_line(ctrlnet_here, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     Image.new("RGB", (64, 64)).save(tmp_path / "cond.png")
     (tmp_path / "taken").write_text("a file")
@@ -306,7 +330,7 @@ def test_generate_bad_input_is_one_line(ctrlnet, tmp_path):
     ]
     for extra, words in cases:
         # The later option wins (click), so each case overrides one of the defaults above.
-        assert_user_error(ctrlnet(*args, "--prompt", "x", *extra), *words)
+        assert_user_error(ctrlnet_here(*args, "--prompt", "x", *extra), *words)
     assert not (tmp_path / "gen").exists()
 
 
@@ -333,21 +357,21 @@ def test_bare_name_with_the_hub_unreachable(env, tmp_path):
     assert "Retrying" not in proc.stderr
 
 
-def test_missing_base_component_is_named(ctrlnet, tmp_path, tiny_base_dir):
+def test_missing_base_component_is_named(ctrlnet_here, tmp_path, tiny_base_dir):
     import shutil
 
     base = tmp_path / "base"
     shutil.copytree(tiny_base_dir, base, ignore=shutil.ignore_patterns("vae"))
-    proc = ctrlnet("train", "--base", base, "--output", tmp_path / "out", "--max-steps", 1, "--resolution", 32)
+    proc = ctrlnet_here("train", "--base", base, "--output", tmp_path / "out", "--max-steps", 1, "--resolution", 32)
     assert_user_error(proc, "model.base", "vae/")
     (base / "vae").mkdir()
-    proc = ctrlnet("train", "--base", base, "--output", tmp_path / "out", "--max-steps", 1, "--resolution", 32)
+    proc = ctrlnet_here("train", "--base", base, "--output", tmp_path / "out", "--max-steps", 1, "--resolution", 32)
     assert_user_error(proc, "vae/config.json")
 
 
-def test_missing_validation_image_blames_validation_images(ctrlnet, tmp_path, tiny_base_dir, parquet_dir):
+def test_missing_validation_image_blames_validation_images(ctrlnet_here, tmp_path, tiny_base_dir, parquet_dir):
     missing = tmp_path / "edges.png"
-    proc = ctrlnet(
+    proc = ctrlnet_here(
         "train",
         "--base",
         tiny_base_dir,
