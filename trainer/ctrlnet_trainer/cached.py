@@ -20,7 +20,7 @@ from ctrlnet.errors import UserError
 from ctrlnet_trainer import cache, data
 from ctrlnet_trainer.models import Models
 from ctrlnet_trainer.seeds import row_rng
-from ctrlnet_trainer.step import Draws
+from ctrlnet_trainer.step import Draws, sample_latents
 from ctrlnet_trainer.storage import Prefix
 from ctrlnet_trainer.validation import EncodedPrompts, validation_pairs
 
@@ -69,8 +69,7 @@ class CachedEncoder:
     def encode(self, batch: dict[str, torch.Tensor], draws: Draws):
         put = lambda t: t.to(self.device, dtype=self.weight_dtype, non_blocking=True)  # noqa: E731
         mean, logvar = put(batch["latent_mean"]), put(batch["latent_logvar"])
-        std = torch.exp(0.5 * logvar)
-        latents = (mean + std * draws.latent_eps.to(mean.dtype)) * self.scaling_factor
+        latents = sample_latents(mean, torch.exp(0.5 * logvar), draws.latent_eps, self.scaling_factor)
         text = put(batch["prompt_embeds"])
         if draws.drop_prompt is not None:
             # proportion_empty_prompts: these captions become "" (classifier-free guidance training).

@@ -51,6 +51,12 @@ def draw(
     return Draws(torch.stack(eps), torch.stack(noise), torch.cat(steps), drop)
 
 
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """The VAE posterior sample a step trains on, from its draws' standard-normal `eps`: one formula
+    for online encoding and for the precomputed cache (cached.CachedEncoder), so they cannot drift."""
+    return (mean + std * eps.to(mean.dtype)) * scaling_factor
+
+
 class OnlineEncoder:
     def __init__(self, models: Models, weight_dtype: torch.dtype, device: torch.device):
         self.vae, self.text_encoder = models.vae, models.text_encoder
@@ -69,8 +75,7 @@ class OnlineEncoder:
     def encode(self, batch: dict[str, torch.Tensor], draws: Draws):
         pixels = batch["pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
         posterior = self.vae.encode(pixels).latent_dist
-        eps = draws.latent_eps.to(posterior.mean.dtype)
-        latents = (posterior.mean + posterior.std * eps) * self.scaling_factor
+        latents = sample_latents(posterior.mean, posterior.std, draws.latent_eps, self.scaling_factor)
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         if draws.drop_prompt is not None:
             # proportion_empty_prompts: these captions become "" (classifier-free guidance training).
