@@ -3,12 +3,16 @@
 One invocation, one machine, one GPU: a random-weight base (`ctrlnet model init`), synthetic fill
 data (`ctrlnet data synth-fill`), the precompute of the cached tiers (timed once, on its own), then
 each tier of bench/tiers/ through `ctrlnet train -f`, then the reference through bench/ref_runner.py.
+An SDXL arch (sdxl, tiny-sdxl) runs the SDXL tiers (online encoding: no precompute) beside
+diffusers' train_controlnet_sdxl.py.
 Prints a table and one `COMPARE_RESULT {json}` line: samples/s, MFU (counted FLOPs per sample over
 the GPU's dense bf16 peak), peak memory, warm-up and compile time, and each row's ratios to the
 reference. docs/benchmarks.md explains every column and holds the results.
 
     python bench/compare.py                                   # GPU: all tiers + reference, SD1.5, 512 px
     python bench/compare.py --cpu --arch tiny --steps 3       # CPU smoke on the tiny base (no speed claim)
+    python bench/compare.py --arch sdxl                       # GPU: SDXL tiers + train_controlnet_sdxl.py, 1024 px
+    python bench/compare.py --cpu --arch tiny-sdxl --steps 2  # CPU smoke of the SDXL side
 """
 
 from __future__ import annotations
@@ -29,10 +33,21 @@ sys.path.insert(0, str(ROOT))  # run as a script: make the `bench` package impor
 
 from bench import flops, ours, reference  # noqa: E402
 from bench.steps import Failed  # noqa: E402
+from ctrlnet_trainer.base_model import ARCHS, family_of  # noqa: E402  (no torch at import)
 
-GPU_TIERS = "fastest,fastest@32,6gb,zero-offload"
+GPU_TIERS = {"sd": "fastest,fastest@32,6gb,zero-offload", "sdxl": "sdxl-fastest,sdxl-24gb"}
+CPU_TIERS = {"sd": ",".join(ours.TIERS), "sdxl": ",".join(ours.SDXL_TIERS)}
 CPU_DEFAULTS = {"arch": "tiny", "resolution": 64, "batch_size": 8, "precision": "no", "steps": 3}
-GPU_DEFAULTS = {"arch": "sd15", "resolution": 512, "batch_size": 16, "precision": "bf16", "steps": 40}
+GPU_DEFAULTS = {
+    "sd": {"arch": "sd15", "resolution": 512, "batch_size": 16, "precision": "bf16", "steps": 40},
+    # SDXL at its native 1024 px. Batch 4, like the sdxl-fastest tier, and no gradient checkpointing
+    # on either side (the reference's --gradient_checkpointing would checkpoint its UNet too, which
+    # ours never does): the reference holds ~25 GiB of weights, fp32 ControlNet gradients and AdamW
+    # states (its VAE in fp32, its text encoders kept on the GPU) plus ~6 GiB of activations per
+    # sample (estimated on the meta device with flash attention's memory), ~55-60 GiB at batch 4;
+    # batch 8 (80 GiB or more) would not fit an 80 GB H100. 30 steps: an SDXL sample is ~7x the FLOPs.
+    "sdxl": {"arch": "sdxl", "resolution": 1024, "batch_size": 4, "precision": "bf16", "steps": 30},
+}
 REF_WORKERS = 8  # the reference's loader workers on a GPU (ours: each tier file's data.num_workers)
 
 
@@ -42,15 +57,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cpu", action="store_true", help="smoke run on the CPU: tiny base, 64 px, GPU-only keys overridden"
     )
     p.add_argument(
-        "--tiers", default=None, help=f"comma-separated, TIER or TIER@BATCH (default: {GPU_TIERS}; --cpu: the tiers)"
+        "--tiers",
+        default=None,
+        help=f"comma-separated, TIER or TIER@BATCH (default: {GPU_TIERS['sd']}; SDXL: {GPU_TIERS['sdxl']}; "
+        "--cpu: the family's tiers)",
     )
     p.add_argument("--only", choices=["ours", "reference"], default=None, help="run one side only")
-    p.add_argument("--reference", type=Path, default=reference.DEFAULT_SCRIPT, help="diffusers' train_controlnet.py")
-    p.add_argument("--arch", choices=["sd15", "tiny"], default=None, help="base architecture (random weights)")
-    p.add_argument("--resolution", type=int, default=None, help="pixels, every run (default 512; --cpu: 64)")
-    p.add_argument("--batch-size", type=int, default=None, help="the reference's batch (default 16; --cpu: 8)")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="the diffusers script (default: .ref/train_controlnet.py; SDXL: .ref/train_controlnet_sdxl.py)",
+    )
+    p.add_argument(
+        "--arch", choices=sorted(ARCHS), default=None, help="base architecture (random weights; default sd15)"
+    )
+    p.add_argument("--resolution", type=int, default=None, help="pixels, every run (default 512, SDXL 1024; --cpu: 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="the reference's batch (default 16, SDXL 4; --cpu: 8)")
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None, help="the reference's mixed precision")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40; --cpu: 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40, SDXL 30; --cpu: 3)")
     p.add_argument(
         "--workers",
         type=int,
@@ -62,9 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="folder for base, data, caches, runs and logs")
     p.add_argument("--torchvision-shim", action="store_true", help="run the reference with bench/cpu_shim's transforms")
     a = p.parse_args(argv)
-    for key, value in (CPU_DEFAULTS if a.cpu else GPU_DEFAULTS).items():
+    a.family = family_of(a.arch or (CPU_DEFAULTS if a.cpu else GPU_DEFAULTS["sd"])["arch"])
+    for key, value in (CPU_DEFAULTS if a.cpu else GPU_DEFAULTS[a.family]).items():
         if getattr(a, key) is None:
             setattr(a, key, value)
+    if a.reference is None:
+        a.reference = reference.SCRIPTS[a.family]
     if a.cpu and a.workers is None:
         a.workers = 0  # worker processes only cost start-up time on a smoke run
     if a.jobs is not None and a.jobs > 1 and not a.cpu:
@@ -72,8 +100,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.jobs = a.jobs or (2 if a.cpu else 1)
     try:
         a.tier_list = [
-            ours.Tier.parse(t) for t in (a.tiers or (",".join(ours.TIERS) if a.cpu else GPU_TIERS)).split(",")
+            ours.Tier.parse(t) for t in (a.tiers or (CPU_TIERS if a.cpu else GPU_TIERS)[a.family]).split(",")
         ]
+        for tier in a.tier_list if a.only != "reference" else []:
+            ours.check_family(tier, a.family)
     except ValueError as e:
         p.error(str(e))
     return a
@@ -183,18 +213,23 @@ def run_reference(a, setup: ours.Setup, base: Path, data: Path) -> dict:
         workers=REF_WORKERS if a.workers is None else a.workers,
         shim=a.torchvision_shim or (a.cpu and not reference.torchvision_importable()),
         env=setup.env,
+        family=a.family,
     )
 
 
 def count_flops(result: dict, base: Path) -> None:
-    """Each row's counted FLOPs per sample (bench/flops.py), once per distinct step shape."""
+    """Each row's counted FLOPs per sample (bench/flops.py), once per distinct step shape: what
+    the step encodes, images (uncached) and text (uncached, unless the reference encoded its
+    prompts before training, as train_controlnet_sdxl.py does)."""
     counted: dict[tuple, float] = {}
+    models = None
     for row in result["runs"]:
         if "error" in row:
             continue
-        key = (row["resolution"], row["batch_size"], not row["cached"])
+        key = (row["resolution"], row["batch_size"], not row["cached"], row.get("text_per_step", not row["cached"]))
         if key not in counted:
-            counted[key] = flops.flops_per_sample(base, key[1], key[0], encode=key[2])
+            models = models or flops.meta_models(base)
+            counted[key] = flops.flops_per_sample(models, key[1], key[0], encode=key[2], text=key[3])
         row["flops_per_sample"] = counted[key]
 
 
@@ -242,6 +277,7 @@ def table(result: dict) -> str:
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in lines]
     for p in result["precompute"]:
         out.append(f"precompute ({p['for']}): {p['rows']} rows in {p['seconds']} s -> {p['cache']}")
+    out += [f"{row['name']}: {row['patch']}" for row in result["runs"] if row.get("patch")]
     return "\n".join(out)
 
 
@@ -260,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     base, data = prepare(a, work, rows=max(batches) * (a.steps + 2))
     setup = ours.Setup(base, data, work, a.steps, a.resolution, a.workers, a.cpu, env)
     result: dict = {"env": environment(a.cpu), "steps": a.steps, "arch": a.arch, "work": str(work)}
+    result["reference_script"] = str(a.reference)
     peak = a.peak_tflops or (None if a.cpu else flops.peak_tflops(result["env"].get("device")))
     result["peak_tflops"] = peak
     if a.only != "ours" and not a.reference.is_file():

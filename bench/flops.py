@@ -5,14 +5,21 @@ training step of the base's own architecture (its config.json files) at the run'
 resolution: the ControlNet forward and backward and the frozen UNet forward and backward (its
 input gradients carry the ControlNet's), plus the VAE encoder and text encoder forwards when the
 step runs them (the reference, or an uncached run; a precomputed run encoded them once, before
-training). The models are built on the meta device: the count needs shapes only, so counting
-SD1.5 at batch 16 takes a second on any machine and no memory. The count is of model FLOPs:
-gradient checkpointing's recomputed forward is not counted (MFU, not hardware FLOPs utilisation);
-matmuls, convolutions and attention are counted, elementwise work is not.
+training). SDXL (a base with text_encoder_2/): both text encoders (their hidden states, the second's
+pooled projection), cross-attention over their concatenated states and the UNet's and ControlNet's
+added conditions (pooled text and the six time ids). The models are built on the meta device: the
+count needs shapes only, so counting SD1.5 at batch 16 or SDXL at 1024 px takes seconds on any
+machine and no memory. The count is of model FLOPs: gradient checkpointing's recomputed forward is
+not counted (MFU, not hardware FLOPs utilisation); matmuls, convolutions and attention are counted,
+elementwise work is not.
+
+    python bench/flops.py --arch sdxl --batch 4 --resolution 1024   # no base written: built on meta
 """
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a name torch.cuda.get_device_name() holds.
@@ -40,46 +47,126 @@ def mfu(flops_per_sample: float | None, samples_per_s: float | None, peak: float
     return flops_per_sample * samples_per_s / (peak * 1e12)
 
 
-def flops_per_sample(base: str | Path, batch: int, resolution: int, *, encode: bool) -> float:
+@dataclass
+class MetaModels:
+    unet: object
+    controlnet: object
+    vae: object
+    text_encoder: object
+    text_encoder_2: object | None  # SDXL's second encoder (with projection); None for SD1.x/2.x
+
+
+def meta_models(base: str | Path) -> MetaModels:
+    """The base's models on the meta device: `base` is a diffusers folder (its config files are
+    read; the weights are not) or an architecture name of ctrlnet_trainer.base_model.ARCHS (built
+    from its spec, nothing written: the sdxl base would be ~14 GB)."""
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ctrlnet_trainer.base_model import ARCHS, build_base
+
+    with torch.device("meta"):
+        if not Path(base).is_dir() and str(base) in ARCHS:
+            p = build_base(str(base))
+            unet, vae, text, text_2 = p.unet, p.vae, p.text_encoder, p.text_encoder_2
+        else:
+            base = str(base)
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base, subfolder="vae"))
+            text = CLIPTextModel(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder"))
+            text_2 = None
+            if (Path(base) / "text_encoder_2").is_dir():
+                text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder_2"))
+        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    for frozen in (unet, vae, text, text_2):
+        if frozen is not None:
+            frozen.requires_grad_(False)
+    return MetaModels(unet, controlnet, vae, text, text_2)
+
+
+def flops_per_sample(
+    base: str | Path | MetaModels, batch: int, resolution: int, *, encode: bool, text: bool | None = None
+) -> float:
     """Counted FLOPs of one training step at `batch` x `resolution`, divided by `batch`.
-    `encode`: the step also runs the VAE encoder and the text encoder (no gradients)."""
+    `encode`: the step also runs the VAE encoder; `text`: the text encoder(s) (default: as
+    `encode`; train_controlnet_sdxl.py encodes images every step but its prompts once, before
+    training). `base`: a base folder, an architecture name (see meta_models) or meta_models' result."""
     import torch
     import torch.nn.functional as F
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    base = str(base)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet"))
-        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base, subfolder="vae"))
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder"))
-    for frozen in (unet, vae, text):
-        frozen.requires_grad_(False)
-    latent = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    tokens = text.config.max_position_embeddings
+    m = base if isinstance(base, MetaModels) else meta_models(base)
+    text = encode if text is None else text
+    unet, sdxl = m.unet, m.text_encoder_2 is not None
+    latent = resolution // 2 ** (len(m.vae.config.block_out_channels) - 1)
+    tokens = m.text_encoder.config.max_position_embeddings
     meta = {"device": "meta"}
 
     counter = FlopCounterMode(display=False)
     with counter:
-        if encode:
-            with torch.no_grad():
-                latents = vae.encode(torch.empty(batch, 3, resolution, resolution, **meta)).latent_dist.sample()
-                states = text(torch.zeros(batch, tokens, dtype=torch.long, **meta), return_dict=False)[0]
-        else:
-            latents = torch.empty(batch, unet.config.in_channels, latent, latent, **meta)
-            states = torch.empty(batch, tokens, text.config.hidden_size, **meta)
+        with torch.no_grad():
+            if encode:
+                latents = m.vae.encode(torch.empty(batch, 3, resolution, resolution, **meta)).latent_dist.sample()
+            else:
+                latents = torch.empty(batch, unet.config.in_channels, latent, latent, **meta)
+            added = None
+            if text:
+                ids = torch.zeros(batch, tokens, dtype=torch.long, **meta)
+                if sdxl:  # as SDXL's encode_prompt: both penultimate hidden states, the second's pooled projection
+                    first = m.text_encoder(ids, output_hidden_states=True)
+                    second = m.text_encoder_2(ids, output_hidden_states=True)
+                    states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+                    added = {"text_embeds": second.text_embeds}
+                else:
+                    states = m.text_encoder(ids, return_dict=False)[0]
+            else:
+                states = torch.empty(batch, tokens, unet.config.cross_attention_dim, **meta)
+                if sdxl:
+                    added = {"text_embeds": torch.empty(batch, m.text_encoder_2.config.projection_dim, **meta)}
+            if added is not None:  # original size, crop top-left, target size
+                added["time_ids"] = torch.empty(batch, 6, **meta)
         timesteps = torch.zeros(batch, dtype=torch.long, **meta)
         cond = torch.empty(batch, 3, resolution, resolution, **meta)
-        down, mid = controlnet(latents, timesteps, states, controlnet_cond=cond, return_dict=False)
+        down, mid = m.controlnet(
+            latents, timesteps, states, controlnet_cond=cond, added_cond_kwargs=added, return_dict=False
+        )
         pred = unet(
             latents,
             timesteps,
             states,
+            added_cond_kwargs=added,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             return_dict=False,
         )[0]
         F.mse_loss(pred, torch.empty_like(pred)).backward()
     return counter.get_total_flops() / batch
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ctrlnet_trainer.base_model import ARCHS
+
+    p = argparse.ArgumentParser(description="TFLOP per training sample, counted on the meta device")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
+    p.add_argument("--base", type=Path, default=None, help="a base folder instead of --arch (its configs)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: 1024 for SDXL, else 512)")
+    a = p.parse_args(argv)
+    m = meta_models(a.base or a.arch)
+    sdxl = m.text_encoder_2 is not None
+    resolution = a.resolution or (1024 if sdxl else 512)
+    print(f"{a.base or a.arch}, batch {a.batch}, {resolution} px: TFLOP per sample")
+    for what, encode, text in [
+        ("ControlNet + UNet, forward + backward (a cached step)", False, False),
+        ("+ VAE encoder (train_controlnet_sdxl.py: its prompts encoded before training)", True, False),
+        ("+ VAE encoder + text encoder(s) (an online step; train_controlnet.py)", True, True),
+    ]:
+        print(f"  {flops_per_sample(m, a.batch, resolution, encode=encode, text=text) / 1e12:.4g}  {what}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()

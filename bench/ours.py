@@ -2,7 +2,9 @@
 (`ctrlnet train -f bench/tiers/<tier>.yaml`), run here exactly so — through `ctrlnet train` —
 with only the run's place and length set on top (base, data, cache, output, steps, seed) and, on
 a CPU, the keys only a GPU can run (CPU_OVERRIDES). A cached tier's cache is made first by
-`ctrlnet precompute` on the same file, once per distinct cache, and timed on its own."""
+`ctrlnet precompute` on the same file, once per distinct cache, and timed on its own. The SDXL
+tiers (SDXL_TIERS) encode online: SDXL cannot use the precompute cache, so they have none, and a
+cached tier is refused for an SDXL base before anything runs (check_family)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from pathlib import Path
 from bench.steps import run, summarize
 
 TIERS_DIR = Path(__file__).resolve().parent / "tiers"
-TIERS = ("fastest", "6gb", "zero-offload")
+TIERS = ("fastest", "6gb", "zero-offload")  # SD1.5: cached (the precompute)
+SDXL_TIERS = ("sdxl-fastest", "sdxl-24gb")  # SDXL: online encoding (SDXL cannot use data.cache)
+ALL_TIERS = TIERS + SDXL_TIERS
 
 # The GPU-only keys, per tier, and what a CPU runs instead (the CPU smoke of bench/compare.py --cpu
 # and tests/test_bench.py): compiling the step is for the GPU (inductor on a CPU compiles for
@@ -24,6 +28,8 @@ CPU_OVERRIDES: dict[str, dict[str, str]] = {
     "fastest": {"train.loop.compile": "off", "train.loop.channels_last": "off"},
     "6gb": {},
     "zero-offload": {"train.loop.mixed_precision": "no"},
+    "sdxl-fastest": {},  # compile and channels_last `auto`: off on a CPU by themselves
+    "sdxl-24gb": {},
 }
 
 # The CPU smoke run (bench/compare.py --cpu) also trains every tier in fp32: bf16 autocast on a CPU
@@ -57,8 +63,8 @@ class Tier:
     def parse(cls, spec: str) -> Tier:
         """`fastest` or `fastest@32` (the tier at another batch size)."""
         name, _, batch = spec.strip().partition("@")
-        if name not in TIERS:
-            raise ValueError(f"unknown tier {name!r}: use one of {', '.join(TIERS)} (optionally @BATCH)")
+        if name not in ALL_TIERS:
+            raise ValueError(f"unknown tier {name!r}: use one of {', '.join(ALL_TIERS)} (optionally @BATCH)")
         if batch and not (batch.isdigit() and int(batch) > 0):
             raise ValueError(f"tier {spec!r}: the batch after @ must be a positive number")
         return cls(name, int(batch) if batch else None)
@@ -102,9 +108,30 @@ def overrides(tier: Tier, s: Setup) -> list[str]:
 
 
 def file_batch(tier: Tier) -> int:
+    return file_config(tier).loop.batch_size
+
+
+def file_config(tier: Tier):
+    """The tier file's train config as it is (no base, data or overrides)."""
     from ctrlnet.config import load_job_config
 
-    return load_job_config(tier.file).train.loop.batch_size
+    return load_job_config(tier.file).train
+
+
+def check_family(tier: Tier, family: str) -> None:
+    """A tier runs on the family it is written for: a cached tier cannot train SDXL (the precompute
+    cache holds SD1.x/2.x embeddings only), an SDXL tier (model.family sdxl) needs an SDXL base."""
+    train = file_config(tier)
+    if family == "sdxl" and train.data.cache:
+        raise ValueError(
+            f"tier {tier.name} reads a precompute cache (data.cache), which SDXL cannot use (it encodes "
+            f"online): for an SDXL arch use {', '.join(SDXL_TIERS)}"
+        )
+    if family != "sdxl" and train.model.family == "sdxl":
+        raise ValueError(
+            f"tier {tier.name} is for SDXL bases (model.family sdxl): use --arch sdxl or tiny-sdxl, "
+            f"or the SD tiers {', '.join(TIERS)}"
+        )
 
 
 def load(tier: Tier, s: Setup):

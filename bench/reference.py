@@ -1,6 +1,15 @@
-"""The reference side: diffusers' examples/controlnet/train_controlnet.py, unchanged, run through
-bench/ref_runner.py (which timestamps its optimizer steps) on the same base, data, batch,
-resolution and precision as ours. The script is fetched, never committed: bench/README.md."""
+"""The reference side: diffusers' examples/controlnet/train_controlnet.py (SD1.x/2.x) or
+train_controlnet_sdxl.py (SDXL), unchanged, run through bench/ref_runner.py (which timestamps its
+optimizer steps) on the same base, data, batch, resolution and precision as ours. The scripts are
+fetched, never committed: bench/README.md.
+
+train_controlnet_sdxl.py encodes its prompts once, before training (a `datasets` map over the whole
+dataset, before its "Steps" bar: outside the timed steps), and the VAE every step. Under bf16/fp16
+it cannot run unchanged: the map stores the prompt embeddings as fp32 and the script hands them to
+its UNet, which is in the mixed-precision dtype and outside autocast, so its first cross-attention
+fails ("expected m1 and m2 to have the same dtype"). ref_runner.py --cast-unet-text casts them to
+the UNet's dtype as the UNet is called (diffusers made the same fix in train_controlnet_sd3.py,
+huggingface/diffusers#11051); the row says so."""
 
 from __future__ import annotations
 
@@ -13,6 +22,9 @@ from bench.steps import Failed, run, summarize
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SCRIPT = HERE.parent / ".ref" / "train_controlnet.py"  # git-ignored
+SDXL_SCRIPT = HERE.parent / ".ref" / "train_controlnet_sdxl.py"
+SCRIPTS = {"sd": DEFAULT_SCRIPT, "sdxl": SDXL_SCRIPT}  # by model family (base_model.family_of)
+CAST_UNET_TEXT = "its UNet's text input cast to the UNet's dtype (bench/ref_runner.py --cast-unet-text)"
 
 
 def torchvision_importable() -> bool:
@@ -40,12 +52,15 @@ def run_reference(
     workers: int,
     shim: bool,
     env: dict,
+    family: str = "sd",
 ) -> dict:
     out = work / "ref"
     shutil.rmtree(out, ignore_errors=True)
+    cast = family == "sdxl" and precision != "no"  # the one fix the SDXL script needs (module docstring)
     cmd = [
         sys.executable,
         str(HERE / "ref_runner.py"),
+        *(["--cast-unet-text"] if cast else []),
         str(script),
         f"--pretrained_model_name_or_path={base}",
         f"--train_data_dir={data}",
@@ -69,10 +84,12 @@ def run_reference(
     r = json.loads(line.split(" ", 1)[1])
     return {
         "name": "reference",
-        "config": f"{script.name} (diffusers, unchanged)",
+        "config": f"{script.name} (diffusers, unchanged{'; + one dtype cast' if cast else ''})",
+        **({"patch": CAST_UNET_TEXT} if cast else {}),
         "batch_size": batch,
         "resolution": resolution,
         "cached": False,
+        "text_per_step": family != "sdxl",  # the SDXL script encodes its prompts before training
         **summarize(r["step_s"], batch),
         "peak_memory_gib": _round(r.get("peak_alloc_gib")),
         "wall_s": round(wall, 1),

@@ -31,3 +31,11 @@ def s3_server():
     server = start_moto()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """The tiny SDXL base (`ctrlnet model init --arch tiny-sdxl`) as a diffusers folder, seed 0."""
+    from ctrlnet_trainer.base_model import write_base
+
+    return write_base(tmp_path_factory.mktemp("tiny-sdxl") / "base", arch="tiny-sdxl", seed=0)

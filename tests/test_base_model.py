@@ -74,9 +74,22 @@ def test_sd15_has_the_real_sd15_shapes():
     assert parts.text_encoder.config.vocab_size == 49408
 
 
+def test_sdxl_has_the_real_sdxl_base_shapes():
+    with torch.device("meta"):
+        parts = build_base("sdxl")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # Parameter counts of stabilityai/stable-diffusion-xl-base-1.0's unet, vae and text encoders.
+    assert count(parts.unet) == 2_567_463_684
+    assert count(parts.vae) == 83_653_863
+    assert count(parts.text_encoder) == 123_060_480
+    assert count(parts.text_encoder_2) == 694_659_840
+    assert parts.family == "sdxl" and parts.vae.config.force_upcast
+    assert parts.unet.config.cross_attention_dim == 768 + 1280
+
+
 def test_unknown_arch_is_an_error():
-    with pytest.raises(ValueError, match="sdxl"):
-        build_base("sdxl")
+    with pytest.raises(ValueError, match="sdxl"):  # the message lists the known ones
+        build_base("sd3")
 
 
 def test_write_base_layout_and_components_load(tiny_base):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ctrlnet.config import JobConfig, TrainConfig, load_job_config, load_train_config
-from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, EXTRAS, FLAG_VALUES, NOTES
+from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, EXTRAS, FLAG_VALUES, NOTES, SDXL_FLAGS
 from ctrlnet.errors import UserError
 from tools.gen.config_docs import field_at, iter_keys, render_config_docs
 
@@ -114,6 +114,22 @@ REFERENCE_DEFAULTS = {
     "tracker_project_name": "train_controlnet",
 }
 
+# The 57 flags of diffusers' examples/controlnet/train_controlnet_sdxl.py (argparse dest names): the
+# 52 above plus its own five.
+SDXL_REFERENCE_FLAGS = (
+    *REFERENCE_FLAGS,
+    "pretrained_vae_model_name_or_path",
+    "crops_coords_top_left_h",
+    "crops_coords_top_left_w",
+    "enable_npu_flash_attention",
+    "image_interpolation_mode",
+)
+SDXL_REFERENCE_SWITCHES = REFERENCE_SWITCHES | {"enable_npu_flash_attention"}
+# The SDXL script's defaults where ctrlnet's equal them: the SD script's, less tracker_project_name
+# (`sd_xl_train_controlnet` there), crops_coords_top_left_h/_w (0, 0 there; unset here = each image's
+# own offset) and image_interpolation_mode (`lanczos` there; `auto` here = lanczos for SDXL).
+SDXL_REFERENCE_DEFAULTS = {flag: v for flag, v in REFERENCE_DEFAULTS.items() if flag != "tracker_project_name"}
+
 LEAF_KEYS = dict(iter_keys())
 
 
@@ -160,11 +176,11 @@ def test_defaults_follow_the_reference():
 
 
 def test_notes_and_extras_name_real_things():
-    assert set(NOTES) <= set(DIFFUSERS_FLAGS)
-    assert set(FLAG_VALUES) <= set(DIFFUSERS_FLAGS)
+    assert set(NOTES) <= set(DIFFUSERS_FLAGS) | set(SDXL_FLAGS)
+    assert set(FLAG_VALUES) <= set(DIFFUSERS_FLAGS) | set(SDXL_FLAGS)
     for key in EXTRAS:
         field_at(key)  # a section or a leaf; KeyError if it is not a key
-    mapped = set(DIFFUSERS_FLAGS.values())
+    mapped = set(DIFFUSERS_FLAGS.values()) | set(SDXL_FLAGS.values())
     for key in EXTRAS:
         assert key not in mapped, f"{key} is in EXTRAS but a reference flag maps to it"
 
@@ -175,6 +191,70 @@ def test_docs_cover_every_flag_and_key():
         assert f"`--{flag}`" in text
     for key in LEAF_KEYS:
         assert f"| `{key}` |" in text, f"{key} missing from the key reference"
+
+
+def _sdxl_key(flag: str) -> str:
+    return SDXL_FLAGS.get(flag) or DIFFUSERS_FLAGS[flag]
+
+
+def test_every_sdxl_reference_flag_is_mapped():
+    assert len(SDXL_REFERENCE_FLAGS) == len(set(SDXL_REFERENCE_FLAGS)) == 57
+    assert set(REFERENCE_FLAGS) < set(SDXL_REFERENCE_FLAGS)
+    assert set(SDXL_FLAGS) == set(SDXL_REFERENCE_FLAGS) - set(REFERENCE_FLAGS)
+    assert not set(SDXL_FLAGS) & set(DIFFUSERS_FLAGS)
+
+
+@pytest.mark.parametrize("flag", sorted(set(SDXL_REFERENCE_FLAGS) - set(REFERENCE_FLAGS)))
+def test_each_sdxl_flag_maps_to_a_real_key(flag):
+    key = SDXL_FLAGS[flag]
+    assert key.startswith("train."), key
+    assert key in LEAF_KEYS, f"--{flag} -> {key}: no such key in JobConfig"
+    field = field_at(key)
+    if flag in FLAG_VALUES:
+        cfg = load_job_config(overrides=[f"{key}={FLAG_VALUES[flag]}"])
+        assert _get(cfg, key) == FLAG_VALUES[flag]
+    elif flag in SDXL_REFERENCE_SWITCHES:
+        assert field.annotation is bool, f"--{flag} is a switch but {key} is not a bool"
+
+
+def test_sdxl_mapping_values():
+    assert SDXL_FLAGS["pretrained_vae_model_name_or_path"] == "train.model.vae"
+    assert SDXL_FLAGS["crops_coords_top_left_h"] == SDXL_FLAGS["crops_coords_top_left_w"]
+    assert SDXL_FLAGS["crops_coords_top_left_h"] == "train.data.crops_coords_top_left"
+    assert SDXL_FLAGS["image_interpolation_mode"] == "train.data.interpolation"
+    cfg = load_job_config(
+        overrides=[
+            "train.model.vae=madebyollin/sdxl-vae-fp16-fix",
+            "train.data.crops_coords_top_left=[0, 0]",
+            "train.data.interpolation=lanczos",  # the SDXL script's default
+        ]
+    )
+    assert cfg.train.model.vae == "madebyollin/sdxl-vae-fp16-fix"
+    assert cfg.train.data.crops_coords_top_left == [0, 0]
+    assert cfg.train.data.interpolation == "lanczos"
+
+
+def test_sdxl_defaults_follow_the_reference():
+    cfg = JobConfig()
+    for flag, default in SDXL_REFERENCE_DEFAULTS.items():
+        assert _get(cfg, _sdxl_key(flag)) == default, flag
+    for flag in SDXL_REFERENCE_SWITCHES - set(FLAG_VALUES):
+        assert _get(cfg, _sdxl_key(flag)) is False, flag
+    # where they differ, the docs say so
+    for flag in ("tracker_project_name", "crops_coords_top_left_h", "image_interpolation_mode"):
+        assert flag in NOTES, flag
+    assert cfg.train.model.vae is None  # the script's default: the base's own VAE
+    assert cfg.train.data.interpolation == "auto" and cfg.train.data.crops_coords_top_left is None
+
+
+def test_sdxl_docs_cover_every_flag():
+    text = render_config_docs()
+    for flag in SDXL_REFERENCE_FLAGS:
+        assert f"`--{flag}`" in text, flag
+    assert "train_controlnet_sdxl.py" in text
+    for flag, key in SDXL_FLAGS.items():
+        shown = f"{key}={FLAG_VALUES[flag]}" if flag in FLAG_VALUES else key
+        assert f"| `--{flag}` | `{shown}` |" in text, flag
 
 
 # --- YAML + --set ------------------------------------------------------------------------------
@@ -331,6 +411,16 @@ def test_unknown_key_that_is_a_diffusers_flag_points_to_its_key(tmp_path):
     assert "train.max_train_steps" in msg and "train.loop.max_steps" in msg
 
 
+def test_unknown_key_that_is_an_sdxl_flag_points_to_its_key(tmp_path):
+    msg = _error(tmp_path, "train:\n  model:\n    pretrained_vae_model_name_or_path: madebyollin/sdxl-vae-fp16-fix\n")
+    assert "train.model.pretrained_vae_model_name_or_path" in msg
+    assert "diffusers' --pretrained_vae_model_name_or_path is train.model.vae" in msg
+    msg = _error(tmp_path, overrides=["train.data.image_interpolation_mode=lanczos"])
+    assert "diffusers' --image_interpolation_mode is train.data.interpolation" in msg
+    msg = _error(tmp_path, overrides=["train.data.crops_coords_top_left_h=0"])
+    assert "diffusers' --crops_coords_top_left_h is train.data.crops_coords_top_left" in msg
+
+
 def test_bad_set_syntax(tmp_path):
     assert "KEY=VALUE" in _error(tmp_path, overrides=["train.loop.max_steps"])
     assert "empty parts" in _error(tmp_path, overrides=["train..max_steps=1"])
@@ -345,6 +435,23 @@ def test_unknown_mixed_precision(tmp_path):
     msg = _error(tmp_path, overrides=["train.loop.mixed_precision=fp8"])
     assert "train.loop.mixed_precision" in msg and "'fp8'" in msg
     assert all(v in msg for v in ("'no'", "'fp16'", "'bf16'"))
+
+
+@pytest.mark.parametrize("value", ["[1]", "[1, 2, 3]", "[]"])
+def test_crops_coords_top_left_is_one_pair(tmp_path, value):
+    msg = _error(tmp_path, overrides=[f"train.data.crops_coords_top_left={value}"])
+    assert "train.data.crops_coords_top_left" in msg and "two offsets" in msg
+
+
+def test_crops_coords_top_left_is_not_negative(tmp_path):
+    msg = _error(tmp_path, overrides=["train.data.crops_coords_top_left=[-1, 0]"])
+    assert "train.data.crops_coords_top_left" in msg and ">= 0" in msg and "[top, left]" in msg
+
+
+def test_unknown_interpolation(tmp_path):
+    msg = _error(tmp_path, overrides=["train.data.interpolation=hamming"])
+    assert "train.data.interpolation" in msg and "'hamming'" in msg
+    assert all(v in msg for v in ("'auto'", "'bilinear'", "'lanczos'"))
 
 
 def test_validation_prompts_and_images_must_pair(tmp_path):

@@ -28,7 +28,6 @@ TINY = {
 
 # Values that cannot run on this CPU-only machine, and the words of their up-front refusal.
 REFUSED_ON_CPU = {
-    ("model.family", "sdxl"): "SDXL is not supported yet",
     ("loop.mixed_precision", "fp16"): "fp16 needs a CUDA GPU",
     ("loop.attention", "xformers"): "xformers needs a CUDA GPU",
     ("loop.device", "cuda"): "no CUDA GPU is visible",
@@ -115,13 +114,14 @@ from ctrlnet_trainer.run import train
 from testkit.training import max_weight_diff, merge, small_config_dict
 
 root, tiny, combos = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
-for stage, offload in combos:
-    sections = merge(tiny, {"distributed": {"strategy": "deepspeed", "zero_stage": stage, "offload_optimizer": offload}})
+for stage, offload, family in combos:
+    sections = merge(tiny, {"model": {"family": family},
+                            "distributed": {"strategy": "deepspeed", "zero_stage": stage, "offload_optimizer": offload}})
     a, b = root / f"z{stage}-{offload}-a", root / f"z{stage}-{offload}-b"
     train(TrainConfig.model_validate(small_config_dict(a, **sections)))
     resume = merge(sections, {"checkpoint": {"resume": str(a / "checkpoints/step-00000001")}})
     train(TrainConfig.model_validate(small_config_dict(b, **resume)))
-    print("RESULT", json.dumps({"stage": stage, "offload": offload, "diff": max_weight_diff(a / "controlnet", b / "controlnet"),
+    print("RESULT", json.dumps({"stage": stage, "offload": offload, "family": family, "diff": max_weight_diff(a / "controlnet", b / "controlnet"),
                                 "samples": sorted(p.name for p in (b / "samples").glob("*.png"))}), flush=True)
 """
 
@@ -140,14 +140,20 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 
 def test_deepspeed_every_stage_and_offload_trains_checkpoints_and_resumes_exactly(tmp_path):
     """One process, one torchrun: ZeRO-1/2/3, optimizer offload on and off (the ZeRO-3 checkpoint
-    used to crash: stage3_gather_16bit_weights_on_model_save was not set)."""
+    used to crash: stage3_gather_16bit_weights_on_model_save was not set); two of them train the
+    tiny SDXL base (in code), whose step adds pooled text and time_ids, with ZeRO-2 and ZeRO-3."""
     pytest.importorskip("deepspeed")
     (tmp_path / "driver.py").write_text(DRIVER)
-    combos = [[stage, offload] for stage in (1, 2, 3) for offload in (False, True)]
+    sdxl = {(2, False), (3, True)}
+    combos = [
+        [stage, offload, "sdxl" if (stage, offload) in sdxl else "sd"]
+        for stage in (1, 2, 3)
+        for offload in (False, True)
+    ]
     result = _torchrun(1, str(tmp_path / "driver.py"), str(tmp_path), json.dumps(TINY), json.dumps(combos))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert [[r["stage"], r["offload"]] for r in rows] == combos
+    assert [[r["stage"], r["offload"], r["family"]] for r in rows] == combos
     for r in rows:
         assert r["diff"] <= 1e-6, r
         assert r["samples"] == ["step-2.png"], r  # validation runs under every stage (ZeRO-3: gathered)

@@ -11,7 +11,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, EXTRAS, FLAG_VALUES, NOTES
+from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, EXTRAS, FLAG_VALUES, NOTES, SDXL_FLAGS
 from ctrlnet.config.job import JobConfig
 from ctrlnet.config.loading import resolve_key, submodel
 
@@ -171,6 +171,15 @@ def description(field: FieldInfo) -> str:
 # --- the document ------------------------------------------------------------------------------
 
 
+def _flag_row(flag: str, key: str) -> str:
+    field = field_at(key)
+    shown = f"{key}={FLAG_VALUES[flag]}" if flag in FLAG_VALUES else key
+    meaning = description(field)
+    if flag in NOTES:
+        meaning = f"{meaning} *{_cell(NOTES[flag])}*"
+    return f"| `--{flag}` | `{shown}` | {default_text(field)} | {meaning} |"
+
+
 def _flags_table() -> list[str]:
     lines = [
         "## From diffusers' `train_controlnet.py`",
@@ -181,13 +190,19 @@ def _flags_table() -> list[str]:
         "| diffusers flag | ctrlnet key | default | meaning |",
         "|---|---|---|---|",
     ]
-    for flag, key in DIFFUSERS_FLAGS.items():
-        field = field_at(key)
-        shown = f"{key}={FLAG_VALUES[flag]}" if flag in FLAG_VALUES else key
-        meaning = description(field)
-        if flag in NOTES:
-            meaning = f"{meaning} *{_cell(NOTES[flag])}*"
-        lines.append(f"| `--{flag}` | `{shown}` | {default_text(field)} | {meaning} |")
+    lines += [_flag_row(flag, key) for flag, key in DIFFUSERS_FLAGS.items()]
+    lines += [
+        "",
+        "### From `train_controlnet_sdxl.py`",
+        "",
+        "diffusers' `examples/controlnet/train_controlnet_sdxl.py` takes every flag above plus these five.",
+        "ctrlnet needs no second script: `train.model.family` (default `auto`) reads SD1.x/2.x or SDXL",
+        "from the base, so an SDXL base is all it takes.",
+        "",
+        "| diffusers flag | ctrlnet key | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    lines += [_flag_row(flag, key) for flag, key in SDXL_FLAGS.items()]
     lines += [
         "",
         "### What ctrlnet adds",

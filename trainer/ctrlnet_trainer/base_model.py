@@ -1,9 +1,9 @@
 """Random-init Stable Diffusion bases, built in code (no downloads, no hub).
 
-`tiny` trains in seconds on a CPU at 64 px and is what the tests use; `sd15` is the real SD1.5
-architecture (random weights) for GPU benchmarks, where only shapes and FLOPs matter.
-`write_base` saves either one in the diffusers folder layout, so the trainer loads it exactly as it
-would load a real checkpoint.
+`tiny` and `tiny-sdxl` train in seconds on a CPU at 32-64 px and are what the tests use; `sd15`
+and `sdxl` are the real SD1.5 and SDXL-base architectures (random weights) for GPU benchmarks,
+where only shapes and FLOPs matter. `write_base` saves any of them in the diffusers folder layout,
+so the trainer loads it exactly as it would load a real checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ctrlnet.errors import UserError
 # checks --arch and --out first, and a typo should not wait ten seconds for the imports.
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # Model hyper-parameters per architecture. Note diffusers' naming quirk: for these UNets
 # `attention_head_dim` is really the number of heads (SD1.5's "8" means 8 heads).
@@ -85,6 +85,92 @@ ARCHS: dict[str, dict[str, dict[str, Any]]] = {
             num_attention_heads=12,
         ),
     },
+    # SDXL: a second text encoder (with a projection: its pooled output is the UNet's text_embeds),
+    # cross-attention over both encoders' hidden states concatenated, and the "text_time" added
+    # embedding of the pooled text and the six size/crop numbers (6 x addition_time_embed_dim).
+    "tiny-sdxl": {
+        "unet": dict(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=64,  # 32 + 32: both encoders' hidden states
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80,  # 32 (pooled) + 6 x 8
+            norm_num_groups=8,
+        ),
+        "vae": dict(
+            sample_size=64,
+            block_out_channels=(8, 16, 16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        ),
+        "text_encoder": dict(
+            vocab_size=None,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,  # SDXL reads the penultimate layer: at least two
+            num_attention_heads=4,
+        ),
+        "text_encoder_2": dict(
+            vocab_size=None,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+            hidden_act="gelu",
+        ),
+    },
+    "sdxl": {  # stabilityai/stable-diffusion-xl-base-1.0's configs
+        "unet": dict(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP ViT-bigG)
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 1280 + 6 x 256
+            norm_num_groups=32,
+        ),
+        "vae": dict(
+            sample_size=1024,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            norm_num_groups=32,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        ),
+        "text_encoder": dict(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+        ),
+        "text_encoder_2": dict(
+            vocab_size=49408,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            projection_dim=1280,
+            hidden_act="gelu",
+        ),
+    },
 }
 
 # SD1.x's training noise schedule.
@@ -101,6 +187,10 @@ SCHEDULER_CONFIG = dict(
 MAX_LENGTH = 77  # CLIP's context length; SD pads every prompt to it
 
 
+def family_of(arch: str) -> str:
+    return "sdxl" if "text_encoder_2" in ARCHS[arch] else "sd"
+
+
 @dataclass
 class BaseParts:
     unet: UNet2DConditionModel
@@ -108,6 +198,9 @@ class BaseParts:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
+    family: str = "sd"
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL only
+    tokenizer_2: CLIPTokenizer | None = None
 
 
 def _byte_chars() -> list[str]:
@@ -132,18 +225,37 @@ def _write_vocab_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer(pad_token: str | None = None) -> CLIPTokenizer:
     """A real CLIPTokenizer with a byte-level vocabulary and no merges.
 
     Every string tokenizes (one token per byte, a word's last byte with CLIP's '</w>' suffix);
     the 512 byte tokens have the same ids as in the real CLIP vocabulary. It is loaded from
-    vocab.json/merges.txt exactly as a downloaded one would be.
+    vocab.json/merges.txt exactly as a downloaded one would be. `pad_token`: SDXL's second
+    tokenizer pads with "!" instead of the end-of-text token.
     """
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         _write_vocab_files(Path(tmp))
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_LENGTH)
+        extra = {"pad_token": pad_token} if pad_token else {}
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_LENGTH, **extra)
+
+
+def _text_config(spec: dict[str, Any], tokenizer: CLIPTokenizer, arch: str):
+    from transformers import CLIPTextConfig
+
+    spec = dict(spec)
+    spec["vocab_size"] = spec["vocab_size"] or len(tokenizer)
+    if spec["vocab_size"] < len(tokenizer):
+        raise ValueError(f"{arch}: text encoder vocab_size < tokenizer size {len(tokenizer)}")
+    return CLIPTextConfig(
+        **spec,
+        max_position_embeddings=MAX_LENGTH,
+        # CLIP pools the hidden state at the first eos token, so these must be the tokenizer's.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def build_base(arch: str = "tiny", seed: int = 0) -> BaseParts:
@@ -154,43 +266,40 @@ def build_base(arch: str = "tiny", seed: int = 0) -> BaseParts:
     """
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if arch not in ARCHS:
         raise ValueError(f"unknown base arch {arch!r}; choose one of {sorted(ARCHS)}")
     spec = ARCHS[arch]
+    sdxl = family_of(arch) == "sdxl"
     tokenizer = build_tokenizer()
-    text_spec = dict(spec["text_encoder"])
-    text_spec["vocab_size"] = text_spec["vocab_size"] or len(tokenizer)
-    if text_spec["vocab_size"] < len(tokenizer):
-        raise ValueError(f"{arch}: text encoder vocab_size < tokenizer size {len(tokenizer)}")
-    text_config = CLIPTextConfig(
-        **text_spec,
-        max_position_embeddings=MAX_LENGTH,
-        # CLIP pools the hidden state at the first eos token, so these must be the tokenizer's.
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    unet_spec = spec["unet"]
+    tokenizer_2 = build_tokenizer(pad_token="!") if sdxl else None
+    vae_spec = dict(spec["vae"])
+    blocks = len(vae_spec["block_out_channels"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_spec)
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
             latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
-            up_block_types=("UpDecoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
-            **spec["vae"],
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            **vae_spec,
         )
-        text_encoder = CLIPTextModel(text_config)
+        text_encoder = CLIPTextModel(_text_config(spec["text_encoder"], tokenizer, arch))
+        text_encoder_2 = (
+            CLIPTextModelWithProjection(_text_config(spec["text_encoder_2"], tokenizer_2, arch)) if sdxl else None
+        )
     return BaseParts(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         noise_scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
+        family="sdxl" if sdxl else "sd",
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
 
 
@@ -210,20 +319,57 @@ def check_out(out: str | Path, overwrite: bool) -> None:
 def write_base(out: str | Path, arch: str = "tiny", seed: int = 0, *, overwrite: bool = False) -> Path:
     """Save a random-init base to `out` in the diffusers layout (safetensors); return `out`.
 
-    unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json, written by
-    StableDiffusionPipeline itself, so model_index.json is exactly what a pipeline loader expects
-    (safety_checker and feature_extractor null, requires_safety_checker false). sd15 is ~4 GB.
+    unet/ vae/ text_encoder/ tokenizer/ scheduler/ (SDXL: also text_encoder_2/ tokenizer_2/) and
+    model_index.json, written by the family's pipeline itself, so model_index.json is exactly what
+    a pipeline loader expects. sd15 is ~4 GB, sdxl ~14 GB (fp32).
     A folder that already holds files is refused unless `overwrite`; the new base is written
     beside it and swapped in whole, so an interrupted write never leaves a half-replaced base.
     """
-    from diffusers import StableDiffusionPipeline
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Writing model shards" for a one-shard write
     out = Path(out)
     check_out(out, overwrite)
     parts = build_base(arch, seed)
-    pipe = StableDiffusionPipeline(
+    pipe = _pipeline(parts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        # transformers 5 saves only tokenizer.json; add the classic vocab files too so that a
+        # transformers 4.x CLIPTokenizer (the slow one, which needs them) loads this folder as well.
+        for folder in ("tokenizer", "tokenizer_2") if parts.tokenizer_2 is not None else ("tokenizer",):
+            _write_vocab_files(staging / folder)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)  # replaced (overwrite) or empty: out of the way until the new one is in
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _pipeline(parts: BaseParts):
+    """The family's pipeline around the parts: what writes model_index.json."""
+    if parts.family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer=parts.tokenizer,
+            tokenizer_2=parts.tokenizer_2,
+            unet=parts.unet,
+            scheduler=parts.noise_scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
         vae=parts.vae,
         text_encoder=parts.text_encoder,
         tokenizer=parts.tokenizer,
@@ -233,19 +379,3 @@ def write_base(out: str | Path, arch: str = "tiny", seed: int = 0, *, overwrite:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        # transformers 5 saves only tokenizer.json; add the classic vocab files too so that a
-        # transformers 4.x CLIPTokenizer (the slow one, which needs them) loads this folder as well.
-        _write_vocab_files(staging / "tokenizer")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)  # replaced (overwrite) or empty: out of the way until the new one is in
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out

@@ -109,10 +109,12 @@ def build_fingerprint(
         if m.tokenizer is None
         else base_identity(m.tokenizer, m.revision, m.cache_dir, seed, "model.tokenizer"),
         "variant": m.variant,
+        "vae": None if m.vae is None else base_identity(m.vae, None, m.cache_dir, seed, "model.vae"),
         "dtype": str(dtype).removeprefix("torch."),
         "scaling_factor": float(scaling_factor),
         "max_length": int(max_length),
         "resolution": d.resolution,
+        "interpolation": "bilinear" if d.interpolation == "auto" else d.interpolation,  # SD's auto
         "transform": TRANSFORM_VERSION,
         "dataset": d.dataset if d.dataset is not None else f"synthetic fill50k, {d.synthetic_rows} rows",
         "config_name": d.config_name,

@@ -22,8 +22,10 @@ def load_encoders(cfg: TrainConfig, seed: int):
     """(tokenizer, text encoder, VAE) exactly as models.load_models loads them, without the UNet and
     the ControlNet that a precompute never runs."""
     from ctrlnet_trainer import models as model_lib
+    from ctrlnet_trainer.cached import refuse_sdxl
 
     base = model_lib.load_base(cfg, seed, with_unet=False)
+    refuse_sdxl(base.family)
     return base.tokenizer, base.text_encoder, base.vae
 
 
@@ -50,6 +52,7 @@ class RowDecoder(torch.utils.data.Dataset):
 
     def __init__(self, source: data.Source, cfg: TrainConfig):
         self.rows, self.root, self.cfg = source.rows, source.root, cfg.data
+        self.resample = data.resample_filter(cfg.data.interpolation, "sd")  # the cache holds SD1.x/2.x rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -64,7 +67,9 @@ class RowDecoder(torch.utils.data.Dataset):
         images = []
         for column in (c.image_column, c.conditioning_image_column):
             try:
-                images.append(data.resize_center_crop(data.open_image(row[column], self.root), c.resolution))
+                images.append(
+                    data.resize_center_crop(data.open_image(row[column], self.root), c.resolution, self.resample)
+                )
             except data.BadImage as e:
                 return {"index": i, "bad": f"{where}, column {column!r}: {e}"}
         image, cond = images

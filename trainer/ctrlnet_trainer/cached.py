@@ -22,6 +22,7 @@ from ctrlnet_trainer.models import Models
 from ctrlnet_trainer.seeds import row_rng
 from ctrlnet_trainer.step import Draws, sample_latents
 from ctrlnet_trainer.storage import Prefix
+from ctrlnet_trainer.text import Conditioning
 from ctrlnet_trainer.validation import EncodedPrompts, validation_pairs
 
 
@@ -74,7 +75,17 @@ class CachedEncoder:
         if draws.drop_prompt is not None:
             # proportion_empty_prompts: these captions become "" (classifier-free guidance training).
             text = torch.where(draws.drop_prompt[:, None, None], self.empty.expand_as(text), text)
-        return latents, text
+        return latents, Conditioning(text)
+
+
+def refuse_sdxl(family: str) -> None:
+    """The cache holds one text encoder's embeddings: SDXL's pooled text and per-image time_ids
+    are not in it yet."""
+    if family == "sdxl":
+        raise UserError(
+            "data.cache: model.base is an SDXL model, and the precompute cache holds SD1.x/2.x text "
+            "embeddings only: unset data.cache (SDXL runs encode online)"
+        )
 
 
 class CachedRun:
@@ -91,6 +102,7 @@ class CachedRun:
     ) -> CachedRun:
         """Check the cache against this run (every process), bring it to this node (object
         storage), and strip the encoders from `models` (before they are moved to the device)."""
+        refuse_sdxl(models.family)
         prefix = Prefix(cfg.data.cache)
         manifest = cache.read_json(prefix, cache.MANIFEST)
         if manifest is None:

@@ -156,14 +156,50 @@ class _Indexed:
 
 
 # ---------------------------------------------------------------- transforms
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Short side to `size` (bilinear), then a centered size x size crop, as the reference does."""
+_FILTERS = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+}
+
+
+def resample_filter(interpolation: str, family: str) -> int:
+    """data.interpolation as a PIL filter; `auto` follows each reference script: bilinear for
+    SD1.x/2.x (train_controlnet.py), lanczos for SDXL (train_controlnet_sdxl.py's default)."""
+    if interpolation == "auto":
+        interpolation = "lanczos" if family == "sdxl" else "bilinear"
+    return _FILTERS[interpolation]
+
+
+@dataclass
+class Crop:
+    """What resize_center_crop did to an image: SDXL's size and crop conditioning."""
+
+    original: tuple[int, int]  # (height, width) before resizing
+    top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+
+
+def resize_center_crop(img: Image.Image, size: int, resample: int = Image.BILINEAR) -> Image.Image:
+    """Short side to `size`, then a centered size x size crop, as the reference does."""
+    return resize_center_crop_at(img, size, resample)[0]
+
+
+def resize_center_crop_at(img: Image.Image, size: int, resample: int = Image.BILINEAR) -> tuple[Image.Image, Crop]:
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
+    img = img.resize((nw, nh), resample)
     left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    return img.crop((left, top, left + size, top + size)), Crop((h, w), (top, left))
+
+
+def sdxl_time_ids(crop: Crop, size: int, fixed_top_left: list[int] | None = None) -> torch.Tensor:
+    """SDXL's six size/crop numbers for one image, as StableDiffusionXLPipeline._get_add_time_ids
+    orders them: original (h, w), crop (top, left), target (h, w). The crop is the image's own unless
+    data.crops_coords_top_left fixes one for every image."""
+    top_left = tuple(fixed_top_left) if fixed_top_left is not None else crop.top_left
+    return torch.tensor([*crop.original, *top_left, size, size], dtype=torch.float32)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -230,10 +266,20 @@ class BadRow(dict):
 class Examples:
     """Rows -> {pixel_values [-1, 1], conditioning_pixel_values [0, 1], input_ids}.
 
+    SDXL (`tokenizer_2` given) adds input_ids_2 and time_ids (sdxl_time_ids).
     Indexed by (row, epoch) so a row's random caption choice is fixed per epoch (resumable)."""
 
-    def __init__(self, source: Source, cfg: DataConfig, tokenizer, seed: int):
+    def __init__(self, source: Source, cfg: DataConfig, tokenizer, seed: int, *, family: str = "sd", tokenizer_2=None):
         self.rows, self.root, self.cfg, self.tokenizer, self.seed = source.rows, source.root, cfg, tokenizer, seed
+        if (family == "sdxl") != (tokenizer_2 is not None):
+            raise ValueError("SDXL examples need the second tokenizer (and only SDXL's do)")
+        self.tokenizer_2 = tokenizer_2
+        self.resample = resample_filter(cfg.interpolation, family)
+
+    @classmethod
+    def of(cls, source: Source, cfg: DataConfig, models, seed: int) -> Examples:
+        """The examples the loaded `models` train on (their family's tokenizers and transforms)."""
+        return cls(source, cfg, models.tokenizer, seed, family=models.family, tokenizer_2=models.tokenizer_2)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -251,23 +297,29 @@ class Examples:
     def encode(self, row: dict[str, Any], rng: random.Random, where: str = "a streamed row") -> dict[str, torch.Tensor]:
         """The example of `row`, or a BadRow naming `where` and the column when an image is unreadable."""
         c, size = self.cfg, self.cfg.resolution
-        images = []
+        images, crops = [], []
         for column in (c.image_column, c.conditioning_image_column):
             try:
-                images.append(resize_center_crop(open_image(row[column], self.root), size))
+                image, crop = resize_center_crop_at(open_image(row[column], self.root), size, self.resample)
             except BadImage as e:
                 return BadRow(f"data.dataset {c.dataset!r}, {where}, column {column!r}: {e}")
+            images.append(image)
+            crops.append(crop)
         image, cond = images
         caption = row[c.caption_column]
         if isinstance(caption, (list, tuple, np.ndarray)):
             caption = rng.choice(list(caption)) if len(caption) else ""
         elif not isinstance(caption, str):
             raise UserError(f"data.caption_column {c.caption_column!r} must hold strings or lists of strings")
-        return {
+        example = {
             "pixel_values": to_tensor(image).mul_(2.0).sub_(1.0),
             "conditioning_pixel_values": to_tensor(cond),
             "input_ids": tokenize(self.tokenizer, [caption])[0],
         }
+        if self.tokenizer_2 is not None:
+            example["input_ids_2"] = tokenize(self.tokenizer_2, [caption])[0]
+            example["time_ids"] = sdxl_time_ids(crops[0], size, c.crops_coords_top_left)  # the target image's
+        return example
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

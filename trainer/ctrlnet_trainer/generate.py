@@ -1,4 +1,5 @@
-"""`ctrlnet generate`: images from a base + trained ControlNet with the stock diffusers pipeline.
+"""`ctrlnet generate`: images from a base + trained ControlNet with the stock diffusers pipeline of
+the base's family (StableDiffusionControlNetPipeline, or StableDiffusionXLControlNetPipeline).
 
 Everything the user typed is checked before the models load (seconds to minutes): the device,
 the conditioning image, the output folder. Images never replace earlier ones: a name already
@@ -16,7 +17,7 @@ from PIL import Image
 
 from ctrlnet.config.credentials import shown
 from ctrlnet.errors import UserError
-from ctrlnet_trainer.models import check_base_layout, resolve_location
+from ctrlnet_trainer.models import check_base_layout, family_at, resolve_location
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -106,30 +107,45 @@ def generate(
     from ctrlnet_trainer.quiet import quiet_library_noise
 
     quiet_library_noise()
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+    from diffusers import ControlNetModel, UniPCMultistepScheduler
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base_path = resolve_location(base, "--base", None)
-    check_base_layout(base_path, "--base", base)
+    family = family_at(base_path, "--base", base)
+    check_base_layout(base_path, "--base", base, family=family)
     cn_path = resolve_location(controlnet, "--controlnet", None)
     try:
         cn = ControlNetModel.from_pretrained(cn_path, torch_dtype=dtype)
-        pipe = StableDiffusionControlNetPipeline.from_pretrained(
-            base_path, controlnet=cn, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
-        )
+        if family == "sdxl":
+            from diffusers import StableDiffusionXLControlNetPipeline
+
+            pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+                base_path, controlnet=cn, add_watermarker=False, torch_dtype=dtype
+            )
+        else:
+            from diffusers import StableDiffusionControlNetPipeline
+
+            pipe = StableDiffusionControlNetPipeline.from_pretrained(
+                base_path, controlnet=cn, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
+            )
     except (OSError, ValueError) as e:
         raise UserError(
             f"could not load the models ({str(e).splitlines()[0][:200]}): --base must be a Stable "
-            "Diffusion diffusers folder or hub id, --controlnet a ControlNet folder"
+            "Diffusion (SD1.x/2.x or SDXL) diffusers folder or hub id, --controlnet a ControlNet folder"
         ) from None
+    if cn.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+        raise UserError(
+            f"--controlnet was trained for another base (cross-attention width {cn.config.cross_attention_dim}, "
+            f"--base has {pipe.unet.config.cross_attention_dim}): give the base it was trained on"
+        )
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     size = height or (cond.height // 8 * 8)
     generator = torch.Generator(device=device).manual_seed(seed)
     images = pipe(
-        [prompt] * num_images,
-        cond,
+        prompt=[prompt] * num_images,
+        image=cond,
         height=size,
         width=cond.width // 8 * 8 if not height else size,
         num_inference_steps=steps,

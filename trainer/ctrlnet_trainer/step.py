@@ -3,8 +3,9 @@
 `draw()` makes every random number of a step: per example, from a generator seeded by (run seed,
 epoch, example index) — never by the process that trains it — so a run resumed on another number
 of processes, or with another per-process batch, draws exactly the same noise for the same
-example. `OnlineEncoder` turns pixels and token ids into VAE latents and text embeddings every
-step; a precomputed cache can replace it behind the same `encode(batch, draws)` call.
+example. `OnlineEncoder` turns pixels and token ids into VAE latents and the text conditioning
+(text.Conditioning: SDXL adds pooled text and time_ids) every step; a precomputed cache can
+replace it behind the same `encode(batch, draws)` call.
 `controlnet_loss` is the algorithm: noisy latents, ControlNet residuals into the frozen UNet, and
 the denoising loss.
 """
@@ -19,6 +20,7 @@ from ctrlnet_trainer.data import tokenize
 from ctrlnet_trainer.loss import denoising_loss, training_target
 from ctrlnet_trainer.models import Models
 from ctrlnet_trainer.seeds import sample_seed
+from ctrlnet_trainer.text import Conditioning, condition
 
 
 @dataclass
@@ -59,36 +61,44 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, sca
 
 class OnlineEncoder:
     def __init__(self, models: Models, weight_dtype: torch.dtype, device: torch.device):
-        self.vae, self.text_encoder = models.vae, models.text_encoder
+        self.models, self.vae = models, models.vae
         self.scaling_factor = models.vae.config.scaling_factor
         # Latents are the image downsampled once per VAE encoder block but the last.
         self.downsample = 2 ** (len(models.vae.config.block_out_channels) - 1)
         self.latent_channels = models.vae.config.latent_channels
         self.weight_dtype, self.device = weight_dtype, device
         self.empty_ids = tokenize(models.tokenizer, [""]).to(device)
+        self.empty_ids_2 = tokenize(models.tokenizer_2, [""]).to(device) if models.tokenizer_2 is not None else None
 
     def latent_shape(self, batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
         h, w = batch["pixel_values"].shape[-2:]
         return self.latent_channels, h // self.downsample, w // self.downsample
 
     @torch.no_grad()
-    def encode(self, batch: dict[str, torch.Tensor], draws: Draws):
-        pixels = batch["pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
+    def encode(self, batch: dict[str, torch.Tensor], draws: Draws) -> tuple[torch.Tensor, Conditioning]:
+        # The VAE may run in fp32 under fp16 (models.vae_dtype); the latents train in weight_dtype.
+        pixels = batch["pixel_values"].to(self.device, dtype=self.vae.dtype, non_blocking=True)
         posterior = self.vae.encode(pixels).latent_dist
         latents = sample_latents(posterior.mean, posterior.std, draws.latent_eps, self.scaling_factor)
-        ids = batch["input_ids"].to(self.device, non_blocking=True)
-        if draws.drop_prompt is not None:
-            # proportion_empty_prompts: these captions become "" (classifier-free guidance training).
-            ids = torch.where(draws.drop_prompt[:, None], self.empty_ids.expand_as(ids), ids)
-        text = self.text_encoder(ids, return_dict=False)[0]
-        return latents, text
+        latents = latents.to(self.weight_dtype)
+        ids = self._dropped(batch["input_ids"], self.empty_ids, draws)
+        ids_2 = self._dropped(batch["input_ids_2"], self.empty_ids_2, draws) if self.empty_ids_2 is not None else None
+        return latents, condition(self.models, ids, ids_2, batch.get("time_ids"))
+
+    def _dropped(self, ids: torch.Tensor, empty: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """proportion_empty_prompts: the drawn captions become "" (classifier-free guidance
+        training), for both of SDXL's tokenizers alike."""
+        ids = ids.to(self.device, non_blocking=True)
+        if draws.drop_prompt is None:
+            return ids
+        return torch.where(draws.drop_prompt[:, None], empty.expand_as(ids), ids)
 
 
 def controlnet_loss(
     models: Models,
     controlnet: torch.nn.Module,
     latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    text: Conditioning,
     conditioning: torch.Tensor,
     draws: Draws,
     snr_gamma: float | None,
@@ -97,21 +107,15 @@ def controlnet_loss(
     noise = draws.noise.to(latents.dtype)
     timesteps = draws.timesteps
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    down, mid = controlnet(
-        noisy,
-        timesteps,
-        encoder_hidden_states=encoder_hidden_states,
-        controlnet_cond=conditioning,
-        return_dict=False,
-    )
+    down, mid = controlnet(noisy, timesteps, controlnet_cond=conditioning, return_dict=False, **text.kwargs())
     dtype = latents.dtype
     model_pred = models.unet(
         noisy,
         timesteps,
-        encoder_hidden_states=encoder_hidden_states,
         down_block_additional_residuals=[r.to(dtype) for r in down],
         mid_block_additional_residual=mid.to(dtype),
         return_dict=False,
+        **text.kwargs(),
     )[0]
     target = training_target(scheduler, latents, noise, timesteps, models.prediction_type)
     return denoising_loss(model_pred, target, timesteps, scheduler.alphas_cumprod, models.prediction_type, snr_gamma)

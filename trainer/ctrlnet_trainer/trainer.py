@@ -91,7 +91,7 @@ class Trainer:
             source = data.open_source(cfg.data, cfg.model.cache_dir, self.seed)
             data.check_columns(source, cfg.data)
             self.source = data.subset(source, cfg.data.max_train_samples, self.seed)
-            self.examples = data.Examples(self.source, cfg.data, self.models.tokenizer, self.seed)
+            self.examples = data.Examples.of(self.source, cfg.data, self.models, self.seed)
 
         # --- optimizer, LR schedule, accelerate state
         accum = cfg.loop.gradient_accumulation_steps

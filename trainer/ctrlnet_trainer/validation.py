@@ -13,7 +13,7 @@ from PIL import Image
 
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
-from ctrlnet_trainer.data import open_image, resize_center_crop
+from ctrlnet_trainer.data import open_image, resample_filter, resize_center_crop
 from ctrlnet_trainer.models import Models
 from ctrlnet_trainer.storage import Prefix
 
@@ -84,6 +84,42 @@ def grid(rows: list[list[Image.Image]]) -> Image.Image:
     return out
 
 
+def controlnet_pipeline(models: Models, controlnet: torch.nn.Module):
+    """The stock diffusers ControlNet pipeline of the models' family around the in-memory models
+    (nothing reloaded from disk), sampling with UniPC as the reference's validation does."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler.from_config(models.noise_scheduler.config)
+    if models.family == "sdxl":
+        from diffusers import StableDiffusionXLControlNetPipeline
+
+        return StableDiffusionXLControlNetPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoder,
+            text_encoder_2=models.text_encoder_2,
+            tokenizer=models.tokenizer,
+            tokenizer_2=models.tokenizer_2,
+            unet=models.unet,
+            controlnet=controlnet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,  # an invisible watermark would alter the samples being judged
+        )
+    from diffusers import StableDiffusionControlNetPipeline
+
+    return StableDiffusionControlNetPipeline(
+        vae=models.vae,
+        text_encoder=models.text_encoder,
+        tokenizer=models.tokenizer,
+        unet=models.unet,
+        controlnet=controlnet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 @torch.no_grad()
 def render_samples(
     models: Models,
@@ -97,21 +133,10 @@ def render_samples(
 ) -> Image.Image:
     """A grid: one row per pair, the conditioning image then `num_images` samples. `prompts`: the
     prompts already encoded (models.text_encoder is then None)."""
-    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
-
-    pipe = StableDiffusionControlNetPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        controlnet=controlnet,
-        scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = controlnet_pipeline(models, controlnet)
     pipe.set_progress_bar_config(disable=True)
     size = cfg.data.resolution
+    resample = resample_filter(cfg.data.interpolation, models.family)
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = controlnet.training
     controlnet.eval()
@@ -121,7 +146,7 @@ def render_samples(
     rows = []
     try:
         for prompt, image in pairs:
-            cond = resize_center_crop(image, size)
+            cond = resize_center_crop(image, size, resample)
             n = cfg.validation.num_images
             text = (
                 {"prompt": [prompt] * n} if prompts is None else prompts.pipeline_args(prompt, n, device, weight_dtype)

@@ -8,9 +8,15 @@ from PIL import Image
 
 
 class InterpolationMode(enum.Enum):
+    """torchvision's modes that PIL has (train_controlnet_sdxl.py lists them as its
+    --image_interpolation_mode choices and defaults to lanczos)."""
+
+    NEAREST = Image.NEAREST
     BILINEAR = Image.BILINEAR
     BICUBIC = Image.BICUBIC
-    NEAREST = Image.NEAREST
+    BOX = Image.BOX
+    HAMMING = Image.HAMMING
+    LANCZOS = Image.LANCZOS
 
 
 class Compose:

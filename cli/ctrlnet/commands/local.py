@@ -128,11 +128,14 @@ def register(app: typer.Typer) -> None:
     @model_app.command("init")
     def model_init(
         out: Annotated[str, typer.Option(help="Folder to write the diffusers layout into.")],
-        arch: Annotated[str, typer.Option(help="tiny (CPU tests) or sd15 (SD1.5-shaped).")] = "tiny",
+        arch: Annotated[
+            str,
+            typer.Option(help="tiny or tiny-sdxl (CPU tests), sd15 or sdxl (full-size shapes, for GPU benchmarks)."),
+        ] = "tiny",
         seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
         overwrite: Annotated[bool, typer.Option(help="Replace what --out already holds.")] = False,
     ) -> None:
-        """Write a random-init Stable Diffusion base (unet, vae, text_encoder, tokenizer, scheduler)."""
+        """Write a random-init SD1.5- or SDXL-shaped base in the diffusers layout (SDXL adds text_encoder_2, tokenizer_2)."""
         base_model = _trainer("ctrlnet_trainer.base_model", needs=())  # imports torch/diffusers when it builds
         if arch not in base_model.ARCHS:
             raise UserError(f"--arch {arch!r} is unknown: use one of {', '.join(base_model.ARCHS)}")
@@ -155,7 +158,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option()] = 0,
         device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     ) -> None:
-        """Generate images with StableDiffusionControlNetPipeline."""
+        """Generate images with the base's ControlNet pipeline (SD1.x/2.x or SDXL, read from the base)."""
         generator = _trainer("ctrlnet_trainer.generate", needs=("torch",))  # diffusers once the inputs pass
         for path in generator.generate(
             base=base,

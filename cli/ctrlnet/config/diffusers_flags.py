@@ -1,4 +1,8 @@
-"""diffusers' `examples/controlnet/train_controlnet.py` flags -> ctrlnet config keys.
+"""diffusers' `examples/controlnet/train_controlnet.py` and `train_controlnet_sdxl.py` flags ->
+ctrlnet config keys.
+
+The SDXL script takes every flag of the SD script plus five of its own (SDXL_FLAGS); ctrlnet trains
+both families with one config, the family read from the base (`train.model.family: auto`).
 
 Pure data (no imports): docs/config.md is generated from it, the loader uses it to point a user
 who types a reference flag name as a key to the right key, and tests check every key is real.
@@ -70,10 +74,21 @@ DIFFUSERS_FLAGS: dict[str, str] = {
     "hub_model_id": "train.hub.model_id",
 }
 
-# The value a switch-like flag stands for, where it is not simply `true` on a bool key.
+# The five flags train_controlnet_sdxl.py adds to the 52 above -> the key under `train.`.
+SDXL_FLAGS: dict[str, str] = {
+    "pretrained_vae_model_name_or_path": "train.model.vae",
+    "crops_coords_top_left_h": "train.data.crops_coords_top_left",
+    "crops_coords_top_left_w": "train.data.crops_coords_top_left",
+    "image_interpolation_mode": "train.data.interpolation",
+    "enable_npu_flash_attention": "train.loop.attention",
+}
+
+# The value a switch-like flag stands for, where it is not simply `true` on a bool key (for
+# --enable_npu_flash_attention, the nearest ctrlnet has: see its note).
 FLAG_VALUES: dict[str, str] = {
     "use_8bit_adam": "adamw_8bit",
     "enable_xformers_memory_efficient_attention": "xformers",
+    "enable_npu_flash_attention": "sdpa",
 }
 
 # Flags whose mapping needs a word.
@@ -92,6 +107,21 @@ NOTES: dict[str, str] = {
     "validation_image": "A YAML list, paired with the prompts as the reference pairs them.",
     "report_to": "`tensorboard`, `wandb` or `none` (no `comet_ml`, no `all`); metrics.jsonl is always written.",
     "hub_token": "Takes the name of an environment variable, never the token; on Kubernetes it comes from `cluster.secrets.hub_token`.",
+    # where train_controlnet_sdxl.py differs on a flag both scripts have
+    "tokenizer_name": "For SDXL it replaces the first tokenizer; train_controlnet_sdxl.py accepts the flag but "
+    "ignores it.",
+    "tracker_project_name": "train_controlnet_sdxl.py defaults to `sd_xl_train_controlnet`; ctrlnet keeps "
+    "`train_controlnet` for both families.",
+    # train_controlnet_sdxl.py's own flags
+    "pretrained_vae_model_name_or_path": "E.g. `madebyollin/sdxl-vae-fp16-fix`.",
+    "crops_coords_top_left_h": "One `[top, left]` pair for both flags (this one is `top`); unset = each image's own "
+    "crop offset and original size per sample, as SDXL was trained; the reference passes a constant (`0, 0` by "
+    "default).",
+    "crops_coords_top_left_w": "The `left` of the same `[top, left]` pair.",
+    "image_interpolation_mode": "`auto` follows each reference script: bilinear for SD, lanczos (the SDXL script's "
+    "default) for SDXL. torchvision's `nearest_exact`, `box` and `hamming` are not offered.",
+    "enable_npu_flash_attention": "ctrlnet targets CUDA and CPU: no Ascend NPU support. `sdpa` (the default), "
+    "PyTorch's fused attention, is the fused-attention choice.",
 }
 
 # Keys ctrlnet adds that the reference lacks, or where it does what the reference gets wrong.

@@ -16,12 +16,15 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from ctrlnet.config.credentials import CREDENTIAL_ERROR, credential_kind, secret_env_name, shown
-from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS
+from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, SDXL_FLAGS
 from ctrlnet.config.job import JobConfig
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
 
 M = TypeVar("M", bound=BaseModel)
+
+# Every flag of diffusers' train_controlnet.py and train_controlnet_sdxl.py -> its key, for hints.
+_REFERENCE_FLAGS = {**DIFFUSERS_FLAGS, **SDXL_FLAGS}
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -134,8 +137,8 @@ def _hint(model: type[BaseModel], path: list[str], part: str) -> str:
     """A pointer for an unknown key: a diffusers flag name, a near miss, or a misplaced `train:`."""
     if not path and model is TrainConfig and part in JobConfig.model_fields:
         return f" (this file holds the train section alone: drop the `{part}:` level)"
-    if part in DIFFUSERS_FLAGS:
-        return f" (diffusers' --{part} is {DIFFUSERS_FLAGS[part]})"
+    if part in _REFERENCE_FLAGS:
+        return f" (diffusers' --{part} is {_REFERENCE_FLAGS[part]})"
     close = difflib.get_close_matches(part, list(model.model_fields), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 

@@ -18,16 +18,24 @@ LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "c
 
 class ModelConfig(Section):
     base: str | None = None
-    """Stable Diffusion base: a local diffusers folder, an fsspec URL or a hub id. Unset: a tiny
-    random-init SD-shaped base built in code (for demos and tests)."""
+    """Stable Diffusion base (SD1.x/2.x or SDXL): a local diffusers folder, an fsspec URL or a hub
+    id. Unset: a tiny random-init base built in code (for demos and tests), SD-shaped, or
+    SDXL-shaped when `family` is `sdxl`."""
     family: Literal["auto", "sd", "sdxl"] = "auto"
-    """Model family; `auto` reads it from the base's model_index.json."""
+    """Model family; `auto` reads it from the base: model_index.json's pipeline class, else the
+    components present (a `text_encoder_2/`, a UNet with `addition_embed_type: text_time` is SDXL)."""
+    vae: str | None = None
+    """A replacement VAE (a diffusers AutoencoderKL folder, fsspec URL or hub id), e.g. the fp16-fix
+    SDXL VAE; unset: the base's `vae/`. Under fp16 mixed precision an SDXL VAE whose config sets
+    `force_upcast` (SDXL's own) stays in fp32, as it overflows in fp16; one without it (the
+    fp16-fix VAE) runs in fp16. Under bf16 (fp32's range) every VAE runs in bf16."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the base."""
     variant: str | None = None
     """Weight file variant of the base, e.g. `fp16`."""
     tokenizer: str | None = None
-    """Tokenizer name or path when it is not the base's `tokenizer/` folder."""
+    """Tokenizer name or path when it is not the base's `tokenizer/` folder (SDXL: the first
+    tokenizer; the second always comes from `tokenizer_2/`)."""
     controlnet: str | None = None
     """Existing ControlNet weights to start from; unset: initialised from the base UNet."""
     cache_dir: str | None = None
@@ -56,6 +64,13 @@ class DataConfig(Section):
     """Fraction of captions replaced by the empty string."""
     resolution: int = Field(default=512, gt=0, json_schema_extra={"multipleOf": 8})
     """Training resolution in pixels (a multiple of 8): resize the short side, then center-crop."""
+    interpolation: Literal["auto", "nearest", "bilinear", "bicubic", "lanczos"] = "auto"
+    """Resampling filter of that resize; `auto`: bilinear for SD1.x/2.x (as train_controlnet.py),
+    lanczos for SDXL (as train_controlnet_sdxl.py)."""
+    crops_coords_top_left: list[int] | None = None
+    """SDXL: one (top, left) crop offset given to the UNet's `time_ids` for every image; unset:
+    each image's own offset from the center crop, with its own original size (what SDXL was
+    trained with; the reference passes (0, 0) and the training resolution for every image)."""
     num_workers: int = Field(default=0, ge=0)
     """Worker processes per rank that decode and transform images ahead of the step (map-style
     and streamed data alike); 0: in the training process."""
@@ -73,6 +88,13 @@ class DataConfig(Section):
     """Folder or URL of a precomputed cache of this data (`ctrlnet precompute` writes it): training
     reads the VAE latent distributions and text embeddings from it instead of encoding every step.
     It must match this config (base, resolution, dataset, rows, seed, dtype), else the run stops."""
+
+    @field_validator("crops_coords_top_left")
+    @classmethod
+    def _offsets(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or min(v) < 0):
+            raise ValueError("must be two offsets >= 0 in pixels, [top, left], e.g. [0, 0]")
+        return v
 
     @field_validator("resolution")
     @classmethod
@@ -288,8 +310,11 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         # Rules across sections, here so `ctrlnet validate` and `config show` catch them before a pod starts.
-        if self.model.family == "sdxl":
-            raise ValueError("model.family sdxl: SDXL is not supported yet; use an SD1.x/2.x base (family auto or sd)")
+        if self.model.family == "sdxl" and self.data.cache:
+            raise ValueError(
+                "data.cache with model.family sdxl: the precompute cache holds SD1.x/2.x embeddings only; "
+                "unset data.cache (SDXL encodes online)"
+            )
         if self.data.streaming and self.data.cache:
             raise ValueError(
                 "data.cache and data.streaming=true: a cache holds fixed rows; unset one of them "
