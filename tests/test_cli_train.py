@@ -3,6 +3,7 @@ in a subprocess (or, for bad input the trainer catches, its entry point in this 
 ctrlnet_here). Bad input exits 2 with one `error:` line that names the problem, never a traceback."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -162,7 +163,10 @@ def test_demo_trains_and_prints_where_things_are(demo):
     for key in ("samples", "loss curve"):
         with Image.open(printed[key]) as img:
             assert img.format == "PNG"
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows if "adherence_iou" in r] == [0, 5]  # before training, and at its end
+    assert printed["adherence"].startswith("IoU ") and "at step 0 ->" in printed["adherence"]
 
 
 def test_output_holding_another_run_is_refused_and_left_intact(demo, ctrlnet):
@@ -219,6 +223,13 @@ def test_model_init_then_generate_with_the_demo_controlnet(demo, ctrlnet, ctrlne
     second = tmp_path / "gen" / "0000-00-1.png"
     assert second.is_file() and str(second) in proc.stdout
     assert sha256(pngs[0]) == first and len(list((tmp_path / "gen").glob("*.png"))) == 2
+
+    # The shipped demo base by name, and the adherence of what it draws with the outline.
+    args = generate_args("builtin:demo", out / "controlnet", tmp_path / "cond.png", tmp_path / "gen-demo")
+    proc = ctrlnet_here(*args, "--prompt", row["text"], "--num-images", 2, "--adherence")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("adherence:"))
+    assert "IoU with the outline's disk" in line and line.count(",") == 1  # two images scored
 
     # A model init over what is there is refused, and leaves it as it was.
     before = sha256(base / "unet" / "diffusion_pytorch_model.safetensors")

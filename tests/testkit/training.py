@@ -12,7 +12,7 @@ SMALL = {
     "optim": {"learning_rate": 1e-3},
     "loop": {"seed": 0, "batch_size": 4, "max_steps": 3},
     "checkpoint": {"every_steps": 1000},
-    "validation": {"num_images": 1, "num_inference_steps": 2},
+    "validation": {"num_images": 1, "num_inference_steps": 2, "adherence_rows": 0},
     "logging": {"report_to": "none"},
 }
 

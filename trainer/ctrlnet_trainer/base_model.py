@@ -331,7 +331,7 @@ def write_base(out: str | Path, arch: str = "tiny", seed: int = 0, *, overwrite:
     out = Path(out)
     check_out(out, overwrite)
     parts = build_base(arch, seed)
-    pipe = _pipeline(parts)
+    pipe = pipeline_of(parts)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -351,7 +351,7 @@ def write_base(out: str | Path, arch: str = "tiny", seed: int = 0, *, overwrite:
     return out
 
 
-def _pipeline(parts: BaseParts):
+def pipeline_of(parts: BaseParts):
     """The family's pipeline around the parts: what writes model_index.json."""
     if parts.family == "sdxl":
         from diffusers import StableDiffusionXLPipeline

@@ -116,7 +116,10 @@ def build_fingerprint(
         "resolution": d.resolution,
         "interpolation": "bilinear" if d.interpolation == "auto" else d.interpolation,  # SD's auto
         "transform": TRANSFORM_VERSION,
-        "dataset": d.dataset if d.dataset is not None else f"synthetic fill50k, {d.synthetic_rows} rows",
+        "dataset": d.dataset
+        if d.dataset is not None
+        else f"synthetic fill50k, {d.synthetic_rows} rows"
+        + (", demo colours" if d.synthetic_colours == "demo" else ""),
         "config_name": d.config_name,
         "split": d.split,
         "columns": [d.image_column, d.conditioning_image_column, d.caption_column],

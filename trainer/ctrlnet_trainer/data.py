@@ -31,19 +31,28 @@ from ctrlnet_trainer.storage import is_remote, local_path, looks_like_path
 
 # ---------------------------------------------------------------- sources
 class SyntheticFillSource:
-    """The fill50k look-alike, row i made on demand (no files)."""
+    """The fill50k look-alike, row i made on demand (no files); `colours`: data.synthetic_colours."""
 
-    def __init__(self, rows: int, resolution: int, seed: int):
-        self.rows, self.resolution, self.seed = rows, resolution, seed
+    def __init__(self, rows: int, resolution: int, seed: int, colours: str = "css"):
+        self.rows, self.resolution, self.seed, self.colours = rows, resolution, seed, colours
         self.column_names = ["image", "conditioning_image", "text"]
 
     def __len__(self) -> int:
         return self.rows
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from ctrlnet_trainer.synthetic import fill_example
+        return synthetic_row(int(i), self.resolution, self.seed, self.colours)
 
-        return fill_example(int(i), self.resolution, self.seed)
+
+def synthetic_row(index: int, resolution: int, seed: int, colours: str = "css") -> dict[str, Any]:
+    """Row `index` of the synthetic data in the given palette (rows past the training rows: held out)."""
+    if colours == "demo":
+        from ctrlnet_trainer.demo_base import demo_fill_example
+
+        return demo_fill_example(index, resolution, seed)
+    from ctrlnet_trainer.synthetic import fill_example
+
+    return fill_example(index, resolution, seed)
 
 
 @dataclass
@@ -59,7 +68,7 @@ def _parquet_files(folder: Path) -> list[str]:
 
 def open_source(cfg: DataConfig, cache_dir: str | None, seed: int) -> Source:
     if cfg.dataset is None:
-        return Source(SyntheticFillSource(cfg.synthetic_rows, cfg.resolution, seed), None)
+        return Source(SyntheticFillSource(cfg.synthetic_rows, cfg.resolution, seed, cfg.synthetic_colours), None)
     import datasets
 
     common = dict(cache_dir=cache_dir, streaming=cfg.streaming)

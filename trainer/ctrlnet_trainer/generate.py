@@ -161,3 +161,16 @@ def generate(
     for img, path in zip(images, paths, strict=True):
         img.save(path)
     return paths
+
+
+def outline_adherence(paths: list[Path], outline: str) -> list[float]:
+    """Each generated image's IoU of the circle it drew with the disk of `outline` (a white circle
+    outline on black, as the synthetic data's conditioning images): adherence.py's metric."""
+    from ctrlnet_trainer.adherence import adherence
+
+    cond = conditioning_image(outline)
+    scores = []
+    for path in paths:
+        with Image.open(path) as img:
+            scores.append(adherence([img.convert("RGB")], [cond])["iou"])
+    return scores

@@ -69,7 +69,18 @@ class MetricsLog:
         import matplotlib.pyplot as plt
 
         steps, losses = zip(*points, strict=False)
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        scored = [(r["step"], r["adherence_iou"], r["adherence_chance"]) for r in self.rows if "adherence_iou" in r]
+        if scored:
+            fig, (ax, right) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
+            at, own, chance = zip(*scored, strict=True)
+            right.plot(at, own, marker="o", label="IoU with its outline")
+            right.plot(at, chance, marker="o", ls="--", label="IoU with another outline (chance)")
+            right.set_xlabel("step")
+            right.set_ylabel("condition adherence")
+            right.set_ylim(0, 1)
+            right.legend()
+        else:
+            fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
         window = max(1, len(losses) // 20)
         if window > 1:
@@ -241,6 +252,13 @@ class Meter:
             return None
         self.compile_reported = True
         return round(max(0.0, steps[0] - statistics.median(steps[1:])), 3)
+
+    def record(self, step: int, values: dict[str, float]) -> None:
+        """A row of other measures at `step` (validation's adherence), to metrics.jsonl and the tracker."""
+        if self.log_file:
+            self.log_file.write({"step": step, **values})
+            if self.acc.log_with:
+                self.acc.log(values, step=step)
 
     def checkpointed(self, step: int, url: str) -> None:
         """A checkpoint was committed: tell status (and publish the metrics written so far)."""

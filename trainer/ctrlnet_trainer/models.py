@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ctrlnet.config.train import TrainConfig
+from ctrlnet.config.train import DEMO_BASE, TrainConfig
 from ctrlnet.errors import UserError
 from ctrlnet_trainer.storage import Prefix, is_remote, local_path, looks_like_path
 
@@ -64,6 +64,10 @@ def _fetch_remote(url: str, cache_dir: str | None) -> str:
 
 
 def resolve_location(where: str, key: str, cache_dir: str | None, revision: str | None = None) -> str:
+    if where == DEMO_BASE:
+        from ctrlnet_trainer.demo_base import weights_dir
+
+        return weights_dir()
     if is_remote(where):
         return _fetch_remote(where, cache_dir)
     path = local_path(where)

@@ -40,6 +40,7 @@ class RunResult:
     metrics: str
     steps: int
     hub_repo: str | None = None
+    adherence: dict[int, dict[str, float]] | None = None  # step -> scores (synthetic data)
 
 
 class Trainer:
@@ -151,6 +152,9 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
     def train(self) -> RunResult:
+        if self.cfg.validation.at_start and self.step == 0:
+            with speed.eager():
+                self._validate(0)  # the zero ControlNet: the baseline the trained one is measured against
         while self.step < self.total_steps:
             loss = self.train_step()
             self.step += 1
@@ -170,8 +174,13 @@ class Trainer:
                 if stop:
                     self.meter.progress.close()
                     raise Preempted(self.step, checkpoint.url if checkpoint else None)
-                self.validator.maybe_run(self.step)
+                self._validate(self.step)
         return self.finish()
+
+    def _validate(self, step: int, last: bool = False) -> None:
+        scores = self.validator.maybe_run(step, last)
+        if scores:
+            self.meter.record(step, scores)
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; the mean loss."""
@@ -248,7 +257,7 @@ class Trainer:
             model_lib.save_controlnet(acc.unwrap_model(self.controlnet), final, state_dict)
             output.publish(FINAL_MODEL_DIR)
         with speed.eager():
-            self.validator.maybe_run(self.step, last=True)
+            self._validate(self.step, last=True)
         curve = self.meter.close()
         self.meter.done(self.step, output.url_of(FINAL_MODEL_DIR))
         acc.wait_for_everyone()
@@ -266,6 +275,7 @@ class Trainer:
             metrics=output.url_of(METRICS_FILE),
             steps=self.step,
             hub_repo=repo,
+            adherence=self.validator.adherence or None,
         )
 
     # ------------------------------------------------------------ helpers

@@ -20,16 +20,29 @@ from ctrlnet_trainer.storage import Prefix
 SAMPLES_DIR = "samples"
 
 
+def _heldout_rows(cfg: TrainConfig, seed: int, first: int, n: int) -> list[dict]:
+    from ctrlnet_trainer.data import synthetic_row
+
+    d = cfg.data
+    return [synthetic_row(d.synthetic_rows + first + k, d.resolution, seed, d.synthetic_colours) for k in range(n)]
+
+
 def validation_pairs(cfg: TrainConfig, seed: int) -> list[tuple[str, Image.Image]]:
     """Configured (prompt, image) pairs; for the synthetic data, two held-out synthetic rows."""
     if cfg.validation.prompts:
         return [(p, _validation_image(i)) for p, i in cfg.validation.pairs()]
     if cfg.data.dataset is None:
-        from ctrlnet_trainer.synthetic import fill_example
-
-        rows = [fill_example(cfg.data.synthetic_rows + k, cfg.data.resolution, seed) for k in range(2)]
-        return [(r["text"], r["conditioning_image"]) for r in rows]
+        return [(r["text"], r["conditioning_image"]) for r in _heldout_rows(cfg, seed, 0, 2)]
     return []
+
+
+def adherence_pairs(cfg: TrainConfig, seed: int) -> list[tuple[str, Image.Image]]:
+    """The rows the adherence metric scores: synthetic data only (the metric reads circle outlines);
+    held out, past the two sample-grid rows."""
+    if cfg.data.dataset is not None or cfg.validation.prompts or not cfg.validation.adherence_rows:
+        return []
+    rows = _heldout_rows(cfg, seed, 2, cfg.validation.adherence_rows)
+    return [(r["text"], r["conditioning_image"]) for r in rows]
 
 
 def _validation_image(where: str) -> Image.Image:
@@ -68,10 +81,11 @@ class EncodedPrompts:
         hidden = text_encoder(ids, return_dict=False)[0].cpu()
         return cls(dict(zip(unique, hidden[:-1], strict=True)), hidden[-1])
 
-    def pipeline_args(self, prompt: str, n: int, device: torch.device, dtype: torch.dtype) -> dict:
-        """What replaces `prompt=[prompt] * n` in the pipeline call."""
-        put = lambda t: t.to(device, dtype)[None].expand(n, -1, -1).contiguous()  # noqa: E731
-        return {"prompt_embeds": put(self.by_prompt[prompt]), "negative_prompt_embeds": put(self.empty)}
+    def pipeline_batch(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> dict:
+        """What replaces `prompt=prompts` in the pipeline call."""
+        hidden = torch.stack([self.by_prompt[p] for p in prompts]).to(device, dtype)
+        empty = self.empty.to(device, dtype)[None].expand(len(prompts), -1, -1).contiguous()
+        return {"prompt_embeds": hidden, "negative_prompt_embeds": empty}
 
 
 def grid(rows: list[list[Image.Image]]) -> Image.Image:
@@ -133,6 +147,42 @@ def render_samples(
 ) -> Image.Image:
     """A grid: one row per pair, the conditioning image then `num_images` samples. `prompts`: the
     prompts already encoded (models.text_encoder is then None)."""
+    n = cfg.validation.num_images
+    images = sample(
+        models,
+        controlnet,
+        [(p, i) for p, i in pairs for _ in range(n)],
+        cfg,
+        weight_dtype,
+        device,
+        seed,
+        prompts,
+        batch=n,
+    )
+    size = cfg.data.resolution
+    resample = resample_filter(cfg.data.interpolation, models.family)
+    return grid(
+        [
+            [resize_center_crop(image, size, resample), *images[k * n : (k + 1) * n]]
+            for k, (_, image) in enumerate(pairs)
+        ]
+    )
+
+
+@torch.no_grad()
+def sample(
+    models: Models,
+    controlnet: torch.nn.Module,
+    pairs,
+    cfg: TrainConfig,
+    weight_dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    prompts: EncodedPrompts | None = None,
+    batch: int = 16,
+) -> list[Image.Image]:
+    """One image per (prompt, conditioning image) pair, `batch` pairs per pipeline call, from one
+    seeded generator (the same images for the same models)."""
     pipe = controlnet_pipeline(models, controlnet)
     pipe.set_progress_bar_config(disable=True)
     size = cfg.data.resolution
@@ -143,28 +193,28 @@ def render_samples(
     # accelerate's mixed-precision wrapper returns fp32 residuals; the frozen UNet is in
     # weight_dtype, and CPU autocast does not upcast its GroupNorms (bf16 on CPU would fail).
     cast = controlnet.register_forward_hook(lambda module, args, out: _to_dtype(out, weight_dtype))
-    rows = []
+    out: list[Image.Image] = []
     try:
-        for prompt, image in pairs:
-            cond = resize_center_crop(image, size, resample)
-            n = cfg.validation.num_images
-            text = (
-                {"prompt": [prompt] * n} if prompts is None else prompts.pipeline_args(prompt, n, device, weight_dtype)
-            )
+        for at in range(0, len(pairs), batch):
+            chunk = pairs[at : at + batch]
+            conds = [resize_center_crop(image, size, resample) for _, image in chunk]
+            if prompts is None:
+                text = {"prompt": [p for p, _ in chunk]}
+            else:
+                text = prompts.pipeline_batch([p for p, _ in chunk], device, weight_dtype)
             with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-                images = pipe(
+                out += pipe(
                     **text,
-                    image=cond,
+                    image=conds,
                     height=size,
                     width=size,
                     num_inference_steps=cfg.validation.num_inference_steps,
                     generator=generator,
                 ).images
-            rows.append([cond, *images])
     finally:
         cast.remove()
         controlnet.train(was_training)
-    return grid(rows)
+    return out
 
 
 def _to_dtype(out, dtype: torch.dtype):
@@ -205,24 +255,27 @@ class Validator:
         # The same answer on every rank (it decides a collective); the images load on main only.
         self.active = bool(cfg.validation.prompts) or cfg.data.dataset is None
         self.pairs = validation_pairs(cfg, seed) if is_main else []
+        self.scored = adherence_pairs(cfg, seed) if is_main else []  # synthetic data: the adherence rows
         self.last_samples: str | None = None  # URL of the newest grid
+        self.adherence: dict[int, dict[str, float]] = {}  # step -> scores, this run's validations
 
     def due(self, step: int, last: bool) -> bool:
         on_schedule = step % self.every == 0
         # At the end: only if the last step was off schedule (on schedule, it has just run).
         return self.active and (on_schedule != last)
 
-    def maybe_run(self, step: int, last: bool = False) -> None:
+    def maybe_run(self, step: int, last: bool = False) -> dict[str, float] | None:
+        """Validate if `step` is due; the adherence scores (main process, synthetic data) or None."""
         if self.due(step, last) and (self.is_main or self.sharded):
-            self.run(step)
+            return self.run(step)
+        return None
 
-    def run(self, step: int) -> None:
+    def run(self, step: int) -> dict[str, float] | None:
         controlnet = self._gathered() if self.sharded else self.controlnet
         if not self.is_main:
-            return
-        image = render_samples(
-            self.models, controlnet, self.pairs, self.cfg, self.weight_dtype, self.acc.device, self.seed, self.prompts
-        )
+            return None
+        args = (self.cfg, self.weight_dtype, self.acc.device, self.seed)
+        image = render_samples(self.models, controlnet, self.pairs, *args, self.prompts)
         name = f"step-{step}.png"
         path = self.output.local(SAMPLES_DIR, name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +288,14 @@ class Validator:
             self.acc.get_tracker("tensorboard").writer.add_image(
                 "validation", np.asarray(image), step, dataformats="HWC"
             )
+        if not self.scored:
+            return None
+        from ctrlnet_trainer.adherence import adherence
+
+        drawn = sample(self.models, controlnet, self.scored, *args, self.prompts)
+        scores = adherence(drawn, [image for _, image in self.scored])
+        self.adherence[step] = scores = {f"adherence_{k}": round(v, 4) for k, v in scores.items()}
+        return scores
 
     def _gathered(self) -> torch.nn.Module | None:
         """A full copy of the sharded ControlNet on the main process (None elsewhere): gathering

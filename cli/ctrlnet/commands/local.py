@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from ctrlnet.commands.options import ConfigFile, Overrides
+from ctrlnet.config.train import DEMO_BASE
 from ctrlnet.errors import UserError
 from ctrlnet.extras import check_installed, require
 
@@ -28,14 +29,27 @@ def _demo_preset() -> str:
 
 def _demo_notice(train) -> str | None:
     """What a run without -f takes from the embedded demo, or None when it takes nothing."""
-    tiny, synthetic = train.model.base is None, train.data.dataset is None
-    if tiny and synthetic:
-        return "no -f given: training the embedded demo (tiny random-init base, synthetic fill50k data)"
-    if tiny:
-        return "no -f or --base given: starting from the demo's tiny random-init base (give --base for a real one)"
+    demo, synthetic = train.model.base == DEMO_BASE, train.data.dataset is None
+    if demo and synthetic:
+        return "no -f given: training the embedded demo (a tiny 64 px base shipped pretrained, synthetic circle data)"
+    if demo:
+        return "no -f or --base given: starting from the demo's tiny pretrained base (give --base for a real one)"
     if synthetic:
-        return "no -f or --data given: training on the demo's synthetic fill50k data (give --data for yours)"
+        return "no -f or --data given: training on the demo's synthetic circle data (give --data for yours)"
     return None
+
+
+def _adherence_line(scores: dict[int, dict[str, float]] | None) -> str | None:
+    """The condition adherence of the first and last validation (synthetic data), as one line."""
+    if not scores:
+        return None
+    first, last = scores[min(scores)], scores[max(scores)]
+    if min(scores) == max(scores):
+        return f"adherence:   IoU {last['adherence_iou']:.2f} with the outlines (chance {last['adherence_chance']:.2f})"
+    return (
+        f"adherence:   IoU {first['adherence_iou']:.2f} at step {min(scores)} -> {last['adherence_iou']:.2f} at step "
+        f"{max(scores)} with the outlines (chance {first['adherence_chance']:.2f} -> {last['adherence_chance']:.2f})"
+    )
 
 
 def _trainer(module: str, needs: tuple[str, ...] = ("torch", "diffusers")):
@@ -104,6 +118,8 @@ def register(app: typer.Typer) -> None:
         if result.loss_curve:
             typer.echo(f"loss curve:  {result.loss_curve}")
         typer.echo(f"metrics:     {result.metrics}")
+        if line := _adherence_line(getattr(result, "adherence", None)):
+            typer.echo(line)
 
     data_app = typer.Typer(help="Datasets for offline runs and benchmarks.", no_args_is_help=True)
     app.add_typer(data_app, name="data")
@@ -157,10 +173,17 @@ def register(app: typer.Typer) -> None:
         steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
         seed: Annotated[int, typer.Option()] = 0,
         device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+        adherence: Annotated[
+            bool,
+            typer.Option(
+                help="--image is a circle outline (the synthetic data's): report each image's IoU of the "
+                "circle it drew with the outline's disk."
+            ),
+        ] = False,
     ) -> None:
         """Generate images with the base's ControlNet pipeline (SD1.x/2.x or SDXL, read from the base)."""
         generator = _trainer("ctrlnet_trainer.generate", needs=("torch",))  # diffusers once the inputs pass
-        for path in generator.generate(
+        paths = generator.generate(
             base=base,
             controlnet=controlnet,
             image=image,
@@ -170,5 +193,10 @@ def register(app: typer.Typer) -> None:
             steps=steps,
             seed=seed,
             device=device,
-        ):
+        )
+        for path in paths:
             typer.echo(f"wrote {path}")
+        if adherence:
+            scores = generator.outline_adherence(paths, image)
+            shown = ", ".join(f"{s:.2f}" for s in scores)
+            typer.echo(f"adherence:   IoU with the outline's disk {sum(scores) / len(scores):.2f} (per image: {shown})")

@@ -13,14 +13,18 @@ from ctrlnet.config.section import Section
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+DEMO_BASE = "builtin:demo"
+"""model.base of the pretrained demo base shipped in the package (ctrlnet_trainer/demo_weights/)."""
+
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
 class ModelConfig(Section):
     base: str | None = None
     """Stable Diffusion base (SD1.x/2.x or SDXL): a local diffusers folder, an fsspec URL or a hub
-    id. Unset: a tiny random-init base built in code (for demos and tests), SD-shaped, or
-    SDXL-shaped when `family` is `sdxl`."""
+    id; `builtin:demo`: the tiny 64 px base shipped with ctrlnet, pretrained on the synthetic
+    circles in 12 colours (the demo's). Unset: a tiny random-init base built in code (for tests),
+    SD-shaped, or SDXL-shaped when `family` is `sdxl`."""
     family: Literal["auto", "sd", "sdxl"] = "auto"
     """Model family; `auto` reads it from the base: model_index.json's pipeline class, else the
     components present (a `text_encoder_2/`, a UNet with `addition_embed_type: text_time` is SDXL)."""
@@ -80,6 +84,9 @@ class DataConfig(Section):
     """Shuffle buffer size when streaming."""
     synthetic_rows: int = Field(default=2000, gt=0)
     """Rows of the synthetic dataset used when `dataset` is unset."""
+    synthetic_colours: Literal["css", "demo"] = "css"
+    """Palette of the synthetic rows: `css`, fill50k's look (fill and background from the 147 CSS
+    colours); `demo`, the 12 well-separated colours the shipped demo base was pretrained on."""
     skip_bad_rows: bool = False
     """Skip rows whose image or conditioning image cannot be read: each is named on stderr and
     counted in metrics.jsonl (`skipped_rows`, per logged window). Off: such a row stops the run
@@ -225,6 +232,14 @@ class ValidationConfig(Section):
     """Run validation every N optimizer steps (and once at the end)."""
     num_inference_steps: int = Field(default=20, gt=0)
     """Denoising steps per validation image (UniPC)."""
+    adherence_rows: int = Field(default=16, ge=0)
+    """Synthetic data only: held-out rows sampled (one image each) and scored for condition
+    adherence at each validation: the IoU of the drawn circle with its outline's disk, and with
+    another row's (chance), to metrics.jsonl, the tracker and the loss plot; 0: off."""
+    at_start: bool = False
+    """Also validate before the first step: the samples (and, on the synthetic data, the condition
+    adherence) of the untrained ControlNet, whose zero convolutions leave the base alone: the
+    baseline the trained one is compared with."""
 
     @model_validator(mode="after")
     def _pairs(self) -> "ValidationConfig":
