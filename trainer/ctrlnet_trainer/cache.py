@@ -42,6 +42,7 @@ import torch
 from ctrlnet.config.contract import CACHE_MANIFEST
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
+from ctrlnet_trainer.data import interpolation_of
 from ctrlnet_trainer.storage import Prefix
 
 DEFAULT_SHARD_ROWS = 256
@@ -114,7 +115,7 @@ def build_fingerprint(
         "scaling_factor": float(scaling_factor),
         "max_length": int(max_length),
         "resolution": d.resolution,
-        "interpolation": "bilinear" if d.interpolation == "auto" else d.interpolation,  # SD's auto
+        "interpolation": interpolation_of(d.interpolation, "sd"),  # the cache holds SD1.x/2.x rows
         "transform": TRANSFORM_VERSION,
         "dataset": d.dataset
         if d.dataset is not None

@@ -173,12 +173,17 @@ _FILTERS = {
 }
 
 
-def resample_filter(interpolation: str, family: str) -> int:
-    """data.interpolation as a PIL filter; `auto` follows each reference script: bilinear for
-    SD1.x/2.x (train_controlnet.py), lanczos for SDXL (train_controlnet_sdxl.py's default)."""
+def interpolation_of(interpolation: str, family: str) -> str:
+    """data.interpolation resolved: `auto` follows each reference script, bilinear for SD1.x/2.x
+    (train_controlnet.py), lanczos for SDXL (train_controlnet_sdxl.py's default)."""
     if interpolation == "auto":
-        interpolation = "lanczos" if family == "sdxl" else "bilinear"
-    return _FILTERS[interpolation]
+        return "lanczos" if family == "sdxl" else "bilinear"
+    return interpolation
+
+
+def resample_filter(interpolation: str, family: str) -> int:
+    """data.interpolation as a PIL filter (interpolation_of)."""
+    return _FILTERS[interpolation_of(interpolation, family)]
 
 
 @dataclass

@@ -208,8 +208,9 @@ def _load_base(cfg: TrainConfig, seed: int, with_unet: bool) -> Base:
         from ctrlnet_trainer.base_model import build_base
 
         p = build_base("tiny-sdxl" if cfg.model.family == "sdxl" else "tiny", seed=seed)
-        base = Base(p.family, p.tokenizer, p.text_encoder, p.vae, p.unet, p.noise_scheduler)
-        base.tokenizer_2, base.text_encoder_2 = p.tokenizer_2, p.text_encoder_2
+        base = Base(
+            p.family, p.tokenizer, p.text_encoder, p.vae, p.unet, p.noise_scheduler, p.tokenizer_2, p.text_encoder_2
+        )
     else:
         where = resolve_location(cfg.model.base, "model.base", cfg.model.cache_dir, cfg.model.revision)
         family = detect_family(where, cfg)
