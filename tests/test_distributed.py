@@ -115,25 +115,37 @@ def _single(config: Path, *overrides: str) -> subprocess.CompletedProcess:
 def test_elastic_resume_from_two_processes_to_one_and_from_one_to_two(setup):
     """A checkpoint continues on another number of processes at the same sample with the same
     global batch (8 = 2 x 4 = 1 x 4 x accumulation 2 = 1 x 8): same rows per step, same draws per
-    example, same optimizer state, so the weights match the uninterrupted run up to float summation order."""
+    example, same optimizer state. What differs is float summation order, which Adam amplifies
+    where gradients are tiny: the bound is what changing the process count alone does (the same
+    run straight on 1 process x batch 8 vs 2 x 4, measured here: 2.4e-5), and the resumed runs
+    must not add to it."""
     root, config = setup
     ckpt = root / "straight" / "checkpoints" / "step-00000002"
     if not ckpt.exists():
         pytest.skip("needs the two-process run")
+    one = _single(config, f"output={root / 'one'}", "loop.batch_size=8")  # straight, 1 x 8
+    assert one.returncode == 0, one.stderr[-2000:]
+
+    def diff(a: Path, b: Path) -> float:
+        wa, wb = _weights(a), _weights(b)
+        return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+    noise = diff(root / "straight", root / "one")
+    assert noise < 1e-3  # same data, draws and schedule: only summation order differs
+
     # 2 -> 1: the same batch per process, the accumulation doubled automatically.
     down = _single(config, f"output={root / 'down'}", f"checkpoint.resume={ckpt}")
     assert down.returncode == 0, down.stderr[-2000:]
     assert "gradient accumulation 2 keeps the global batch" in down.stdout
-    straight = _weights(root / "straight")
-    diff = lambda run: max((straight[k] - _weights(run)[k]).abs().max().item() for k in straight)  # noqa: E731
-    assert diff(root / "down") < 1e-5
+    assert diff(root / "straight", root / "down") <= noise + 1e-6
 
     # 1 -> 2: one process with batch 8 for 2 steps, then two processes of batch 4 finish it.
     first = _single(config, f"output={root / 'up'}", "loop.batch_size=8", "loop.max_steps=2")
     assert first.returncode == 0, first.stderr[-2000:]
     up = _torchrun(config, f"output={root / 'up'}", "checkpoint.resume=latest")
     assert up.returncode == 0, up.stderr[-2000:]
-    assert diff(root / "up") < 1e-5
+    assert diff(root / "straight", root / "up") <= noise + 1e-6
+    assert diff(root / "one", root / "up") <= noise + 1e-6
 
 
 def test_resume_with_a_global_batch_it_cannot_make_is_refused(setup):

@@ -218,3 +218,63 @@ def test_a_missing_bucket_is_named(s3_server, tmp_path, capsys):
     assert _main(tmp_path, "s3://no-such-bucket/run") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: bucket 'no-such-bucket' of s3://no-such-bucket/run does not exist at")
+
+
+def test_a_checkpoint_whose_weights_are_not_finite_is_refused(tmp_path, make_cfg, capfd):
+    """A committed checkpoint with a NaN in its ControlNet (a torn or garbage save, as ZeRO-3's
+    gather race once wrote) is never trained from: named, and replaced only with on_corrupt=previous."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ctrlnet.errors import UserError
+    from ctrlnet_trainer.run import train
+
+    out = tmp_path / "run"
+    _interrupted_after_step_4(out, make_cfg)
+    path = out / "checkpoints" / "step-00000004" / "controlnet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    resume = {"every_steps": 2, "resume": "latest"}
+    with pytest.raises(UserError) as info:
+        train(make_cfg(out, loop={"max_steps": 6}, checkpoint=resume))
+    message = str(info.value)
+    assert "step-00000004 is unreadable" in message and "non-finite values" in message and name in message
+
+    result = train(make_cfg(out, loop={"max_steps": 6}, checkpoint=dict(resume, on_corrupt="previous")))
+    assert "resuming from" in capfd.readouterr().out and result.steps == 6
+    assert all(
+        torch.isfinite(t).all() for t in load_file(str(out / "controlnet/diffusion_pytorch_model.safetensors")).values()
+    )
+
+
+def test_weights_that_are_not_finite_are_never_written_or_committed(tmp_path, make_cfg, monkeypatch):
+    """Weights that went NaN (here: poisoned after step 3) stop the run in one line at the next
+    save: that checkpoint is not committed, `latest` stays on the last good one, no final model."""
+    import torch
+
+    from ctrlnet.errors import IntegrityError
+    from ctrlnet_trainer.run import train
+    from ctrlnet_trainer.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def poisoned(self):
+        loss = real_step(self)
+        if self.step == 2:  # the step counter moves after train_step: this is step 3
+            with torch.no_grad():
+                next(self.acc.unwrap_model(self.controlnet).parameters()).view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(IntegrityError) as info:
+        train(make_cfg(out, loop={"max_steps": 6}, checkpoint={"every_steps": 2}))
+    message = str(info.value)
+    assert "not finite" in message and "nothing was written" in message and "\n" not in message
+    assert info.value.exit_code == 1
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-00000002"
+    assert not (checkpoints / "step-00000004" / "COMMITTED").exists()
+    assert not (out / "controlnet").exists() and not (out / "FINISHED").exists()

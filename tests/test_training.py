@@ -180,7 +180,7 @@ def test_checkpoint_rotation_and_uncommitted_folders(tmp_path, make_cfg, capsys)
     (ckpts / "step-00000009" / "controlnet").mkdir(parents=True)
     (ckpts / "step-00000009" / "controlnet" / "config.json").write_text("{half written")
     (ckpts / "latest").write_text("step-00000009\n")
-    store = Checkpointer(Prefix(str(out)), None, Ranks(0, 1, 0), CheckpointConfig(), deepspeed=False)
+    store = Checkpointer(Prefix(str(out)), None, Ranks(0, 1, 0), CheckpointConfig(), sharded=False)
     assert store.committed_steps() == [4, 6]
     assert store.resolve("latest") == str(ckpts / "step-00000006")
 

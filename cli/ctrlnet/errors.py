@@ -2,7 +2,8 @@
 
 `UserError` (exit 2): the user gave us something we cannot use. `ClusterError` and
 `StorageError` (exit 1): the input was fine but the cluster or the object store said no or could
-not be reached. Anything else is a bug and keeps its traceback.
+not be reached. `IntegrityError` (exit 1): what the trainer would write is not what it trained
+(non-finite weights, a gathered copy unlike the live model), so nothing was. Anything else is a bug and keeps its traceback.
 """
 
 
@@ -23,5 +24,13 @@ class StorageError(UserError):
     """Object storage failed while the input was fine (endpoint unreachable, credentials missing
     or refused, uploads that keep failing): the message names the endpoint or checkpoint and the
     variable or setting to check."""
+
+    exit_code = 1
+
+
+class IntegrityError(UserError):
+    """The trainer refused to write or load weights that are not what was trained: non-finite
+    values, a gathered copy unlike the live model, a file that does not read back as written. The
+    message names the tensors and what is intact. Permanent (exit 1): retrying repeats it."""
 
     exit_code = 1

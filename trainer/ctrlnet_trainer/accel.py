@@ -47,12 +47,28 @@ def deepspeed_plugin(cfg: TrainConfig):
             **({"offload_optimizer": {"device": "cpu", "pin_memory": True}} if d.offload_optimizer else {}),
             # ZeRO-3 shards the weights: checkpoints, the final model and validation gather them.
             **({"stage3_gather_16bit_weights_on_model_save": True} if d.zero_stage == 3 else {}),
+            **({"stage3_allgather_sequential": True} if d.zero_stage == 3 and _racy_cpu_gather() else {}),
         },
         "bf16": {"enabled": cfg.loop.mixed_precision == "bf16"},
         "fp16": {"enabled": cfg.loop.mixed_precision == "fp16"},
         "zero_allow_untested_optimizer": True,
     }
     return DeepSpeedPlugin(hf_ds_config=ds_config)
+
+
+def _racy_cpu_gather() -> bool:
+    """DeepSpeed before 0.19.8 on the CPU (gloo): its blocking ZeRO-3 gather (GatheredParameters,
+    checkpoints, the persistent parameters after a save) waited on the last of its async
+    all-gathers only, so the weights could be read before they arrived (deepspeedai/DeepSpeed PR
+    8539; see ctrlnet_trainer.weights). Its sequential gather waits on each: correct, and on the
+    CPU no slower. On CUDA the old code was right (one NCCL stream orders the gathers)."""
+    if torch.cuda.is_available():
+        return False
+    import re
+    from importlib.metadata import version
+
+    release = tuple(int(n) for n in re.findall(r"\d+", version("deepspeed"))[:3])
+    return release < (0, 19, 8)
 
 
 def build_accelerator(cfg: TrainConfig, work_dir: Path, use_cuda: bool):

@@ -51,8 +51,8 @@ from ctrlnet.config.contract import CHECKPOINTS_DIR, COMMITTED, LATEST, TRAINER_
 from ctrlnet.config.contract import FINAL_MODEL_DIR as CONTROLNET_DIR
 from ctrlnet.config.train import CheckpointConfig, TrainConfig
 from ctrlnet.errors import StorageError, UserError
+from ctrlnet_trainer import optim, weights
 from ctrlnet_trainer.accel import Ranks
-from ctrlnet_trainer.models import save_controlnet
 from ctrlnet_trainer.storage import Prefix
 from ctrlnet_trainer.uploader import Uploader
 
@@ -178,6 +178,18 @@ def readable_state(url: str, on_corrupt: str) -> tuple[str, dict]:
             url = corrupt(url, f"{TRAINER_STATE}: {_reason(e)}", on_corrupt)
 
 
+def _nonfinite_file(path: Path) -> str | None:
+    """Why the checkpoint's ControlNet file is unusable (non-finite values: a torn or garbage
+    save), or None. A missing file is left to the load, which names it."""
+    if not path.exists():
+        return None
+    try:
+        bad = weights.nonfinite_in_file(path)
+    except Exception as e:
+        return _reason(e)
+    return f"its ControlNet holds non-finite values ({', '.join(bad[:3])})" if bad else None
+
+
 def _reason(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
@@ -219,9 +231,10 @@ class Checkpointer:
     """Owns every file under checkpoints/. The Trainer tells it what to save (`track`), when
     (`maybe_save`), and gets the saved loop state back from `restore`."""
 
-    def __init__(self, output: Prefix, accelerator, ranks: Ranks, cfg: CheckpointConfig, deepspeed: bool):
+    def __init__(self, output: Prefix, accelerator, ranks: Ranks, cfg: CheckpointConfig, sharded: bool):
         self.store = Prefix(output.url_of(CHECKPOINTS_DIR))
-        self.acc, self.ranks, self.cfg, self.deepspeed = accelerator, ranks, cfg, deepspeed
+        # `sharded`: DeepSpeed ZeRO-3, whose weights each rank holds a shard of.
+        self.acc, self.ranks, self.cfg, self.sharded = accelerator, ranks, cfg, sharded
         # One writer per copy of the files: every node stages its own copy of a bucket's
         # checkpoint; a folder is one copy shared by all nodes.
         self.stager = ranks.is_local_main if self.store.staged else ranks.is_main
@@ -253,11 +266,8 @@ class Checkpointer:
         self.model, self.loop_state = model, loop_state
         acc = self.acc
 
-        def save_hook(models, weights, output_dir):
-            if self.ranks.is_main:
-                for m in models:
-                    acc.unwrap_model(m).save_pretrained(Path(output_dir) / CONTROLNET_DIR, safe_serialization=True)
-            weights.clear()  # saved above: accelerate must not write them again
+        def save_hook(models, state_dicts, output_dir):
+            state_dicts.clear()  # save() writes the ControlNet, gathered and checked: accelerate must not
 
         def load_hook(models, input_dir):
             from diffusers import ControlNetModel
@@ -300,10 +310,10 @@ class Checkpointer:
         acc.wait_for_everyone()
         folder.mkdir(parents=True, exist_ok=True)
         acc.save_state(str(folder))  # every rank: DeepSpeed saves its shards collectively
-        if self.deepspeed:
-            state_dict = acc.get_state_dict(self.model)  # collective: gathers the weights
-            if self.ranks.is_main:
-                save_controlnet(acc.unwrap_model(self.model), folder / CONTROLNET_DIR, state_dict)
+        # Collective; a copy equal to the live model and finite, or IntegrityError (nothing committed).
+        state_dict = weights.gather(acc, self.model, is_main=self.ranks.is_main, sharded=self.sharded)
+        if self.ranks.is_main:
+            weights.write(acc.unwrap_model(self.model), folder / CONTROLNET_DIR, state_dict)
         if self.ranks.is_main:
             state = {"format": STATE_FORMAT, **self.loop_state()}
             (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
@@ -411,7 +421,8 @@ class Checkpointer:
         return state
 
     def _load(self, url: str) -> str | None:
-        """Fetch and load the checkpoint at `url` on every rank; why it failed on any rank, or None."""
+        """Fetch, check and load the checkpoint at `url` on every rank; why it failed on any rank,
+        or None. Refused: a ControlNet file or loaded weights with non-finite values (a torn save)."""
         error, checkpoint = None, Prefix(url)
         folder = checkpoint.local()
         if self.ranks.is_local_main:  # one copy per node
@@ -419,16 +430,29 @@ class Checkpointer:
                 folder = checkpoint.fetch()
             except Exception as e:
                 error = _reason(e)
-        self.acc.wait_for_everyone()
+            if error is None:
+                error = _nonfinite_file(folder / CONTROLNET_DIR / weights.WEIGHTS_FILE)
+        error = self._agreed(error, "another node could not fetch or read its copy")
         if error is None:
             try:
                 self.acc.load_state(str(folder))
             except Exception as e:  # damaged weights, optimizer or RNG state: name it, no traceback
                 error = _reason(e)
+            if error is None:  # what was loaded, on every rank (under ZeRO-3: this rank's shards)
+                bad = weights.nonfinite_local(self.model, self.acc)
+                error = f"it loaded non-finite weights ({', '.join(bad[:3])})" if bad else None
+            error = self._agreed(error, "another process could not load its part")
+        if error is None:
+            optim.replay_cpu_adam_steps(self.acc)
+        return error
+
+    def _agreed(self, error: str | None, elsewhere: str) -> str | None:
+        """`error`, or `elsewhere` if another rank had one: every rank takes the same branch next."""
+        self.acc.wait_for_everyone()
         if self.ranks.world > 1:
             from ctrlnet_trainer.accel import all_reduce
 
             failed = all_reduce(torch.tensor([float(error is not None)], device=self.acc.device)).item()
             if failed and error is None:
-                error = "another process could not load its part"
+                return elsewhere
         return error

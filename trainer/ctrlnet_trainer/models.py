@@ -356,20 +356,3 @@ def prepare_for_training(models: Models, cfg: TrainConfig, device: torch.device,
             )
         models.unet.enable_xformers_memory_efficient_attention()
         models.controlnet.enable_xformers_memory_efficient_attention()
-
-
-def save_controlnet(controlnet: torch.nn.Module, folder: str | Path, state_dict: dict | None = None) -> Path:
-    """The ControlNet in diffusers format (config.json + diffusion_pytorch_model.safetensors).
-    `state_dict`: weights gathered from elsewhere (DeepSpeed ZeRO-3 shards them, so the module's
-    own are empty) — diffusers' save_pretrained silently ignores a `state_dict` argument."""
-    folder = Path(folder)
-    if state_dict is None:
-        controlnet.save_pretrained(folder, safe_serialization=True)
-        return folder
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    controlnet.save_config(folder)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    return folder

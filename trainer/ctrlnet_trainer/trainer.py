@@ -21,7 +21,7 @@ import torch
 from ctrlnet.config.contract import FINAL_MODEL_DIR, METRICS_FILE
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
-from ctrlnet_trainer import accel, data, optim, rundir, speed
+from ctrlnet_trainer import accel, data, optim, rundir, speed, weights
 from ctrlnet_trainer import models as model_lib
 from ctrlnet_trainer.cached import CachedRun
 from ctrlnet_trainer.checkpoints import Checkpointer, ResumePoint
@@ -52,11 +52,12 @@ class Trainer:
         self.ranks = accel.process_ranks()
         self.weight_dtype = accel.DTYPES[cfg.loop.mixed_precision]
         deepspeed = cfg.distributed.strategy == "deepspeed"
+        self.sharded = deepspeed and cfg.distributed.zero_stage == 3  # each rank holds a shard of the weights
 
         # --- the run: which output, which checkpoint to continue, which seed
         previous = rundir.check_owner(output, cfg, resume)  # every rank reads before anyone writes
         accelerator.wait_for_everyone()
-        self.checkpointer = Checkpointer(output, accelerator, self.ranks, cfg.checkpoint, deepspeed)
+        self.checkpointer = Checkpointer(output, accelerator, self.ranks, cfg.checkpoint, self.sharded)
         self.seed = self._agree_on_seed(resume, previous)
 
         # --- models (the same ControlNet init on every rank)
@@ -124,7 +125,7 @@ class Trainer:
             weight_dtype=self.weight_dtype,
             seed=self.seed,
             is_main=self.ranks.is_main,
-            sharded=deepspeed and cfg.distributed.zero_stage == 3,
+            sharded=self.sharded,
             prompts=self.cached.prompts if self.cached else None,
         )
 
@@ -250,11 +251,11 @@ class Trainer:
         if last is not None:
             self.meter.checkpointed(last.step, last.url)
         acc.wait_for_everyone()
-        state_dict = acc.get_state_dict(self.controlnet) if self.cfg.distributed.strategy == "deepspeed" else None
+        # Collective; a copy equal to the live model and finite, or IntegrityError (nothing published).
+        state_dict = weights.gather(acc, self.controlnet, is_main=self.ranks.is_main, sharded=self.sharded)
         repo = None
         if self.ranks.is_main:
-            final = output.local(FINAL_MODEL_DIR)
-            model_lib.save_controlnet(acc.unwrap_model(self.controlnet), final, state_dict)
+            weights.write(acc.unwrap_model(self.controlnet), output.local(FINAL_MODEL_DIR), state_dict)
             output.publish(FINAL_MODEL_DIR)
         with speed.eager():
             self._validate(self.step, last=True)

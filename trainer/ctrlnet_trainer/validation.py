@@ -302,7 +302,9 @@ class Validator:
         is collective, so every process calls this."""
         from diffusers import ControlNetModel
 
-        state = self.acc.get_state_dict(self.prepared)  # every rank takes part
+        from ctrlnet_trainer import weights
+
+        state = weights.gather(self.acc, self.prepared, is_main=self.is_main, sharded=True)  # every rank takes part
         if not self.is_main:
             return None
         copy = ControlNetModel.from_config(self.controlnet.config)
