@@ -64,6 +64,9 @@ class LoopbackCluster:
         tls: also listen with HTTPS (`https_url`, kubeconfig context "loopback-tls"): kubectl sends
             bearer tokens over TLS only. Needs `cryptography` or an `openssl` binary.
         watch_history: events kept for watches; an older resourceVersion gets 410 Gone.
+        image: a testkit.container.Image: the kubelet runs every pod's containers from the built
+            image as the pod spec says (testkit.container), on the host's network, instead of
+            their commands as local processes. Needs root.
 
     Attributes tests may set: `request_hook(method, path)` is called before each API request is
     routed (raise an `ApiError` to fail it, e.g. a 500 or 429); `kueue_pending = (reason, message)`
@@ -90,8 +93,12 @@ class LoopbackCluster:
         validate_internal: bool = False,
         tls: bool = True,
         verbose: bool = False,
+        image=None,
     ):
         self.root = Path(root) / "loopback-cluster"
+        # A testkit.container.Image: the kubelet runs each pod's container from it (host network),
+        # instead of the container's command as a local process.
+        self.image = image
         self.tag = "loopback-" + uuid.uuid4().hex[:6]  # prefix of this cluster's thread names
         self.installed = frozenset(installed)
         self.run_pods = run_pods

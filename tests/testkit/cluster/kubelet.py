@@ -117,6 +117,22 @@ class Instance:
         self.reader: threading.Thread | None = None
         self.oom = False
         self.killed_by_kubelet = False
+        self.in_container = False  # run from the image: signals go to the container's PID 1
+        self.scratch: Path | None = None  # the container's overlay upper layer, removed when it ends
+
+    def kill(self, sig: int) -> None:
+        """Send `sig` to the container's process (a real container: its PID 1)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pid = self.proc.pid
+        if self.in_container:
+            from testkit.container import pid1
+
+            pid = pid1(self.proc.pid) or pid
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
     def log(self, line: bytes) -> None:
         with self.cond:
@@ -546,6 +562,28 @@ class PodRuntime(threading.Thread):
             argv[0] = found
         return argv
 
+    def _container_command(self, c: dict[str, Any], inst: Instance) -> list[str]:
+        """The host command that runs container `c` from the cluster's image (testkit.container),
+        with the env this kubelet resolved (Secrets, fields, the job's loopback ports) but paths as
+        the spec says them: inside the container they are real."""
+        import base64
+
+        from testkit import container
+
+        store = self.k.cluster.store
+        configmaps, secrets = {}, {}
+        for v in self.pod["spec"].get("volumes") or []:
+            if "configMap" in v:
+                obj = store.get(("", "configmaps"), self.ns, v["configMap"]["name"]) or {}
+                configmaps[v["configMap"]["name"]] = {k: str(x) for k, x in (obj.get("data") or {}).items()}
+        for s in store.list(("", "secrets"), self.ns):
+            secrets[s["metadata"]["name"]] = {k: base64.b64decode(x).decode() for k, x in (s.get("data") or {}).items()}
+        env = {**self.k.cluster.extra_env, **self._env(c, self._host_pattern(), [])}
+        pod = container.Pod(self.name, self.pod["spec"], configmaps, secrets)
+        argv, scratch = container.command(pod, self.k.cluster.image, None, env=env)
+        inst.in_container, inst.scratch = True, scratch
+        return argv
+
     def _base_env(self) -> dict[str, str]:
         home, tmp = self.dir / "home", self.dir / "tmp"
         home.mkdir(parents=True, exist_ok=True)
@@ -585,7 +623,11 @@ class PodRuntime(threading.Thread):
         self._event("Normal", "Created", f"Created container {name}", name)
         inst.started_at = ts()
         try:
-            argv = self._command(c, env, hosts, mm)
+            if self.k.cluster.image is not None:
+                argv = self._container_command(c, inst)
+                env = None
+            else:
+                argv = self._command(c, env, hosts, mm)
             inst.proc = subprocess.Popen(
                 argv,
                 env=env,
@@ -668,6 +710,8 @@ class PodRuntime(threading.Thread):
             return False
         if inst.reader is not None:
             inst.reader.join(5)
+        if inst.scratch is not None:
+            shutil.rmtree(inst.scratch, ignore_errors=True)
         inst.finish(128 - rc if rc < 0 else rc)
         return True
 
@@ -676,11 +720,8 @@ class PodRuntime(threading.Thread):
             names = [container] if container else [c["name"] for c in self.containers]
             for n in names:
                 inst = self.current.get(n)
-                if inst is not None and inst.proc is not None and inst.proc.poll() is None:
-                    try:
-                        os.kill(inst.proc.pid, sig)
-                    except ProcessLookupError:
-                        pass
+                if inst is not None:
+                    inst.kill(sig)
 
     def kill_group(self, inst: Instance) -> None:
         if inst.proc is not None and inst.proc.poll() is None:
@@ -706,11 +747,7 @@ class PodRuntime(threading.Thread):
                 if inst is not None and not inst.done:
                     inst.killed_by_kubelet = True
                     self._event("Normal", "Killing", f"Stopping container {c['name']}", c["name"])
-                    if inst.proc is not None and inst.proc.poll() is None:
-                        try:
-                            os.kill(inst.proc.pid, signal.SIGTERM)
-                        except ProcessLookupError:
-                            pass
+                    inst.kill(signal.SIGTERM)
 
     def run(self) -> None:
         try:
