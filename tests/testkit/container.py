@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RUNNER = "unshare"
+IMAGE_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the image's ENV PATH
 
 
 def image_exists(image: str) -> bool:
@@ -100,7 +101,7 @@ class Pod:
 
     def env(self) -> dict[str, str]:
         env = {
-            "PATH": "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": IMAGE_PATH,
             "HOSTNAME": self.name,
         }
         for e in self.container.get("env") or []:
@@ -241,7 +242,7 @@ def command(pod: Pod, image: Image, netns: str | None, *, env: dict[str, str] | 
         sh.append(f"mount -o remount,bind,ro {root}")
     uid, gid = security.get("runAsUser", 0), security.get("runAsGroup", 0)
     groups = f"--groups={security['fsGroup']}" if security.get("fsGroup") is not None else ""
-    env = {"PATH": pod.env()["PATH"], "HOSTNAME": pod.name, **env} if env is not None else pod.env()
+    env = {"PATH": IMAGE_PATH, "HOSTNAME": pod.name, **env} if env is not None else pod.env()
     argv = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
     argv = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in argv]
     cwd = c.get("workingDir") or image.workdir

@@ -187,7 +187,7 @@ def _nonfinite_file(path: Path) -> str | None:
         bad = weights.nonfinite_in_file(path)
     except Exception as e:
         return _reason(e)
-    return f"its ControlNet holds non-finite values ({', '.join(bad[:3])})" if bad else None
+    return f"its ControlNet holds non-finite values ({weights.names(bad)})" if bad else None
 
 
 def _reason(e: BaseException) -> str:
@@ -314,7 +314,6 @@ class Checkpointer:
         state_dict = weights.gather(acc, self.model, is_main=self.ranks.is_main, sharded=self.sharded)
         if self.ranks.is_main:
             weights.write(acc.unwrap_model(self.model), folder / CONTROLNET_DIR, state_dict)
-        if self.ranks.is_main:
             state = {"format": STATE_FORMAT, **self.loop_state()}
             (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         acc.wait_for_everyone()
@@ -440,7 +439,7 @@ class Checkpointer:
                 error = _reason(e)
             if error is None:  # what was loaded, on every rank (under ZeRO-3: this rank's shards)
                 bad = weights.nonfinite_local(self.model, self.acc)
-                error = f"it loaded non-finite weights ({', '.join(bad[:3])})" if bad else None
+                error = f"it loaded non-finite weights ({weights.names(bad)})" if bad else None
             error = self._agreed(error, "another process could not load its part")
         if error is None:
             optim.replay_cpu_adam_steps(self.acc)

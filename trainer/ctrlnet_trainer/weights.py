@@ -50,20 +50,21 @@ def gather(accelerator, prepared: torch.nn.Module, *, is_main: bool, sharded: bo
             state, mismatched = (_copy(module) if is_main else None), []
         nonfinite = _nonfinite(state) if is_main else []
         # Main decides (only it holds the copy); every rank acts on the same verdict.
-        verdict = _from_main("retry" if mismatched else "diverged" if nonfinite else "ok")
+        verdict, bad = _from_main(
+            ("retry", "") if mismatched else ("diverged", names(nonfinite)) if nonfinite else ("ok", "")
+        )
         if verdict == "ok":
             return state
         if verdict == "diverged":
             # The copy matches the live shards, and is not finite: the weights themselves are not.
-            names = _from_main(_names(nonfinite))
             raise IntegrityError(
-                f"the ControlNet's weights are not finite ({names}): training diverged; nothing was written. "
+                f"the ControlNet's weights are not finite ({bad}): training diverged; nothing was written. "
                 "Lower optim.learning_rate (or set optim.max_grad_norm) and resume from the last checkpoint"
             )
         if is_main:
             print(
                 f"warning: gathering the ControlNet's weights gave a copy that differs from the live model "
-                f"({_names(mismatched)}; attempt {attempt} of {ATTEMPTS}): gathering again",
+                f"({names(mismatched)}; attempt {attempt} of {ATTEMPTS}): gathering again",
                 file=sys.stderr,
                 flush=True,
             )
@@ -88,7 +89,7 @@ def write(controlnet: torch.nn.Module, folder: str | Path, state: dict[str, torc
     differs = sorted(k for k in state if k not in back or not torch.equal(back[k], state[k]))
     if differs or back.keys() != state.keys():
         raise IntegrityError(
-            f"{path} does not hold what was written ({_names(differs) or 'other keys'}): check the disk"
+            f"{path} does not hold what was written ({names(differs) or 'other keys'}): check the disk"
         )
     return folder
 
@@ -181,5 +182,6 @@ def _from_main(value):
     return box[0]
 
 
-def _names(keys: list[str]) -> str:
+def names(keys: list[str]) -> str:
+    """The first three of `keys` and how many more: for one-line messages."""
     return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
