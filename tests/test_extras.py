@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ctrlnet.errors import UserError
-from ctrlnet.extras import require
+from ctrlnet.extras import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,13 +56,18 @@ def test_helm_binary_is_the_other_way_out():
     assert "or put a `helm` binary on PATH" in proc.stderr
 
 
-def test_require():
-    assert require("k8s", "json").__name__ == "json"
+def test_needs():
+    with needs("k8s"):
+        import json
+    assert json.__name__ == "json"
     with pytest.raises(
         UserError, match=r"module 'no_such_package_xyz' is not installed: pip install 'ctrlnet\[train\]'"
     ):
-        require("train", "no_such_package_xyz")
+        with needs("train"):
+            import no_such_package_xyz  # noqa: F401
     with pytest.raises(ModuleNotFoundError):  # a module of ours missing is a bug: its traceback stays
-        require("k8s", "ctrlnet.k8s.no_such_module")
+        with needs("k8s"):
+            import ctrlnet.k8s.no_such_module  # noqa: F401
     with pytest.raises(ValueError):
-        require("gpu", "json")
+        with needs("gpu"):
+            import json  # noqa: F401

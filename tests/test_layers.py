@@ -1,7 +1,7 @@
 """Import layers of the two packages, read from the source (every import, also inside functions):
 
-    ctrlnet.cli  ->  ctrlnet.commands  ->  ctrlnet.k8s (ctrlnet.cluster)  ->  ctrlnet.config, ctrlnet.errors
-                                       ->  ctrlnet_trainer                ->  ctrlnet.config, ctrlnet.errors
+    ctrlnet.cli  ->  ctrlnet.commands  ->  ctrlnet.k8s (ctrlnet.cluster)  ->  ctrlnet.config, ctrlnet.errors, ctrlnet.log
+                                       ->  ctrlnet_trainer                ->  ctrlnet.config, ctrlnet.errors, ctrlnet.log
 
 so the trainer image needs no Kubernetes tooling and the config model stays importable anywhere.
 """
@@ -44,12 +44,13 @@ def _within(name: str, *prefixes: str) -> bool:
 
 
 OURS = ("ctrlnet", "ctrlnet_trainer", "tools")
-BOTTOM = ("ctrlnet.config", "ctrlnet.errors")
+BOTTOM = ("ctrlnet.config", "ctrlnet.errors", "ctrlnet.log")
 RULES = [
     # (rule, applies to module, allowed to import (of ours))
     ("ctrlnet.errors imports nothing of ours", lambda m: m == "ctrlnet.errors", lambda n: False),
+    ("ctrlnet.log imports nothing of ours", lambda m: m == "ctrlnet.log", lambda n: False),
     (
-        "ctrlnet.config imports only ctrlnet.config and ctrlnet.errors",
+        "ctrlnet.config imports only ctrlnet.config, ctrlnet.errors and ctrlnet.log",
         lambda m: _within(m, "ctrlnet.config"),
         lambda n: _within(n, *BOTTOM),
     ),
@@ -59,7 +60,7 @@ RULES = [
         lambda n: _within(n, "ctrlnet.errors"),
     ),
     (
-        "ctrlnet_trainer imports of ctrlnet only ctrlnet.config and ctrlnet.errors",
+        "ctrlnet_trainer imports of ctrlnet only ctrlnet.config, ctrlnet.errors and ctrlnet.log",
         lambda m: _within(m, "ctrlnet_trainer"),
         lambda n: _within(n, "ctrlnet_trainer", *BOTTOM),
     ),
@@ -75,9 +76,9 @@ RULES = [
     ),
     ("python -m ctrlnet runs ctrlnet.cli only", lambda m: m == "ctrlnet.__main__", lambda n: _within(n, "ctrlnet.cli")),
     (
-        "ctrlnet.cli imports only ctrlnet.commands and ctrlnet.errors",
+        "ctrlnet.cli imports only ctrlnet.commands, ctrlnet.errors and ctrlnet.log",
         lambda m: m == "ctrlnet.cli",
-        lambda n: _within(n, "ctrlnet.commands", "ctrlnet.errors"),
+        lambda n: _within(n, "ctrlnet.commands", "ctrlnet.errors", "ctrlnet.log"),
     ),
     ("the product never imports the development tools (tools/)", lambda m: True, lambda n: not _within(n, "tools")),
 ]

@@ -2,9 +2,11 @@
 command bodies, so `ctrlnet --help` stays instant."""
 
 import sys
+from typing import Annotated
 
 import typer
 
+from ctrlnet import log
 from ctrlnet.commands import cluster_cmd, config_cmd, k8s, local, precompute_cmd
 from ctrlnet.errors import UserError
 
@@ -16,6 +18,20 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+@app.callback()
+def verbosity(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Say more: debug lines too.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only warnings and errors (no notes).")] = False,
+) -> None:
+    """The options every command takes (before its name: `ctrlnet -q train`)."""
+    if verbose and quiet:
+        raise UserError("give -v or -q, not both")
+    # Also exported (CTRLNET_VERBOSITY) to the processes a command starts: torchrun's workers.
+    log.configure(1 if verbose else -1 if quiet else 0)
+
+
+# The order `ctrlnet --help` lists them in: commands first, in this order, then the groups.
 for module in (config_cmd, local, precompute_cmd, k8s, cluster_cmd):
     module.register(app)
 

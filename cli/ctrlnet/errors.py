@@ -34,3 +34,15 @@ class IntegrityError(UserError):
     message names the tensors and what is intact. Permanent (exit 1): retrying repeats it."""
 
     exit_code = 1
+
+
+def one_line(error: BaseException, *, limit: int = 200, with_type: bool = False) -> str:
+    """The first non-empty line of an exception's message, at most `limit` characters (its type's
+    name when the message is empty): what a one-line error quotes of a library's exception, which
+    may span pages (a hub's HTML, a server's stack)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    name = type(error).__name__
+    if not lines:
+        return name
+    text = lines[0] if len(lines[0]) <= limit else lines[0][: limit - 1] + "…"
+    return f"{name}: {text}" if with_type else text

@@ -16,7 +16,7 @@ import yaml
 
 from ctrlnet.config import contract
 from ctrlnet.config.train import TrainConfig
-from ctrlnet.extras import require
+from ctrlnet.extras import needs
 
 
 @dataclass
@@ -37,7 +37,8 @@ def train_processes(cfg: TrainConfig, nproc: int) -> tuple[int, LaunchResult | N
 def run_processes(cfg: TrainConfig, nproc: int, module: str, args: tuple[str, ...] = ()) -> int:
     """Run `python -m <module> --config <cfg> <args>` in `nproc` processes under ctrlnet's launcher;
     the exit code (the launcher has printed each distinct worker error once, last)."""
-    require("train", "torch")
+    with needs("train"):
+        import torch  # noqa: F401 - the launcher is torchrun: without the extra, one line now, not N tracebacks
     with tempfile.TemporaryDirectory(prefix="ctrlnet-launch-") as tmp:
         config = Path(tmp) / contract.CONFIG_FILE
         config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

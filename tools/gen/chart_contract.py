@@ -22,6 +22,7 @@ DEFINES = {
     "ctrlnet.contract.homeDir": "HOME_DIR",
     "ctrlnet.contract.tmpDir": "TMP_DIR",
     "ctrlnet.contract.secretsDir": "SECRETS_DIR",
+    "ctrlnet.contract.latest": "LATEST",
 }
 
 

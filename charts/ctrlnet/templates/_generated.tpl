@@ -30,3 +30,6 @@ Values the chart shares with ctrlnet's code, one named template each. */}}
 
 {{- /* contract.SECRETS_DIR */ -}}
 {{- define "ctrlnet.contract.secretsDir" -}}/var/run/secrets/ctrlnet{{- end -}}
+
+{{- /* contract.LATEST */ -}}
+{{- define "ctrlnet.contract.latest" -}}latest{{- end -}}

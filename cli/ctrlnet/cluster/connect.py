@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from ctrlnet.errors import UserError
-from ctrlnet.extras import require
+from ctrlnet.errors import UserError, one_line
+from ctrlnet.extras import needs
 
 _SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -45,8 +45,8 @@ def public_url(url: str) -> str:
 
 def connect(context: str | None = None, namespace: str | None = None) -> Connection:
     """A Connection for `context` (default: the kubeconfig's current one, or in-cluster in a pod)."""
-    require("k8s", "kubernetes")
-    from kubernetes import client, config
+    with needs("k8s"):
+        from kubernetes import client, config
 
     if namespace is not None and (not _NAMESPACE.match(namespace) or len(namespace) > 63):
         raise UserError(f"-n {namespace!r} is not a namespace name (lowercase letters, digits and '-')")
@@ -63,7 +63,7 @@ def connect(context: str | None = None, namespace: str | None = None) -> Connect
     try:
         contexts, current = config.list_kube_config_contexts(config_file=files)
     except config.ConfigException as e:
-        raise UserError(f"the kubeconfig ({files}) cannot be read: {_first_line(e)}") from None
+        raise UserError(f"the kubeconfig ({files}) cannot be read: {one_line(e, limit=300)}") from None
     except Exception as e:  # noqa: BLE001 - a malformed file raises whatever its parser raises
         raise UserError(f"the kubeconfig ({files}) cannot be read ({type(e).__name__}): fix or replace it") from None
     names = [c["name"] for c in contexts or []]
@@ -80,7 +80,7 @@ def connect(context: str | None = None, namespace: str | None = None) -> Connect
             config_file=files, context=chosen["name"], client_configuration=configuration, persist_config=False
         )
     except config.ConfigException as e:
-        raise UserError(f"context {chosen['name']!r} in {files} cannot be used: {_first_line(e)}") from None
+        raise UserError(f"context {chosen['name']!r} in {files} cannot be used: {one_line(e, limit=300)}") from None
     default_ns = (chosen.get("context") or {}).get("namespace") or "default"
     return Connection(
         client.ApiClient(configuration), namespace or default_ns, chosen["name"], public_url(configuration.host)
@@ -95,15 +95,10 @@ def _in_cluster(namespace: str | None) -> Connection:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException as e:
         raise UserError(
-            f"in-cluster configuration failed: {_first_line(e)}; mount a service account token or use a kubeconfig"
+            f"in-cluster configuration failed: {one_line(e, limit=300)}; mount a service account token or use a kubeconfig"
         ) from None
     ns_file = _SA_DIR / "namespace"
     default_ns = ns_file.read_text().strip() if ns_file.is_file() else "default"
     return Connection(
         client.ApiClient(configuration), namespace or default_ns, "in-cluster", public_url(configuration.host)
     )
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]

@@ -2,8 +2,8 @@
 
 Two watch streams (the job by name, its pods by label) wake the loop when something changes;
 then the status is read once and redrawn. Training progress lives in the rank-0 log, which no
-watch announces, so it alone is refreshed on a timer. In a terminal the screen is redrawn in
-place; elsewhere one line is appended per change.
+watch announces, so it alone is refreshed on a timer. In a terminal the screen is cleared and
+the status redrawn in place (rich's Live); elsewhere one line is appended per change.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def _query(selectors: dict) -> list[tuple[str, str]]:
 
 
 def follow_status(kube: Kube, run: Run, out: TextIO, *, tty: bool, fmt: str = "text") -> st.RunStatus:
-    """Redraw `run`'s status on every change until it finishes; its final status."""
+    """Redraw `run`'s status on every change until it finishes; its final status. `tty`: `out` is
+    a terminal and the format text (the screen is redrawn), else one line or document per change."""
     from ctrlnet.cluster.runs import find_run
 
     kube.namespace = run.namespace
@@ -77,11 +78,16 @@ def follow_status(kube: Kube, run: Run, out: TextIO, *, tty: bool, fmt: str = "t
         w.start()
     last_line = None
     status = None
+    live = None  # in a terminal: rich's Live, from the first status on
     try:
         while True:
             run = find_run(kube, run.name, run.namespace)
             status = st.gather(kube, run)
-            _draw(status, out, tty=tty, fmt=fmt, previous=last_line)
+            if tty and fmt == "text":
+                live = live or _live(out)
+                live.update(st.view(status), refresh=True)
+            else:
+                _draw(status, out, fmt=fmt, previous=last_line)
             last_line = st.summary_line(status)
             if status.finished:
                 return status
@@ -98,6 +104,8 @@ def follow_status(kube: Kube, run: Run, out: TextIO, *, tty: bool, fmt: str = "t
                 break
     finally:
         stop.set()
+        if live is not None:
+            live.stop()  # the last status stays on the screen, whole
 
 
 def _drain(q: queue.Queue) -> None:
@@ -110,13 +118,25 @@ def _drain(q: queue.Queue) -> None:
             raise item
 
 
-def _draw(status: st.RunStatus, out: TextIO, *, tty: bool, fmt: str, previous: str | None) -> None:
+def _live(out: TextIO):
+    """The run's status as the terminal's whole screen: cleared once, then redrawn in place."""
+    from rich.live import Live
+
+    from ctrlnet.cluster.draw import terminal
+
+    out.write(_CLEAR)
+    out.flush()
+    live = Live(console=terminal(out), auto_refresh=False)
+    live.start()
+    return live
+
+
+def _draw(status: st.RunStatus, out: TextIO, *, fmt: str, previous: str | None) -> None:
+    """Off a terminal: a JSON document, or a line when the status changed."""
     if fmt == "json":
         import json
 
         out.write(json.dumps(status.as_dict(), default=str) + "\n")  # one document per line (JSON Lines)
-    elif tty:
-        out.write(_CLEAR + st.render(status) + "\n")
     else:
         line = st.summary_line(status)
         if line != previous:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ctrlnet.cluster import draw
 from ctrlnet.cluster.kube import Kube
 from ctrlnet.cluster.runs import BACKENDS, Run, tool_selector
 from ctrlnet.cluster.status import age_seconds, human_duration, job_phase, read_progress
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def list_runs(kube: Kube, *, all_namespaces: bool = False) -> list[dict]:
@@ -45,14 +51,23 @@ def list_runs(kube: Kube, *, all_namespaces: bool = False) -> list[dict]:
 
 
 def render_table(rows: list[dict], with_namespace: bool) -> str:
-    header = (["NAMESPACE"] if with_namespace else []) + ["NAME", "BACKEND", "PHASE", "PODS", "STEP", "AGE"]
-    table = [header]
+    """The runs as plain text (what `ctrlnet list` prints off a terminal)."""
+    return draw.plain(table(rows, with_namespace))
+
+
+def table(rows: list[dict], with_namespace: bool) -> Table:
+    """One row per run: (namespace,) name, backend, phase, pods ready/total, step/total, age."""
+    out = draw.table(*(["NAMESPACE"] if with_namespace else []), "NAME", "BACKEND", "PHASE", "PODS", "STEP", "AGE")
     for r in rows:
         step = f"{r['step']}/{r['total']}" if r["step"] is not None else "-"
         age = human_duration(r["age_s"]) if r["age_s"] is not None else "-"
-        table.append(
-            ([r["namespace"]] if with_namespace else [])
-            + [r["name"], r["backend"], r["phase"], f"{r['pods_ready']}/{r['pods']}", step, age]
+        out.add_row(
+            *([r["namespace"]] if with_namespace else []),
+            r["name"],
+            r["backend"],
+            draw.phase(r["phase"]),
+            f"{r['pods_ready']}/{r['pods']}",
+            step,
+            age,
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in table)
+    return out

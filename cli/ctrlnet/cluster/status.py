@@ -12,12 +12,16 @@ import datetime as dt
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ctrlnet.cluster import draw
 from ctrlnet.cluster.kube import Kube
 from ctrlnet.cluster.runs import KUEUE_QUEUE_LABEL, Run, pod_rank
 from ctrlnet.config.progress import latest_progress
 from ctrlnet.errors import ClusterError
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 TERMINAL = ("Succeeded", "Failed")
 RETRYABLE_MIN = 128  # ExitCode restart policy: 128-255 restart the pod, 1-127 fail the job
@@ -396,6 +400,47 @@ def _exit_meaning(code: int | None) -> str:
 
 # ------------------------------------------------------------------ drawing it
 def render(s: RunStatus) -> str:
+    """The status as plain text (what `ctrlnet status` prints off a terminal)."""
+    return draw.plain(view(s))
+
+
+def view(s: RunStatus) -> RenderableType:
+    """The status as rich draws it: the run's lines, then a table of its pods and why any of them
+    is not running."""
+    from rich.console import Group
+    from rich.padding import Padding
+    from rich.text import Text
+
+    parts: list[RenderableType] = [Text(line) for line in _run_lines(s)]
+    if s.pods:
+        pods = draw.table("RANK", "POD", "PHASE", "READY", "RESTARTS", "NODE", "AGE")
+        for x in s.pods:
+            pods.add_row(
+                str(x.rank),
+                x.name,
+                draw.phase(x.phase),
+                "yes" if x.ready else "no",
+                str(x.restarts),
+                x.node or "-",
+                human_duration(x.age_s) if x.age_s is not None else "-",
+            )
+        parts += [Text(""), Padding(pods, (0, 0, 0, 2), expand=False)]
+        parts += [Text(f"  {x.role}: {x.reason}{_retry_note(x)}") for x in s.pods if x.reason]
+    elif s.phase not in TERMINAL:
+        parts.append(Text("  pods: none yet" + (" (suspended)" if s.phase == "Suspended" else "")))
+    return Group(*parts)
+
+
+def _retry_note(x: PodStatus) -> str:
+    if x.retryable is None:
+        return ""
+    if x.retryable:
+        return " — retryable: the pod restarts and resumes"
+    return " — permanent: the job fails without retrying"
+
+
+def _run_lines(s: RunStatus) -> list[str]:
+    """The lines above the pods: phase and why, restarts, last exit, queue, output, progress."""
     lines = [f"{s.backend} {s.namespace}/{s.name}: {s.phase}" + (f" since {s.since}" if s.since else "")]
     if s.reason or s.message:
         lines.append(f"  {s.reason or ''}{': ' if s.reason and s.message else ''}{s.message or ''}")
@@ -431,39 +476,7 @@ def render(s: RunStatus) -> str:
             lines.append(f"  checkpoint: {p.get('checkpoint') or 'none committed yet'}")
     else:
         lines.append("  progress: no progress line yet")
-    if s.pods:
-        lines.append("")
-        header = ("RANK", "POD", "PHASE", "READY", "RESTARTS", "NODE", "AGE")
-        rows = [
-            (
-                str(x.rank),
-                x.name,
-                x.phase,
-                "yes" if x.ready else "no",
-                str(x.restarts),
-                x.node or "-",
-                human_duration(x.age_s) if x.age_s is not None else "-",
-            )
-            for x in s.pods
-        ]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for r in [header, *rows]:
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
-        for x in s.pods:
-            if x.reason:
-                retry = (
-                    ""
-                    if x.retryable is None
-                    else (
-                        " — retryable: the pod restarts and resumes"
-                        if x.retryable
-                        else " — permanent: the job fails without retrying"
-                    )
-                )
-                lines.append(f"  {x.role}: {x.reason}{retry}")
-    elif s.phase not in TERMINAL:
-        lines.append("  pods: none yet" + (" (suspended)" if s.phase == "Suspended" else ""))
-    return "\n".join(lines)
+    return lines
 
 
 def summary_line(s: RunStatus) -> str:

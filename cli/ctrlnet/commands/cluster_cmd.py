@@ -13,6 +13,9 @@ import typer
 
 from ctrlnet.commands.options import ConfigFile, Overrides
 from ctrlnet.errors import UserError
+from ctrlnet.log import get_logger
+
+log = get_logger(__name__)
 
 Namespace = Annotated[
     str | None, typer.Option("-n", "--namespace", help="Namespace (default: the context's, else default).")
@@ -124,10 +127,10 @@ def submit_job(
         typer.echo(f"  logs:     ctrlnet logs {plan.name}{ns} -f")
         typer.echo(f"  delete:   ctrlnet delete {plan.name}{ns}")
         if warning := sub.output_warning(plan):
-            typer.echo(f"note: {warning}", err=True)
+            log.warning(warning)
     if fmt != "json":  # after the outcome, so a refusal stays one line; -o json carries them
         for w in warnings:
-            typer.echo(f"warning: {w}", err=True)
+            log.warning(w)
     if wait and not dry_run:
         from ctrlnet.cluster.follow import follow_status
         from ctrlnet.cluster.runs import find_run
@@ -136,159 +139,158 @@ def submit_job(
         raise typer.Exit(0 if final.phase == "Succeeded" else 1)
 
 
+def submit(
+    file: ConfigFile = None,
+    set_: Overrides = None,
+    name: RunName = None,
+    namespace: Namespace = None,
+    context: Context = None,
+    dry_run: DryRun = False,
+    wait: Wait = False,
+    output: Format = "text",
+    kube_version: KubeVersion = "1.30",
+) -> None:
+    """Submit a new run: validate, render through the chart, server-side apply (a new name and output prefix each time)."""
+    submit_job(file, set_ or [], name, namespace, context, dry_run, wait, output, kube_version)
+
+
+def status(
+    name: Annotated[str, typer.Argument(help="Run name (as `ctrlnet list` shows it).")],
+    namespace: Namespace = None,
+    context: Context = None,
+    watch: Annotated[bool, typer.Option("-w", "--watch", help="Redraw as the run changes, until it ends.")] = False,
+    output: Format = "text",
+) -> None:
+    """Show a run: phase and why, queue, every rank's pod, training progress."""
+    from ctrlnet.cluster import status as st
+    from ctrlnet.cluster.runs import find_run
+
+    fmt = _format(output)
+    kube = _kube(context, namespace)
+    run = find_run(kube, name)
+    if watch:
+        from ctrlnet.cluster.follow import follow_status
+
+        final = follow_status(kube, run, sys.stdout, tty=sys.stdout.isatty() and fmt == "text", fmt=fmt)
+        raise typer.Exit(0 if final.phase != "Failed" else 1)
+    s = st.gather(kube, run)
+    if fmt == "text":
+        from ctrlnet.cluster.draw import show
+
+        show(st.view(s), sys.stdout)
+    else:
+        _emit(s.as_dict(), fmt)
+
+
+def logs(
+    name: Annotated[str, typer.Argument(help="Run name.")],
+    namespace: Namespace = None,
+    context: Context = None,
+    follow: Annotated[
+        bool,
+        typer.Option("-f", "--follow", help="Stream: wait for pods to start, follow restarts, end with the job."),
+    ] = False,
+    rank: Annotated[int | None, typer.Option("--rank", min=0, help="Only this node rank's pod (0 = master).")] = None,
+    pod: Annotated[str | None, typer.Option("--pod", help="Only this pod (full name or role, e.g. worker-1).")] = None,
+    tail: Annotated[int | None, typer.Option("--tail", min=0, help="Start with the last N lines of each pod.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Only lines newer than this, e.g. 10m.")] = None,
+    previous: Annotated[bool, typer.Option("--previous", "-p", help="The previous (crashed) container's log.")] = False,
+    timestamps: Annotated[bool, typer.Option("--timestamps", help="Prefix each line with its time.")] = False,
+) -> None:
+    """Print every rank's log, prefixed per pod; -f follows the run to its end."""
+    from ctrlnet.cluster.logs import LogOptions, RunLogs, parse_since
+    from ctrlnet.cluster.runs import find_run
+
+    if rank is not None and pod is not None:
+        raise UserError("give --rank or --pod, not both")
+    if previous and follow:
+        raise UserError("--previous shows a finished container's log: it cannot be followed; drop -f")
+    options = LogOptions(
+        follow=follow,
+        tail=tail,
+        since_s=parse_since(since),
+        previous=previous,
+        timestamps=timestamps,
+        rank=rank,
+        pod=pod,
+    )
+    kube = _kube(context, namespace)
+    run_logs = RunLogs(kube, find_run(kube, name), sys.stdout, options)
+    run_logs.follow() if follow else run_logs.print_once()
+
+
+def list_runs(
+    namespace: Namespace = None,
+    all_namespaces: Annotated[bool, typer.Option("-A", "--all-namespaces", help="Runs in every namespace.")] = False,
+    context: Context = None,
+    output: Format = "text",
+) -> None:
+    """List this tool's runs: name, backend, phase, pods ready, step, age."""
+    from ctrlnet.cluster.draw import show
+    from ctrlnet.cluster.listing import list_runs as gather_runs
+    from ctrlnet.cluster.listing import table
+
+    fmt = _format(output, ("text", "json"))
+    kube = _kube(context, namespace)
+    rows = gather_runs(kube, all_namespaces=all_namespaces)
+    if fmt == "json":
+        _emit(rows, "json")
+    elif rows:
+        show(table(rows, all_namespaces), sys.stdout)
+    else:
+        where = "any namespace" if all_namespaces else f"namespace {kube.namespace}"
+        typer.echo(f"no ctrlnet runs in {where}", err=True)
+
+
+def delete(
+    name: Annotated[str, typer.Argument(help="Run name.")],
+    namespace: Namespace = None,
+    context: Context = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a run: the job and every object submitted with it. Its outputs are kept."""
+    from ctrlnet.cluster.lifecycle import delete_run
+    from ctrlnet.cluster.runs import find_run
+
+    kube = _kube(context, namespace)
+    run = find_run(kube, name)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"delete {name}: confirm with --yes (no terminal to ask on)")
+        typer.confirm(f"delete run {name} in namespace {run.namespace} (its pods stop; outputs are kept)?", abort=True)
+    deleted = delete_run(kube, run)
+    typer.echo(f"deleted {', '.join(deleted)}")
+    if run.output:
+        typer.echo(f"outputs kept at {run.output}")
+
+
+def suspend(
+    name: Annotated[str, typer.Argument(help="Run name.")], namespace: Namespace = None, context: Context = None
+) -> None:
+    """Suspend a run: its pods stop (the trainer checkpoints on SIGTERM); `ctrlnet resume` continues it."""
+    from ctrlnet.cluster.lifecycle import set_suspended
+    from ctrlnet.cluster.runs import find_run
+
+    kube = _kube(context, namespace)
+    typer.echo(set_suspended(kube, find_run(kube, name), True))
+
+
+def resume(
+    name: Annotated[str, typer.Argument(help="Run name.")], namespace: Namespace = None, context: Context = None
+) -> None:
+    """Resume a suspended run: new pods continue from its latest checkpoint."""
+    from ctrlnet.cluster.lifecycle import set_suspended
+    from ctrlnet.cluster.runs import find_run
+
+    kube = _kube(context, namespace)
+    typer.echo(set_suspended(kube, find_run(kube, name), False))
+
+
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def submit(
-        file: ConfigFile = None,
-        set_: Overrides = None,
-        name: RunName = None,
-        namespace: Namespace = None,
-        context: Context = None,
-        dry_run: DryRun = False,
-        wait: Wait = False,
-        output: Format = "text",
-        kube_version: KubeVersion = "1.30",
-    ) -> None:
-        """Submit a new run: validate, render through the chart, server-side apply (a new name and output prefix each time)."""
-        submit_job(file, set_ or [], name, namespace, context, dry_run, wait, output, kube_version)
-
-    @app.command()
-    def status(
-        name: Annotated[str, typer.Argument(help="Run name (as `ctrlnet list` shows it).")],
-        namespace: Namespace = None,
-        context: Context = None,
-        watch: Annotated[bool, typer.Option("-w", "--watch", help="Redraw as the run changes, until it ends.")] = False,
-        output: Format = "text",
-    ) -> None:
-        """Show a run: phase and why, queue, every rank's pod, training progress."""
-        from ctrlnet.cluster import status as st
-        from ctrlnet.cluster.runs import find_run
-
-        fmt = _format(output)
-        kube = _kube(context, namespace)
-        run = find_run(kube, name)
-        if watch:
-            from ctrlnet.cluster.follow import follow_status
-
-            final = follow_status(kube, run, sys.stdout, tty=sys.stdout.isatty() and fmt == "text", fmt=fmt)
-            raise typer.Exit(0 if final.phase != "Failed" else 1)
-        s = st.gather(kube, run)
-        if fmt == "text":
-            typer.echo(st.render(s))
-        else:
-            _emit(s.as_dict(), fmt)
-
-    @app.command()
-    def logs(
-        name: Annotated[str, typer.Argument(help="Run name.")],
-        namespace: Namespace = None,
-        context: Context = None,
-        follow: Annotated[
-            bool,
-            typer.Option("-f", "--follow", help="Stream: wait for pods to start, follow restarts, end with the job."),
-        ] = False,
-        rank: Annotated[
-            int | None, typer.Option("--rank", min=0, help="Only this node rank's pod (0 = master).")
-        ] = None,
-        pod: Annotated[
-            str | None, typer.Option("--pod", help="Only this pod (full name or role, e.g. worker-1).")
-        ] = None,
-        tail: Annotated[
-            int | None, typer.Option("--tail", min=0, help="Start with the last N lines of each pod.")
-        ] = None,
-        since: Annotated[str | None, typer.Option("--since", help="Only lines newer than this, e.g. 10m.")] = None,
-        previous: Annotated[
-            bool, typer.Option("--previous", "-p", help="The previous (crashed) container's log.")
-        ] = False,
-        timestamps: Annotated[bool, typer.Option("--timestamps", help="Prefix each line with its time.")] = False,
-    ) -> None:
-        """Print every rank's log, prefixed per pod; -f follows the run to its end."""
-        from ctrlnet.cluster.logs import LogOptions, RunLogs, parse_since
-        from ctrlnet.cluster.runs import find_run
-
-        if rank is not None and pod is not None:
-            raise UserError("give --rank or --pod, not both")
-        if previous and follow:
-            raise UserError("--previous shows a finished container's log: it cannot be followed; drop -f")
-        options = LogOptions(
-            follow=follow,
-            tail=tail,
-            since_s=parse_since(since),
-            previous=previous,
-            timestamps=timestamps,
-            rank=rank,
-            pod=pod,
-        )
-        kube = _kube(context, namespace)
-        run_logs = RunLogs(kube, find_run(kube, name), sys.stdout, options)
-        run_logs.follow() if follow else run_logs.print_once()
-
-    @app.command("list")
-    def list_runs(
-        namespace: Namespace = None,
-        all_namespaces: Annotated[
-            bool, typer.Option("-A", "--all-namespaces", help="Runs in every namespace.")
-        ] = False,
-        context: Context = None,
-        output: Format = "text",
-    ) -> None:
-        """List this tool's runs: name, backend, phase, pods ready, step, age."""
-        from ctrlnet.cluster.listing import list_runs as gather_runs
-        from ctrlnet.cluster.listing import render_table
-
-        fmt = _format(output, ("text", "json"))
-        kube = _kube(context, namespace)
-        rows = gather_runs(kube, all_namespaces=all_namespaces)
-        if fmt == "json":
-            _emit(rows, "json")
-        elif rows:
-            typer.echo(render_table(rows, all_namespaces))
-        else:
-            where = "any namespace" if all_namespaces else f"namespace {kube.namespace}"
-            typer.echo(f"no ctrlnet runs in {where}", err=True)
-
-    @app.command()
-    def delete(
-        name: Annotated[str, typer.Argument(help="Run name.")],
-        namespace: Namespace = None,
-        context: Context = None,
-        yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-    ) -> None:
-        """Delete a run: the job and every object submitted with it. Its outputs are kept."""
-        from ctrlnet.cluster.lifecycle import delete_run
-        from ctrlnet.cluster.runs import find_run
-
-        kube = _kube(context, namespace)
-        run = find_run(kube, name)
-        if not yes:
-            if not sys.stdin.isatty():
-                raise UserError(f"delete {name}: confirm with --yes (no terminal to ask on)")
-            typer.confirm(
-                f"delete run {name} in namespace {run.namespace} (its pods stop; outputs are kept)?", abort=True
-            )
-        deleted = delete_run(kube, run)
-        typer.echo(f"deleted {', '.join(deleted)}")
-        if run.output:
-            typer.echo(f"outputs kept at {run.output}")
-
-    @app.command()
-    def suspend(
-        name: Annotated[str, typer.Argument(help="Run name.")], namespace: Namespace = None, context: Context = None
-    ) -> None:
-        """Suspend a run: its pods stop (the trainer checkpoints on SIGTERM); `ctrlnet resume` continues it."""
-        from ctrlnet.cluster.lifecycle import set_suspended
-        from ctrlnet.cluster.runs import find_run
-
-        kube = _kube(context, namespace)
-        typer.echo(set_suspended(kube, find_run(kube, name), True))
-
-    @app.command()
-    def resume(
-        name: Annotated[str, typer.Argument(help="Run name.")], namespace: Namespace = None, context: Context = None
-    ) -> None:
-        """Resume a suspended run: new pods continue from its latest checkpoint."""
-        from ctrlnet.cluster.lifecycle import set_suspended
-        from ctrlnet.cluster.runs import find_run
-
-        kube = _kube(context, namespace)
-        typer.echo(set_suspended(kube, find_run(kube, name), False))
+    app.command()(submit)
+    app.command()(status)
+    app.command()(logs)
+    app.command("list")(list_runs)
+    app.command()(delete)
+    app.command()(suspend)
+    app.command()(resume)

@@ -1,5 +1,6 @@
 """Commands that run on this machine: train, data synth-fill, model init, generate."""
 
+import importlib
 from importlib import resources
 from typing import Annotated
 
@@ -8,7 +9,10 @@ import typer
 from ctrlnet.commands.options import ConfigFile, Overrides
 from ctrlnet.config.train import DEMO_BASE
 from ctrlnet.errors import UserError
-from ctrlnet.extras import check_installed, require
+from ctrlnet.extras import check_installed, needs
+from ctrlnet.log import get_logger
+
+log = get_logger(__name__)
 
 # `ctrlnet train` shortcut flags -> config keys.
 SHORTCUTS = {
@@ -52,151 +56,176 @@ def _adherence_line(scores: dict[int, dict[str, float]] | None) -> str | None:
     )
 
 
-def _trainer(module: str, needs: tuple[str, ...] = ("torch", "diffusers")):
-    """A module of the trainer; without ctrlnet[train]: one line saying how to install it.
-    `needs` first: the trainer's modules may import them only when they run. Commands whose bad
-    input is caught before the models load import less (but still check that the rest is
-    installed), so a typo fails in a second, not ten."""
-    check_installed("train", "torch", "diffusers", "transformers", "datasets")
-    for package in needs:
-        require("train", package)
-    if "torch" in needs:
-        require("train", "ctrlnet_trainer.quiet").quiet_library_noise()
-    return require("train", module)
+TRAIN_PACKAGES = ("torch", "diffusers", "transformers", "datasets")
+
+
+def train_extra(*preload: str) -> None:
+    """What a command that runs the trainer does first, inside `with needs("train")`: check that
+    the extra is installed without importing it (a typo in the input should still fail in a
+    second, not ten), then import `preload` (the trainer's modules may import those only when they
+    run) and, with torch, quiet the libraries' import-time noise."""
+    check_installed("train", *TRAIN_PACKAGES)
+    for package in preload:
+        importlib.import_module(package)
+    if "torch" in preload:
+        from ctrlnet_trainer.quiet import quiet_library_noise
+
+        quiet_library_noise()
+
+
+def train(
+    file: ConfigFile = None,
+    set_: Overrides = None,
+    base: Annotated[str | None, typer.Option(help="Base model folder, URL or hub id.")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset: hub name, path or URL.")] = None,
+    output: Annotated[str | None, typer.Option(help="Run output folder or URL.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps to train.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Training resolution (multiple of 8).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    resume: Annotated[str | None, typer.Option(help="`latest` or a checkpoint path to resume from.")] = None,
+    nproc: Annotated[
+        int, typer.Option("--nproc", min=1, help="Processes on this machine (one per GPU), under torchrun.")
+    ] = 1,
+) -> None:
+    """Train a ControlNet on this machine. With no -f: the embedded demo (tiny base, synthetic data)."""
+    from ctrlnet.config import load_job_config
+
+    values = dict(
+        base=base,
+        data=data,
+        output=output,
+        max_steps=max_steps,
+        resolution=resolution,
+        batch_size=batch_size,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
+    overrides = [f"{SHORTCUTS[k]}={v}" for k, v in values.items() if v is not None]
+    cfg = load_job_config(file or _demo_preset(), [*overrides, *(set_ or [])])
+    if file is None:
+        # After loading (a bad flag is one error line, with no notice before it), and about
+        # what actually runs: --base/--data (or --set) replace parts of the demo.
+        if notice := _demo_notice(cfg.train):
+            log.info(notice)
+
+    # DeepSpeed needs the process group torchrun sets up, even for one process.
+    if nproc > 1 or cfg.train.distributed.strategy == "deepspeed":
+        from ctrlnet.local_launch import train_processes
+
+        code, result = train_processes(cfg.train, nproc)
+        if code:
+            raise typer.Exit(code)
+    else:
+        with needs("train"):
+            train_extra("torch", "diffusers")
+            from ctrlnet_trainer.run import train as train_here
+
+        result = train_here(cfg.train)
+    typer.echo(f"controlnet:  {result.controlnet}")
+    if result.samples:
+        typer.echo(f"samples:     {result.samples}")
+    if result.loss_curve:
+        typer.echo(f"loss curve:  {result.loss_curve}")
+    typer.echo(f"metrics:     {result.metrics}")
+    if line := _adherence_line(getattr(result, "adherence", None)):
+        typer.echo(line)
+
+
+data_app = typer.Typer(help="Datasets for offline runs and benchmarks.", no_args_is_help=True)
+
+
+@data_app.command("synth-fill")
+def synth_fill(
+    out: Annotated[str, typer.Option(help="Folder to write train.parquet into.")],
+    rows: Annotated[int, typer.Option(min=1, help="Number of examples.")] = 1000,
+    resolution: Annotated[int, typer.Option(min=8, help="Image size in pixels.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of colours and circles.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing train.parquet in --out.")] = False,
+) -> None:
+    """Write a synthetic fill50k look-alike as parquet (image, conditioning_image, text)."""
+    with needs("train"):
+        train_extra("datasets")
+        from ctrlnet_trainer.synthetic import write_fill_parquet
+
+    path = write_fill_parquet(out, rows=rows, resolution=resolution, seed=seed, overwrite=overwrite)
+    typer.echo(f"wrote {rows} rows to {path}")
+
+
+model_app = typer.Typer(help="Base models for offline runs and benchmarks.", no_args_is_help=True)
+
+
+@model_app.command("init")
+def model_init(
+    out: Annotated[str, typer.Option(help="Folder to write the diffusers layout into.")],
+    arch: Annotated[
+        str,
+        typer.Option(help="tiny or tiny-sdxl (CPU tests), sd15 or sdxl (full-size shapes, for GPU benchmarks)."),
+    ] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace what --out already holds.")] = False,
+) -> None:
+    """Write a random-init SD1.5- or SDXL-shaped base in the diffusers layout (SDXL adds text_encoder_2, tokenizer_2)."""
+    with needs("train"):
+        train_extra()
+        from ctrlnet_trainer.models import tiny  # imports torch/diffusers when it builds
+
+    if arch not in tiny.ARCHS:
+        raise UserError(f"--arch {arch!r} is unknown: use one of {', '.join(tiny.ARCHS)}")
+    tiny.check_out(out, overwrite)
+    with needs("train"):
+        train_extra("torch", "diffusers")
+    path = tiny.write_base(out, arch=arch, seed=seed, overwrite=overwrite)
+    typer.echo(f"wrote {arch} base to {path}")
+
+
+def generate(
+    base: Annotated[str, typer.Option(help="Base model folder or hub id.")],
+    controlnet: Annotated[str, typer.Option(help="Trained ControlNet folder (diffusers format).")],
+    image: Annotated[str, typer.Option(help="Conditioning image file.")],
+    prompt: Annotated[str, typer.Option(help="Text prompt.")],
+    out: Annotated[
+        str, typer.Option(help="Folder for the PNGs (a name already taken there gets the next free number).")
+    ] = "generated",
+    num_images: Annotated[int, typer.Option(min=1)] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    adherence: Annotated[
+        bool,
+        typer.Option(
+            help="--image is a circle outline (the synthetic data's): report each image's IoU of the "
+            "circle it drew with the outline's disk."
+        ),
+    ] = False,
+) -> None:
+    """Generate images with the base's ControlNet pipeline (SD1.x/2.x or SDXL, read from the base)."""
+    with needs("train"):
+        train_extra("torch")  # diffusers once the inputs pass
+        from ctrlnet_trainer.generate import generate as generate_images
+        from ctrlnet_trainer.generate import outline_adherence
+
+    paths = generate_images(
+        base=base,
+        controlnet=controlnet,
+        image=image,
+        prompt=prompt,
+        out=out,
+        num_images=num_images,
+        steps=steps,
+        seed=seed,
+        device=device,
+    )
+    for path in paths:
+        typer.echo(f"wrote {path}")
+    if adherence:
+        scores = outline_adherence(paths, image)
+        shown = ", ".join(f"{s:.2f}" for s in scores)
+        typer.echo(f"adherence:   IoU with the outline's disk {sum(scores) / len(scores):.2f} (per image: {shown})")
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def train(
-        file: ConfigFile = None,
-        set_: Overrides = None,
-        base: Annotated[str | None, typer.Option(help="Base model folder, URL or hub id.")] = None,
-        data: Annotated[str | None, typer.Option(help="Dataset: hub name, path or URL.")] = None,
-        output: Annotated[str | None, typer.Option(help="Run output folder or URL.")] = None,
-        max_steps: Annotated[int | None, typer.Option(help="Optimizer steps to train.")] = None,
-        resolution: Annotated[int | None, typer.Option(help="Training resolution (multiple of 8).")] = None,
-        batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
-        checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-        resume: Annotated[str | None, typer.Option(help="`latest` or a checkpoint path to resume from.")] = None,
-        nproc: Annotated[
-            int, typer.Option("--nproc", min=1, help="Processes on this machine (one per GPU), under torchrun.")
-        ] = 1,
-    ) -> None:
-        """Train a ControlNet on this machine. With no -f: the embedded demo (tiny base, synthetic data)."""
-        from ctrlnet.config import load_job_config
-
-        values = dict(
-            base=base,
-            data=data,
-            output=output,
-            max_steps=max_steps,
-            resolution=resolution,
-            batch_size=batch_size,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-        )
-        overrides = [f"{SHORTCUTS[k]}={v}" for k, v in values.items() if v is not None]
-        cfg = load_job_config(file or _demo_preset(), [*overrides, *(set_ or [])])
-        if file is None:
-            # After loading (a bad flag is one error line, with no notice before it), and about
-            # what actually runs: --base/--data (or --set) replace parts of the demo.
-            if notice := _demo_notice(cfg.train):
-                typer.echo(notice)
-
-        # DeepSpeed needs the process group torchrun sets up, even for one process.
-        if nproc > 1 or cfg.train.distributed.strategy == "deepspeed":
-            from ctrlnet.local_launch import train_processes
-
-            code, result = train_processes(cfg.train, nproc)
-            if code:
-                raise typer.Exit(code)
-        else:
-            result = _trainer("ctrlnet_trainer.run").train(cfg.train)
-        typer.echo(f"controlnet:  {result.controlnet}")
-        if result.samples:
-            typer.echo(f"samples:     {result.samples}")
-        if result.loss_curve:
-            typer.echo(f"loss curve:  {result.loss_curve}")
-        typer.echo(f"metrics:     {result.metrics}")
-        if line := _adherence_line(getattr(result, "adherence", None)):
-            typer.echo(line)
-
-    data_app = typer.Typer(help="Datasets for offline runs and benchmarks.", no_args_is_help=True)
+    app.command()(train)
     app.add_typer(data_app, name="data")
-
-    @data_app.command("synth-fill")
-    def synth_fill(
-        out: Annotated[str, typer.Option(help="Folder to write train.parquet into.")],
-        rows: Annotated[int, typer.Option(min=1, help="Number of examples.")] = 1000,
-        resolution: Annotated[int, typer.Option(min=8, help="Image size in pixels.")] = 512,
-        seed: Annotated[int, typer.Option(help="Seed of colours and circles.")] = 0,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing train.parquet in --out.")] = False,
-    ) -> None:
-        """Write a synthetic fill50k look-alike as parquet (image, conditioning_image, text)."""
-        path = _trainer("ctrlnet_trainer.synthetic", needs=("datasets",)).write_fill_parquet(
-            out, rows=rows, resolution=resolution, seed=seed, overwrite=overwrite
-        )
-        typer.echo(f"wrote {rows} rows to {path}")
-
-    model_app = typer.Typer(help="Base models for offline runs and benchmarks.", no_args_is_help=True)
     app.add_typer(model_app, name="model")
-
-    @model_app.command("init")
-    def model_init(
-        out: Annotated[str, typer.Option(help="Folder to write the diffusers layout into.")],
-        arch: Annotated[
-            str,
-            typer.Option(help="tiny or tiny-sdxl (CPU tests), sd15 or sdxl (full-size shapes, for GPU benchmarks)."),
-        ] = "tiny",
-        seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
-        overwrite: Annotated[bool, typer.Option(help="Replace what --out already holds.")] = False,
-    ) -> None:
-        """Write a random-init SD1.5- or SDXL-shaped base in the diffusers layout (SDXL adds text_encoder_2, tokenizer_2)."""
-        base_model = _trainer("ctrlnet_trainer.base_model", needs=())  # imports torch/diffusers when it builds
-        if arch not in base_model.ARCHS:
-            raise UserError(f"--arch {arch!r} is unknown: use one of {', '.join(base_model.ARCHS)}")
-        base_model.check_out(out, overwrite)
-        _trainer("ctrlnet_trainer.base_model")
-        path = base_model.write_base(out, arch=arch, seed=seed, overwrite=overwrite)
-        typer.echo(f"wrote {arch} base to {path}")
-
-    @app.command()
-    def generate(
-        base: Annotated[str, typer.Option(help="Base model folder or hub id.")],
-        controlnet: Annotated[str, typer.Option(help="Trained ControlNet folder (diffusers format).")],
-        image: Annotated[str, typer.Option(help="Conditioning image file.")],
-        prompt: Annotated[str, typer.Option(help="Text prompt.")],
-        out: Annotated[
-            str, typer.Option(help="Folder for the PNGs (a name already taken there gets the next free number).")
-        ] = "generated",
-        num_images: Annotated[int, typer.Option(min=1)] = 1,
-        steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
-        seed: Annotated[int, typer.Option()] = 0,
-        device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-        adherence: Annotated[
-            bool,
-            typer.Option(
-                help="--image is a circle outline (the synthetic data's): report each image's IoU of the "
-                "circle it drew with the outline's disk."
-            ),
-        ] = False,
-    ) -> None:
-        """Generate images with the base's ControlNet pipeline (SD1.x/2.x or SDXL, read from the base)."""
-        generator = _trainer("ctrlnet_trainer.generate", needs=("torch",))  # diffusers once the inputs pass
-        paths = generator.generate(
-            base=base,
-            controlnet=controlnet,
-            image=image,
-            prompt=prompt,
-            out=out,
-            num_images=num_images,
-            steps=steps,
-            seed=seed,
-            device=device,
-        )
-        for path in paths:
-            typer.echo(f"wrote {path}")
-        if adherence:
-            scores = generator.outline_adherence(paths, image)
-            shown = ", ".join(f"{s:.2f}" for s in scores)
-            typer.echo(f"adherence:   IoU with the outline's disk {sum(scores) / len(scores):.2f} (per image: {shown})")
+    app.command()(generate)

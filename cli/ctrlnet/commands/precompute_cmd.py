@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from ctrlnet.commands.cluster_cmd import Context, DryRun, Format, KubeVersion, Namespace, RunName, Wait, submit_job
-from ctrlnet.commands.local import _demo_preset, _trainer
+from ctrlnet.commands.local import _demo_preset, train_extra
 from ctrlnet.commands.options import ConfigFile, Overrides
 from ctrlnet.errors import UserError
+from ctrlnet.extras import needs
 
 ShardRows = Annotated[
     int | None,
@@ -23,81 +24,81 @@ ShardRows = Annotated[
 Nproc = Annotated[int, typer.Option("--nproc", min=1, help="Processes on this machine (one per GPU), under torchrun.")]
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def precompute(
-        file: ConfigFile = None,
-        set_: Overrides = None,
-        nproc: Nproc = 1,
-        shard_rows: ShardRows = None,
-        cluster: Annotated[
-            bool,
-            typer.Option(
-                "--cluster", help="Run it as a job on the cluster (cluster: section; N pods, each its own shards)."
-            ),
-        ] = False,
-        name: RunName = None,
-        namespace: Namespace = None,
-        context: Context = None,
-        dry_run: DryRun = False,
-        wait: Wait = False,
-        output: Format = "text",
-        kube_version: KubeVersion = "1.30",
-    ) -> None:
-        """Precompute the VAE latents and text embeddings of a run's data into train.data.cache."""
-        from ctrlnet.config import load_job_config
+def precompute(
+    file: ConfigFile = None,
+    set_: Overrides = None,
+    nproc: Nproc = 1,
+    shard_rows: ShardRows = None,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster", help="Run it as a job on the cluster (cluster: section; N pods, each its own shards)."
+        ),
+    ] = False,
+    name: RunName = None,
+    namespace: Namespace = None,
+    context: Context = None,
+    dry_run: DryRun = False,
+    wait: Wait = False,
+    output: Format = "text",
+    kube_version: KubeVersion = "1.30",
+) -> None:
+    """Precompute the VAE latents and text embeddings of a run's data into train.data.cache."""
+    from ctrlnet.config import load_job_config
 
-        if cluster:  # `ctrlnet submit` of the same job file, running the precompute module instead
-            if nproc != 1 or shard_rows is not None:
-                raise UserError(
-                    "--nproc and --shard-rows are for a local precompute: with --cluster, cluster.nodes x cluster.gpus_per_node processes each encode their own shards"
-                )
-            submit_job(
-                file, set_ or [], name, namespace, context, dry_run, wait, output, kube_version, task="precompute"
-            )
-            return
-        given = [
-            flag
-            for flag, value in (
-                ("--name", name),
-                ("-n", namespace),
-                ("--context", context),
-                ("--dry-run", dry_run),
-                ("--wait", wait),
-                ("-o", output != "text"),
-            )
-            if value
-        ]
-        if given:
+    if cluster:  # `ctrlnet submit` of the same job file, running the precompute module instead
+        if nproc != 1 or shard_rows is not None:
             raise UserError(
-                f"{', '.join(given)}: for a precompute job on the cluster; add --cluster (or drop them to precompute here)"
+                "--nproc and --shard-rows are for a local precompute: with --cluster, cluster.nodes x cluster.gpus_per_node processes each encode their own shards"
             )
+        submit_job(file, set_ or [], name, namespace, context, dry_run, wait, output, kube_version, task="precompute")
+        return
+    given = [
+        flag
+        for flag, value in (
+            ("--name", name),
+            ("-n", namespace),
+            ("--context", context),
+            ("--dry-run", dry_run),
+            ("--wait", wait),
+            ("-o", output != "text"),
+        )
+        if value
+    ]
+    if given:
+        raise UserError(
+            f"{', '.join(given)}: for a precompute job on the cluster; add --cluster (or drop them to precompute here)"
+        )
 
-        cfg = load_job_config(file or _demo_preset(), set_ or [])
-        train = cfg.train
-        if not train.data.cache:
-            raise UserError(
-                "train.data.cache is not set: give the cache's folder or URL in the job file, "
-                "or --set train.data.cache=PATH"
-            )
-        start = time.monotonic()
-        if nproc > 1:
-            from ctrlnet.config.contract import PRECOMPUTE_MODULE
-            from ctrlnet.local_launch import run_processes
+    cfg = load_job_config(file or _demo_preset(), set_ or [])
+    train = cfg.train
+    if not train.data.cache:
+        raise UserError(
+            "train.data.cache is not set: give the cache's folder or URL in the job file, "
+            "or --set train.data.cache=PATH"
+        )
+    start = time.monotonic()
+    if nproc > 1:
+        from ctrlnet.config.contract import PRECOMPUTE_MODULE
+        from ctrlnet.local_launch import run_processes
 
-            args = ("--shard-rows", str(shard_rows)) if shard_rows else ()
-            code = run_processes(train, nproc, PRECOMPUTE_MODULE, args)
-            if code:
-                raise typer.Exit(code)
-            manifest = _read_manifest(train.data.cache)
-            rows, shards = manifest["rows"], len(manifest["shards"])
-        else:
-            result = _trainer("ctrlnet_trainer.precompute").precompute(train, shard_rows)
-            rows, shards = result.rows, result.shards
-        typer.echo(f"cache:   {train.data.cache}")
-        typer.echo(f"rows:    {rows}")
-        typer.echo(f"shards:  {shards}")
-        typer.echo(f"seconds: {time.monotonic() - start:.1f}")
+        args = ("--shard-rows", str(shard_rows)) if shard_rows else ()
+        code = run_processes(train, nproc, PRECOMPUTE_MODULE, args)
+        if code:
+            raise typer.Exit(code)
+        manifest = _read_manifest(train.data.cache)
+        rows, shards = manifest["rows"], len(manifest["shards"])
+    else:
+        with needs("train"):
+            train_extra("torch", "diffusers")
+            from ctrlnet_trainer.cache.job import precompute as precompute_here
+
+        result = precompute_here(train, shard_rows)
+        rows, shards = result.rows, result.shards
+    typer.echo(f"cache:   {train.data.cache}")
+    typer.echo(f"rows:    {rows}")
+    typer.echo(f"shards:  {shards}")
+    typer.echo(f"seconds: {time.monotonic() - start:.1f}")
 
 
 def _read_manifest(cache: str) -> dict:
@@ -110,3 +111,7 @@ def _read_manifest(cache: str) -> dict:
 
     with fsspec.open(f"{cache.rstrip('/')}/{CACHE_MANIFEST}", "r") as f:
         return json.load(f)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(precompute)

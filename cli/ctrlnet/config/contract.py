@@ -52,14 +52,16 @@ CHECKPOINTS_DIR = "checkpoints"
 COMMITTED = "COMMITTED"
 """Written last into a checkpoint folder: a checkpoint without it does not exist."""
 LATEST = "latest"
-"""checkpoints/latest: the name of the newest committed checkpoint folder."""
+"""checkpoints/latest: the name of the newest committed checkpoint folder. Also the value of
+`train.checkpoint.resume` that resumes from it, which the chart's ConfigMap sets when the job
+leaves it unset (a restarted pod continues its own run)."""
 TRAINER_STATE = "trainer_state.json"
 """The loop's position in a checkpoint: step, total_steps, data position, seed, run shape."""
 METRICS_FILE = "metrics.jsonl"
 FINAL_MODEL_DIR = "controlnet"
 """The final ControlNet (diffusers format); checkpoints hold the same folder name."""
 
-# A precomputed cache (`train.data.cache`, written by `ctrlnet precompute`; format: ctrlnet_trainer.cache).
+# A precomputed cache (`train.data.cache`, written by `ctrlnet precompute`; format: ctrlnet_trainer.cache.layout).
 CACHE_MANIFEST = "cache.json"
 """Written last by a precompute, once every shard exists: rows, shards, fingerprint. A cache
 without it does not exist; `ctrlnet precompute --nproc` reports from it."""

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ctrlnet.errors import UserError
-from ctrlnet.extras import require
+from ctrlnet.errors import UserError, one_line
+from ctrlnet.extras import needs
 
 _SOURCE = re.compile(r"^# Source: (\S+)\s*$", re.M)
 
@@ -36,9 +36,13 @@ def engine() -> str:
 def _sdk():
     try:
         # No helm-python-sdk wheel for some platforms (Intel macOS): a helm binary does the same job.
-        return require("k8s", "helm_python", alternative="put a `helm` binary on PATH")
+        with needs("k8s", alternative="put a `helm` binary on PATH"):
+            import helm_python
+        return helm_python
     except OSError as e:  # wheel without a native library for this platform
-        raise UserError(f"helm-python-sdk cannot load its native library ({e}): put a `helm` binary on PATH") from None
+        raise UserError(
+            f"helm-python-sdk cannot load its native library ({one_line(e)}): put a `helm` binary on PATH"
+        ) from None
 
 
 def render(

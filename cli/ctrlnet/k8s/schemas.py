@@ -19,7 +19,7 @@ import yaml
 
 from ctrlnet.config.credentials import credential_kind
 from ctrlnet.errors import UserError
-from ctrlnet.extras import require
+from ctrlnet.extras import needs
 from ctrlnet.k8s.problem import Problem, ident
 
 DEFAULT_KUBE_VERSION = "1.30"
@@ -42,7 +42,8 @@ CRD_FILES = {
 def check_kube_version(version: str) -> str:
     """`version` as MAJOR.MINOR when kubernetes-validate has schemas for it; else one UserError
     listing the range it has (an unknown version must not silently check against another)."""
-    kv = require("k8s", "kubernetes_validate.utils")
+    with needs("k8s"):
+        from kubernetes_validate import utils as kv
     known = sorted({kv.major_minor(v) for v in kv.all_versions()}, key=_vkey)
     match = re.fullmatch(r"v?(\d+)\.(\d+)(\.\d+)?", version.strip())
     wanted = f"{match.group(1)}.{match.group(2)}" if match else None
@@ -123,7 +124,8 @@ def _crd_validator(api_version: str, kind: str):
     schema = _crd_schema(api_version, kind)
     if schema is None:
         return None
-    jsonschema = require("k8s", "jsonschema")
+    with needs("k8s"):
+        import jsonschema
     return jsonschema.Draft7Validator(schema)
 
 
@@ -133,9 +135,10 @@ def _crd_validator(api_version: str, kind: str):
 @functools.cache
 def _core_validator(api_version: str, kind: str, kube_version: str):
     """A jsonschema validator for a core kind from kubernetes-validate's strict schemas (None: no schema)."""
-    kv = require("k8s", "kubernetes_validate.utils")
-    jsonschema = require("k8s", "jsonschema")
-    referencing = require("k8s", "referencing")
+    with needs("k8s"):
+        import jsonschema
+        import referencing
+        from kubernetes_validate import utils as kv
     versions = [v for v in kv.all_versions() if _vkey(kv.major_minor(v)) <= _vkey(kube_version)]
     if not versions:
         raise UserError(
