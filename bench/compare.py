@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))  # run as a script: make the `bench` package impor
 
 from bench import flops, ours, reference  # noqa: E402
 from bench.steps import Failed  # noqa: E402
-from ctrlnet_trainer.base_model import ARCHS, family_of  # noqa: E402  (no torch at import)
+from ctrlnet_trainer.models.tiny import ARCHS, family_of  # noqa: E402  (no torch at import)
 
 GPU_TIERS = {"sd": "fastest,fastest@32,6gb,zero-offload", "sdxl": "sdxl-fastest,sdxl-24gb"}
 CPU_TIERS = {"sd": ",".join(ours.TIERS), "sdxl": ",".join(ours.SDXL_TIERS)}
@@ -136,7 +136,7 @@ def environment(cpu: bool) -> dict:
 def prepare(a, work: Path, rows: int) -> tuple[Path, Path]:
     """The base and the data, written once per work folder by the code behind `ctrlnet model
     init` and `ctrlnet data synth-fill` (in this process: two fewer interpreter start-ups)."""
-    from ctrlnet_trainer.base_model import write_base
+    from ctrlnet_trainer.models.tiny import write_base
     from ctrlnet_trainer.synthetic import write_fill_parquet
 
     base, data = work / f"base-{a.arch}", work / f"data-{a.resolution}px-{rows}"

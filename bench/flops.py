@@ -58,18 +58,18 @@ class MetaModels:
 
 def meta_models(base: str | Path) -> MetaModels:
     """The base's models on the meta device: `base` is a diffusers folder (its config files are
-    read; the weights are not) or an architecture name of ctrlnet_trainer.base_model.ARCHS (built
+    read; the weights are not) or an architecture name of ctrlnet_trainer.models.tiny.ARCHS (built
     from its spec, nothing written: the sdxl base would be ~14 GB)."""
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ctrlnet_trainer.base_model import ARCHS, build_base
+    from ctrlnet_trainer.models.tiny import ARCHS, build_base
 
     with torch.device("meta"):
         if not Path(base).is_dir() and str(base) in ARCHS:
             p = build_base(str(base))
-            unet, vae, text, text_2 = p.unet, p.vae, p.text_encoder, p.text_encoder_2
+            unet, vae, text, text_2 = p.unet, p.vae, p.text_encoder, p.text.get("text_encoder_2")
         else:
             base = str(base)
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet"))
@@ -145,7 +145,7 @@ def flops_per_sample(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ctrlnet_trainer.base_model import ARCHS
+    from ctrlnet_trainer.models.tiny import ARCHS
 
     p = argparse.ArgumentParser(description="TFLOP per training sample, counted on the meta device")
     p.add_argument("--arch", choices=sorted(ARCHS), default="sd15")

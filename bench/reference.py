@@ -23,7 +23,7 @@ from bench.steps import Failed, run, summarize
 HERE = Path(__file__).resolve().parent
 DEFAULT_SCRIPT = HERE.parent / ".ref" / "train_controlnet.py"  # git-ignored
 SDXL_SCRIPT = HERE.parent / ".ref" / "train_controlnet_sdxl.py"
-SCRIPTS = {"sd": DEFAULT_SCRIPT, "sdxl": SDXL_SCRIPT}  # by model family (base_model.family_of)
+SCRIPTS = {"sd": DEFAULT_SCRIPT, "sdxl": SDXL_SCRIPT}  # by model family (models.tiny.family_of)
 CAST_UNET_TEXT = "its UNet's text input cast to the UNet's dtype (bench/ref_runner.py --cast-unet-text)"
 
 

@@ -15,7 +15,7 @@ def make_cfg():
 def tiny_base_dir(tmp_path_factory):
     """The tiny base as a diffusers folder, seed 0: the same weights a run with model.base unset
     and loop.seed 0 builds in code."""
-    from ctrlnet_trainer.base_model import write_base
+    from ctrlnet_trainer.models.tiny import write_base
 
     return write_base(tmp_path_factory.mktemp("tiny-base") / "base", arch="tiny", seed=0)
 
@@ -36,6 +36,6 @@ def s3_server():
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
     """The tiny SDXL base (`ctrlnet model init --arch tiny-sdxl`) as a diffusers folder, seed 0."""
-    from ctrlnet_trainer.base_model import write_base
+    from ctrlnet_trainer.models.tiny import write_base
 
     return write_base(tmp_path_factory.mktemp("tiny-sdxl") / "base", arch="tiny-sdxl", seed=0)

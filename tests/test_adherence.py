@@ -19,7 +19,7 @@ from ctrlnet_trainer.adherence import (
     iou,
     outline_disk_mask,
 )
-from ctrlnet_trainer.demo_base import DEMO_COLOURS, demo_fill_example
+from ctrlnet_trainer.models.demo import DEMO_COLOURS, demo_fill_example
 from ctrlnet_trainer.synthetic import CSS_COLOURS, fill_example
 
 SIZE = 64

@@ -13,7 +13,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ctrlnet_trainer.base_model import build_base, build_tokenizer, write_base
+from ctrlnet_trainer.models.tiny import build_base, build_tokenizer, write_base
 from ctrlnet_trainer.synthetic import fill_example
 
 PROMPT = "dark slate blue circle with light goldenrod yellow background"
@@ -82,8 +82,8 @@ def test_sdxl_has_the_real_sdxl_base_shapes():
     assert count(parts.unet) == 2_567_463_684
     assert count(parts.vae) == 83_653_863
     assert count(parts.text_encoder) == 123_060_480
-    assert count(parts.text_encoder_2) == 694_659_840
-    assert parts.family == "sdxl" and parts.vae.config.force_upcast
+    assert count(parts.text["text_encoder_2"]) == 694_659_840
+    assert parts.family.name == "sdxl" and parts.vae.config.force_upcast
     assert parts.unet.config.cross_attention_dim == 768 + 1280
 
 

@@ -48,7 +48,7 @@ def unreachable_hub(monkeypatch):
 
 
 def test_bare_name_with_the_hub_unreachable_fails_fast(unreachable_hub):
-    from ctrlnet_trainer.hub_ids import check_hub_id
+    from ctrlnet_trainer.models.hub_ids import check_hub_id
 
     start = time.monotonic()
     with pytest.raises(UserError) as e:
@@ -62,7 +62,7 @@ def test_bare_name_with_the_hub_unreachable_fails_fast(unreachable_hub):
 def test_bare_name_offline_and_not_cached(monkeypatch):
     from huggingface_hub import constants
 
-    from ctrlnet_trainer.hub_ids import check_hub_id
+    from ctrlnet_trainer.models.hub_ids import check_hub_id
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", "/nonexistent-ctrlnet-test-cache")
@@ -73,7 +73,7 @@ def test_bare_name_offline_and_not_cached(monkeypatch):
 
 
 def test_bare_name_that_is_no_hub_id_either():
-    from ctrlnet_trainer.hub_ids import check_hub_id
+    from ctrlnet_trainer.models.hub_ids import check_hub_id
 
     with pytest.raises(UserError, match="not a hub id either"):
         check_hub_id("my data", "data.dataset", "dataset")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ctrlnet_trainer import selfcheck
-from ctrlnet_trainer.demo_base import WEIGHTS
+from ctrlnet_trainer.models.demo import WEIGHTS
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,11 @@ def test_shipped_demo_weights_are_the_ones_their_provenance_records():
 
 
 def test_builtin_demo_loads_the_shipped_base_in_fp32(tmp_path, make_cfg):
-    from ctrlnet_trainer.demo_base import DEMO_ARCH
     from ctrlnet_trainer.models import load_models
+    from ctrlnet_trainer.models.demo import DEMO_ARCH
 
     models = load_models(make_cfg(tmp_path / "run", model={"base": "builtin:demo"}), 0)
-    assert models.family == "sd" and models.base == "builtin:demo"
+    assert models.family.name == "sd" and models.base == "builtin:demo"
     assert list(models.vae.config.block_out_channels) == list(DEMO_ARCH["vae"]["block_out_channels"])
     assert all(p.dtype == torch.float32 for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters())
 

@@ -1,4 +1,4 @@
-"""The demo base's data (ctrlnet_trainer.demo_base) and its pretraining tool, run for two steps."""
+"""The demo base's data (ctrlnet_trainer.models.demo) and its pretraining tool, run for two steps."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import ImageChops
 
-from ctrlnet_trainer.demo_base import (
+from ctrlnet_trainer.models.demo import (
     DEMO_COLOURS,
     build_demo_base,
     demo_captions,
@@ -50,7 +50,7 @@ def test_demo_rows_use_every_colour_and_every_caption_is_listed():
 def test_the_demo_base_shares_the_tiny_text_encoder():
     import torch
 
-    from ctrlnet_trainer.base_model import build_base
+    from ctrlnet_trainer.models.tiny import build_base
 
     demo, tiny = build_demo_base(0), build_base("tiny", 0)
     for a, b in zip(demo.text_encoder.state_dict().values(), tiny.text_encoder.state_dict().values(), strict=True):

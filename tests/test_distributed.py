@@ -10,7 +10,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from ctrlnet_trainer.base_model import write_base
+from ctrlnet_trainer.models.tiny import write_base
 from ctrlnet_trainer.synthetic import write_fill_parquet
 
 

@@ -45,6 +45,9 @@ def _within(name: str, *prefixes: str) -> bool:
 
 OURS = ("ctrlnet", "ctrlnet_trainer", "tools")
 BOTTOM = ("ctrlnet.config", "ctrlnet.errors", "ctrlnet.log")
+# The families themselves and their registry: the rest of the trainer reaches them through a Family.
+CONCRETE_FAMILIES = ("ctrlnet_trainer.models.sd", "ctrlnet_trainer.models.sdxl", "ctrlnet_trainer.models.families")
+FAMILY_NAMES = {"sd", "sdxl"}
 RULES = [
     # (rule, applies to module, allowed to import (of ours))
     ("ctrlnet.errors imports nothing of ours", lambda m: m == "ctrlnet.errors", lambda n: False),
@@ -81,6 +84,11 @@ RULES = [
         lambda n: _within(n, "ctrlnet.commands", "ctrlnet.errors", "ctrlnet.log"),
     ),
     ("the product never imports the development tools (tools/)", lambda m: True, lambda n: not _within(n, "tools")),
+    (
+        "outside ctrlnet_trainer.models no module names a concrete model family (the Family seam)",
+        lambda m: _within(m, "ctrlnet_trainer") and not _within(m, "ctrlnet_trainer.models"),
+        lambda n: not _within(n, *CONCRETE_FAMILIES),
+    ),
 ]
 
 
@@ -126,3 +134,33 @@ def test_help_imports_nothing_heavy():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "", f"`ctrlnet --help` imported: {r.stdout.strip()}"
     assert elapsed < 5, f"`ctrlnet --help` took {elapsed:.1f}s"
+
+
+def _family_checks(path: Path) -> list[str]:
+    """`x == "sdxl"`-style comparisons, and `"sdxl" if ... else "sd"` choices, in a module's code."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+        elif isinstance(node, ast.IfExp):
+            operands = [node.body, node.orelse]
+        else:
+            continue
+        if any(isinstance(o, ast.Constant) and o.value in FAMILY_NAMES for o in operands):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_no_family_checks_outside_the_seam():
+    """What differs between SD1.x/2.x and SDXL (and the next families) is asked of the Family object:
+    no trainer module outside models/ compares a family name (the CLI's config may: it validates
+    what the user typed, without the trainer)."""
+    trainer = PACKAGES["ctrlnet_trainer"]
+    checks = [
+        c
+        for path in sorted(trainer.rglob("*.py"))
+        if "models" not in path.relative_to(trainer).parts
+        for c in _family_checks(path)
+    ]
+    assert checks == []
+    assert _family_checks(trainer / "models" / "load.py")  # the check sees one where there is one

@@ -70,7 +70,7 @@ def sections(parquet_with_caption_lists, tiny_base_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache_dir(sections, tmp_path_factory):
-    from ctrlnet_trainer.precompute import precompute
+    from ctrlnet_trainer.cache.job import precompute
 
     result = precompute(small_config(tmp_path_factory.mktemp("unused"), **sections), SHARD_ROWS)
     assert (result.rows, result.shards, result.encoded) == (8, 3, 3)
@@ -99,17 +99,17 @@ def cached_run(cache_dir, sections, tmp_path_factory):
 def test_the_cache_holds_what_online_encoding_computes(cache_dir, sections, tmp_path):
     """Batch for batch, CachedEncoder gives OnlineEncoder's latents (the same latent_eps) and text
     embeddings, with the same caption drawn per epoch and the same empty-prompt dropout."""
-    from ctrlnet_trainer import cache, data
+    from ctrlnet_trainer import data
     from ctrlnet_trainer import models as model_lib
-    from ctrlnet_trainer.cached import CachedEncoder, CachedExamples
+    from ctrlnet_trainer.cache.reader import CachedEncoder, CachedExamples, CacheReader, read_manifest
     from ctrlnet_trainer.step import OnlineEncoder, draw
     from ctrlnet_trainer.storage import Prefix
 
     cfg = small_config(tmp_path, **sections)
     models = model_lib.load_models(cfg, 3)
     online = OnlineEncoder(models, torch.float32, torch.device("cpu"))
-    examples = data.Examples(data.training_rows(cfg.data, cfg.model.cache_dir, 3), cfg.data, models.tokenizer, 3)
-    reader = cache.CacheReader(Prefix(str(cache_dir)), cache.read_manifest(str(cache_dir)))
+    examples = data.Examples.of(data.training_rows(cfg.data, cfg.model.cache_dir, 3), cfg.data, models, 3)
+    reader = CacheReader(Prefix(str(cache_dir)), read_manifest(str(cache_dir)))
     encoder = CachedEncoder(models.vae.config.scaling_factor, reader.empty_prompt(), torch.float32, torch.device("cpu"))
     dropped = 0
     for epoch in (0, 1, 2):
@@ -117,7 +117,7 @@ def test_the_cache_holds_what_online_encoding_computes(cache_dir, sections, tmp_
         a = data.collate([examples[k] for k in keys])
         b = data.collate([CachedExamples(reader, 3)[k] for k in keys])
         assert torch.equal(a["conditioning_pixel_values"], b["conditioning_pixel_values"])
-        draws = draw(a["sample_id"], 3, online.latent_shape(a), 1000, 0.3)
+        draws = draw(a["sample_id"], 3, online.latent_shape(a), 1000, 0.3, family=models.family)
         dropped += int(draws.drop_prompt.sum())
         (la, ta), (lb, tb) = online.encode(a, draws), encoder.encode(b, draws)
         assert (la - lb).abs().max() <= 1e-5 and (ta.hidden - tb.hidden).abs().max() <= 1e-5
@@ -127,7 +127,7 @@ def test_the_cache_holds_what_online_encoding_computes(cache_dir, sections, tmp_
     from types import SimpleNamespace
 
     from ctrlnet_trainer.accel import Ranks
-    from ctrlnet_trainer.cached import CachedRun
+    from ctrlnet_trainer.cache.reader import CachedRun
 
     run = CachedRun.open(cfg, 3, models, torch.float32, Ranks(0, 1, 0), SimpleNamespace(wait_for_everyone=lambda: None))
     assert models.text_encoder is None and models.vae.encoder is None and models.vae.decoder is not None
@@ -179,7 +179,7 @@ def test_a_cache_of_another_config_is_refused_before_training(cache_dir, section
 
 # ------------------------------------------------------------------ precompute: restart, processes
 def test_interrupted_precompute_redoes_only_its_unfinished_shards(cache_dir, sections, tmp_path, monkeypatch):
-    from ctrlnet_trainer import precompute as job
+    from ctrlnet_trainer.cache import job
 
     cache = tmp_path / "cache"
     cfg = small_config(tmp_path / "unused", **with_cache(sections, cache))

@@ -27,17 +27,17 @@ def sdxl_cfg(make_cfg, output, base, **sections):
 def test_family_is_read_from_the_base(tiny_sdxl_dir, tiny_base_dir, tmp_path):
     from ctrlnet_trainer.models import family_of_folder
 
-    assert family_of_folder(Path(tiny_sdxl_dir)) == "sdxl"  # model_index.json names an XL pipeline
-    assert family_of_folder(Path(tiny_base_dir)) == "sd"
+    assert family_of_folder(Path(tiny_sdxl_dir)).name == "sdxl"  # model_index.json names an XL pipeline
+    assert family_of_folder(Path(tiny_base_dir)).name == "sd"
     # Without model_index.json: from the components (a second text encoder, the text_time UNet).
     bare = shutil.copytree(tiny_sdxl_dir, tmp_path / "bare")
     (bare / "model_index.json").unlink()
-    assert family_of_folder(bare) == "sdxl"
+    assert family_of_folder(bare).name == "sdxl"
     shutil.rmtree(bare / "text_encoder_2")
-    assert family_of_folder(bare) == "sdxl"  # the UNet's addition_embed_type: text_time
+    assert family_of_folder(bare).name == "sdxl"  # the UNet's addition_embed_type: text_time
     unet_config = json.loads((bare / "unet/config.json").read_text())
     (bare / "unet/config.json").write_text(json.dumps({**unet_config, "addition_embed_type": None}))
-    assert family_of_folder(bare) == "sd"
+    assert family_of_folder(bare).name == "sd"
 
 
 def test_a_sdxl_base_missing_its_second_encoder_is_named(tiny_sdxl_dir, tmp_path, make_cfg):
@@ -55,7 +55,11 @@ def test_models_load_both_encoders_and_keep_a_force_upcast_vae_in_fp32_under_fp1
     from ctrlnet_trainer.models import load_models, vae_dtype
 
     models = load_models(sdxl_cfg(make_cfg, tmp_path / "run", tiny_sdxl_dir), 0)
-    assert models.family == "sdxl" and models.text_encoder_2 is not None and models.tokenizer_2 is not None
+    assert (
+        models.family.name == "sdxl"
+        and models.text["text_encoder_2"] is not None
+        and models.text["tokenizer_2"] is not None
+    )
     assert models.controlnet.config.addition_embed_type == "text_time"  # from_unet kept SDXL's embedding
     assert vae_dtype(models, torch.float16) == torch.float32  # SDXL's VAE: force_upcast
     assert vae_dtype(models, torch.bfloat16) == torch.bfloat16
@@ -244,7 +248,7 @@ def test_sdxl_resume_is_exact_with_min_snr_v_prediction_and_prompt_dropout(tiny_
 def test_the_precompute_cache_refuses_sdxl_in_one_line(tiny_sdxl_dir, tmp_path):
     with pytest.raises(ValueError, match="SDXL encodes online"):
         TrainConfig.model_validate({"model": {"family": "sdxl"}, "data": {"cache": str(tmp_path / "c")}})
-    from ctrlnet_trainer.cache_encode import load_encoders
+    from ctrlnet_trainer.cache.encode import load_encoders
 
     cfg = TrainConfig.model_validate({"model": {"base": str(tiny_sdxl_dir)}, "data": {"cache": str(tmp_path / "c")}})
     with pytest.raises(UserError, match="SDXL model, and the precompute cache holds SD1.x/2.x"):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from ctrlnet_trainer import selfcheck
-from ctrlnet_trainer.demo_base import WEIGHTS
+from ctrlnet_trainer.models.demo import WEIGHTS
 
 
 def test_a_whole_install_passes():

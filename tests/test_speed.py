@@ -251,10 +251,10 @@ def test_frozen_models_build_no_autograd_graph(tiny_models):
     frozen = [*models.unet.parameters(), *models.vae.parameters(), *models.text_encoder.parameters()]
     assert frozen and not any(p.requires_grad for p in frozen)
     source = data.Source(data.SyntheticFillSource(4, cfg.data.resolution, 0), None)
-    examples = data.Examples(source, cfg.data, models.tokenizer, 0)
+    examples = data.Examples.of(source, cfg.data, models, 0)
     batch = data.collate([examples[(i, 0)] for i in range(2)])
     encoder = OnlineEncoder(models, torch.float32, CPU)
-    draws = draw(batch["sample_id"], 0, encoder.latent_shape(batch), 1000, 0.0)
+    draws = draw(batch["sample_id"], 0, encoder.latent_shape(batch), 1000, 0.0, family=models.family)
     latents, text = encoder.encode(batch, draws)
     assert latents.grad_fn is None and text.hidden.grad_fn is None  # the encoders ran under no_grad
     loss = controlnet_loss(models, models.controlnet, latents, text, batch["conditioning_pixel_values"], draws, None)

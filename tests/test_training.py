@@ -66,7 +66,7 @@ def heldout_batches(cfg, models, rows=32, batch=8):
 
     first = cfg.data.synthetic_rows + 100
     source = data.Source(data.SyntheticFillSource(first + rows, cfg.data.resolution, cfg.loop.seed), None)
-    examples = data.Examples(source, cfg.data, models.tokenizer, cfg.loop.seed)
+    examples = data.Examples.of(source, cfg.data, models, cfg.loop.seed)
     return [data.collate([examples[(first + b + i, 0)] for i in range(batch)]) for b in range(0, rows, batch)]
 
 
@@ -361,11 +361,12 @@ def test_streaming_decodes_in_worker_processes_with_the_same_batches_and_positio
 
     from ctrlnet.config.train import DataConfig
     from ctrlnet_trainer import data
-    from ctrlnet_trainer.base_model import build_tokenizer
+    from ctrlnet_trainer.models.families import FAMILIES
+    from ctrlnet_trainer.models.tiny import build_tokenizer
 
     cfg = DataConfig(dataset=str(parquet_data), streaming=True, shuffle_buffer=8, resolution=32)
     source = data.open_source(cfg, str(tmp_path / "cache"), seed=0)
-    examples = data.Examples(source, cfg, build_tokenizer(), seed=0)
+    examples = data.Examples(source, cfg, FAMILIES["sd"], {"tokenizer": build_tokenizer()}, seed=0)
 
     def first(workers: int, count: int, start=data.Position()):
         stream = data.StreamingBatches(source, examples, 4, 0, 1, 0, 8, start, num_workers=workers)

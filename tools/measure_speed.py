@@ -112,7 +112,7 @@ def heldout(cfg, controlnet_dir: Path, rows: int = 64, batch: int = 8) -> float:
     model_lib.prepare_for_training(models, cfg, device, dtype)
     first = cfg.data.synthetic_rows + 100
     source = data.Source(data.SyntheticFillSource(first + rows, cfg.data.resolution, cfg.loop.seed), None)
-    examples = data.Examples(source, cfg.data, models.tokenizer, cfg.loop.seed)
+    examples = data.Examples.of(source, cfg.data, models, cfg.loop.seed)
     batches = [data.collate([examples[(first + b + i, 0)] for i in range(batch)]) for b in range(0, rows, batch)]
     controlnet = ControlNetModel.from_pretrained(controlnet_dir).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

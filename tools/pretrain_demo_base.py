@@ -3,7 +3,7 @@
     python tools/pretrain_demo_base.py --out DIR [--seed 0] [--vae-steps 2000] [--unet-steps 12000]
                                        [--batch 32] [--device auto] [--lr 1e-3] [--threads N]
 
-Three stages, all from scratch and seeded (ctrlnet_trainer.demo_base has the shapes and the data):
+Three stages, all from scratch and seeded (ctrlnet_trainer.models.demo has the shapes and the data):
 
 1. the VAE (DEMO_ARCH['vae'], 64 px -> 8x8x4 latents) as an autoencoder, MSE + a small KL term, on
    fresh demo rows every step; its latent scaling factor is then measured (1 / the latents' std);
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--vae-channels",
         default=",".join(str(c) for c in _demo_arch()["vae"]["block_out_channels"]),
-        help="the VAE's block_out_channels, four comma-separated numbers (default: demo_base.DEMO_ARCH's)",
+        help="the VAE's block_out_channels, four comma-separated numbers (default: models.demo.DEMO_ARCH's)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:1, ...")
     p.add_argument(
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _demo_arch():
-    from ctrlnet_trainer.demo_base import DEMO_ARCH
+    from ctrlnet_trainer.models.demo import DEMO_ARCH
 
     return DEMO_ARCH
 
@@ -115,7 +115,7 @@ def rows_to_tensor(rows: list[dict], key: str = "image"):
 
 
 def demo_rows(start: int, count: int, seed: int) -> list[dict]:
-    from ctrlnet_trainer.demo_base import DEMO_RESOLUTION, demo_fill_example
+    from ctrlnet_trainer.models.demo import DEMO_RESOLUTION, demo_fill_example
 
     return [demo_fill_example(start + i, DEMO_RESOLUTION, seed) for i in range(count)]
 
@@ -236,8 +236,8 @@ def encode_captions(parts, device):
     """{caption: index} and [len+1, 77, D] hidden states of the frozen text encoder; the last row is ''."""
     import torch
 
-    from ctrlnet_trainer.data import tokenize
-    from ctrlnet_trainer.demo_base import demo_captions
+    from ctrlnet_trainer.models.demo import demo_captions
+    from ctrlnet_trainer.models.sd import tokenize
 
     captions = demo_captions()
     ids = tokenize(parts.tokenizer, [*captions, ""])  # as the trainer tokenizes
@@ -331,14 +331,14 @@ def save_base(parts, staging: Path) -> None:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from ctrlnet_trainer.base_model import _write_vocab_files, pipeline_of
+    from ctrlnet_trainer.models.tiny import _write_vocab_files
 
     transformers_logging.disable_progress_bar()
     parts.unet.to("cpu", torch.float16)
     parts.vae.to("cpu", torch.float16)
     parts.text_encoder.to("cpu", torch.float32)
-    pipeline_of(parts).save_pretrained(staging, safe_serialization=True)
-    _write_vocab_files(staging / "tokenizer")  # as base_model.write_base: transformers 4.x's slow tokenizer
+    parts.family.pipeline(parts.pipeline_parts()).save_pretrained(staging, safe_serialization=True)
+    _write_vocab_files(staging / "tokenizer")  # as models.tiny.write_base: transformers 4.x's slow tokenizer
     for path in staging.rglob("*"):  # safetensors writes 0600; a file shipped in a wheel must be readable
         path.chmod(0o755 if path.is_dir() else 0o644)
 
@@ -374,7 +374,7 @@ def git_commit() -> dict:
 
 
 def nearest_colour(rgb) -> str:
-    from ctrlnet_trainer.demo_base import DEMO_COLOURS
+    from ctrlnet_trainer.models.demo import DEMO_COLOURS
     from ctrlnet_trainer.synthetic import CSS_COLOURS
 
     return min(DEMO_COLOURS, key=lambda name: math.dist(CSS_COLOURS[name], rgb))
@@ -390,7 +390,7 @@ def check_base(folder: Path, seed: int, device) -> dict:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UniPCMultistepScheduler
 
     from ctrlnet_trainer.adherence import adherence, border_colour, drawn_disk_mask
-    from ctrlnet_trainer.demo_base import demo_colours
+    from ctrlnet_trainer.models.demo import demo_colours
 
     rows = demo_rows(CHECK_ROWS, 256, seed)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").to(device).eval()
@@ -447,7 +447,7 @@ def check_base(folder: Path, seed: int, device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ctrlnet.errors import UserError
-    from ctrlnet_trainer.base_model import check_out
+    from ctrlnet_trainer.models.tiny import check_out
 
     try:
         check_out(args.out, args.overwrite)
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from ctrlnet_trainer.demo_base import DEMO_ARCH, DEMO_COLOURS, DEMO_RESOLUTION, TEXT_ENCODER_ARCH, build_demo_base
+    from ctrlnet_trainer.models.demo import DEMO_ARCH, DEMO_COLOURS, DEMO_RESOLUTION, TEXT_ENCODER_ARCH, build_demo_base
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": str(device),
             "threads": torch.get_num_threads(),
             "data": {
-                "generator": "ctrlnet_trainer.demo_base.demo_fill_example",
+                "generator": "ctrlnet_trainer.models.demo.demo_fill_example",
                 "resolution": DEMO_RESOLUTION,
                 "colours": list(DEMO_COLOURS),
                 "seed": args.seed,
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             "arch": {
                 "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in DEMO_ARCH["unet"].items()},
                 "vae_block_out_channels": list(args.vae_channels),
-                "text_encoder": f"base_model.build_base({TEXT_ENCODER_ARCH!r}, seed={args.seed}), frozen",
+                "text_encoder": f"models.tiny.build_base({TEXT_ENCODER_ARCH!r}, seed={args.seed}), frozen",
             },
             "vae": {
                 "steps": args.vae_steps,
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batch": args.batch,
                 "lr": args.lr,
                 "schedule": f"linear warm-up {WARMUP_STEPS} steps, cosine to {FINAL_LR_FRACTION} x lr",
-                "objective": "DDPM epsilon, SD1.x schedule (base_model.SCHEDULER_CONFIG)",
+                "objective": "DDPM epsilon, SD1.x schedule (models.tiny.SCHEDULER_CONFIG)",
                 "caption_dropout": CAPTION_DROPOUT,
                 **unet_log,
             },

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ctrlnet.errors import UserError
+from ctrlnet.log import capture_library_warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML file with the train section")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override, e.g. loop.max_steps=10")
     args = parser.parse_args(argv)
+    capture_library_warnings()  # torch's and diffusers' warnings: once (rank 0), silenced by -q
     try:
         from ctrlnet.config import load_train_config
         from ctrlnet_trainer.preemption import PREEMPTED_EXIT_CODE, Preempted

@@ -1,7 +1,7 @@
 """Condition adherence for the synthetic fill data: does the generated circle sit in the outline?
 
 The conditioning image is a white circle outline on black, the target a filled circle of one colour
-on a background of another (synthetic.py, demo_base.py). A ControlNet that follows its condition
+on a background of another (synthetic.py, models/demo.py). A ControlNet that follows its condition
 draws its disk exactly inside the outline, so the metric is the IoU between
 
 - the drawn disk (`drawn_disk_mask`): the pixels of the generated image far from its background
@@ -34,7 +34,7 @@ from PIL import Image
 DRAWN_THRESHOLD = 64.0
 """Euclidean RGB distance (0-255 channels; black to white is 441) from the background colour above
 which a pixel counts as drawn. Half the distance between the two closest demo colours (128:
-gray and purple, teal or olive; demo_base.DEMO_COLOURS), so for any fill/background pair of the demo
+gray and purple, teal or olive; models.demo.DEMO_COLOURS), so for any fill/background pair of the demo
 palette it is at or past the midpoint between them: an anti-aliased or blurred edge pixel counts as
 drawn when it is at least half fill. It is also well above the wobble a small VAE leaves on a flat
 background (a few units per channel). Over the full CSS palette of synthetic.py about 7% of the

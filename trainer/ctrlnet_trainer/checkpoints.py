@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +49,14 @@ import torch
 from ctrlnet.config.contract import CHECKPOINTS_DIR, COMMITTED, LATEST, TRAINER_STATE
 from ctrlnet.config.contract import FINAL_MODEL_DIR as CONTROLNET_DIR
 from ctrlnet.config.train import CheckpointConfig, TrainConfig
-from ctrlnet.errors import StorageError, UserError
+from ctrlnet.errors import StorageError, UserError, one_line
+from ctrlnet.log import get_logger
 from ctrlnet_trainer import optim, weights
 from ctrlnet_trainer.accel import Ranks
 from ctrlnet_trainer.storage import Prefix
 from ctrlnet_trainer.uploader import Uploader
+
+log = get_logger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -153,11 +155,9 @@ def corrupt(url: str, reason: str, on_corrupt: str) -> str:
     or a UserError naming it and the ways forward."""
     fallback = previous_committed(url) if on_corrupt == "previous" else None
     if fallback is not None:
-        print(
-            f"warning: checkpoint {url} is unreadable ({reason}); resuming from the committed checkpoint "
-            f"before it, {fallback} (checkpoint.on_corrupt=previous)",
-            file=sys.stderr,
-            flush=True,
+        log.warning(
+            f"checkpoint {url} is unreadable ({reason}); resuming from the committed checkpoint "
+            f"before it, {fallback} (checkpoint.on_corrupt=previous)"
         )
         return fallback
     if on_corrupt == "previous":
@@ -191,8 +191,7 @@ def _nonfinite_file(path: Path) -> str | None:
 
 
 def _reason(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
+    return one_line(e, limit=160, with_type=True)
 
 
 def _accumulation_for(url: str, state: dict, cfg: TrainConfig, world: int) -> int:
@@ -215,10 +214,9 @@ def _accumulation_for(url: str, state: dict, cfg: TrainConfig, world: int) -> in
         return accum
     if global_batch % (world * batch) == 0:
         adjusted = global_batch // (world * batch)
-        print(
+        log.info(
             f"note: resuming {url} ({was} = global batch {global_batch}) on {world} processes x batch {batch}: "
-            f"gradient accumulation {adjusted} keeps the global batch",
-            flush=True,
+            f"gradient accumulation {adjusted} keeps the global batch"
         )
         return adjusted
     raise UserError(
@@ -363,11 +361,9 @@ class Checkpointer:
                 then = "stopping"
             else:
                 then = f"training goes on ({self.failed_in_a_row} of checkpoint.max_failed_uploads={self.cfg.max_failed_uploads} in a row)"
-            print(
-                f"warning: checkpoint {step_dir_name(step)} could not be uploaded to {self.store.url} "
-                f"({self.last_error}): not committed; {then}",
-                file=sys.stderr,
-                flush=True,
+            log.warning(
+                f"checkpoint {step_dir_name(step)} could not be uploaded to {self.store.url} "
+                f"({self.last_error}): not committed; {then}"
             )
         if stopping:
             raise StorageError(
@@ -415,8 +411,7 @@ class Checkpointer:
                     "with checkpoint.resume"
                 )
             state = fallback
-        if self.ranks.is_main:
-            print(f"resuming from {url} at step {state['step']}", flush=True)
+        log.info(f"resuming from {url} at step {state['step']}")
         return state
 
     def _load(self, url: str) -> str | None:

@@ -1,5 +1,5 @@
 """`ctrlnet generate`: images from a base + trained ControlNet with the stock diffusers pipeline of
-the base's family (StableDiffusionControlNetPipeline, or StableDiffusionXLControlNetPipeline).
+the base's family (Family.pipeline: the builder validation uses too).
 
 Everything the user typed is checked before the models load (seconds to minutes): the device,
 the conditioning image, the output folder. Images never replace earlier ones: a name already
@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from ctrlnet.config.credentials import shown
-from ctrlnet.errors import UserError
-from ctrlnet_trainer.models import check_base_layout, family_at, resolve_location
+from ctrlnet.errors import UserError, one_line
+from ctrlnet_trainer.models.load import check_base_layout, family_at, load_parts, resolve_location
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -107,38 +107,28 @@ def generate(
     from ctrlnet_trainer.quiet import quiet_library_noise
 
     quiet_library_noise()
-    from diffusers import ControlNetModel, UniPCMultistepScheduler
+    from diffusers import UniPCMultistepScheduler
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base_path = resolve_location(base, "--base", None)
     family = family_at(base_path, "--base", base)
-    check_base_layout(base_path, "--base", base, family=family)
+    check_base_layout(base_path, "--base", base, family)
     cn_path = resolve_location(controlnet, "--controlnet", None)
     try:
-        cn = ControlNetModel.from_pretrained(cn_path, torch_dtype=dtype)
-        if family == "sdxl":
-            from diffusers import StableDiffusionXLControlNetPipeline
-
-            pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
-                base_path, controlnet=cn, add_watermarker=False, torch_dtype=dtype
-            )
-        else:
-            from diffusers import StableDiffusionControlNetPipeline
-
-            pipe = StableDiffusionControlNetPipeline.from_pretrained(
-                base_path, controlnet=cn, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
-            )
+        cn = family.load_controlnet(cn_path, None, torch_dtype=dtype)
+        parts = load_parts(base_path, family, dtype=dtype)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"could not load the models ({str(e).splitlines()[0][:200]}): --base must be a Stable "
+            f"could not load the models ({one_line(e)}): --base must be a Stable "
             "Diffusion (SD1.x/2.x or SDXL) diffusers folder or hub id, --controlnet a ControlNet folder"
         ) from None
-    if cn.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+    if cn.config.cross_attention_dim != parts.unet.config.cross_attention_dim:
         raise UserError(
             f"--controlnet was trained for another base (cross-attention width {cn.config.cross_attention_dim}, "
-            f"--base has {pipe.unet.config.cross_attention_dim}): give the base it was trained on"
+            f"--base has {parts.unet.config.cross_attention_dim}): give the base it was trained on"
         )
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    scheduler = UniPCMultistepScheduler.from_config(parts.noise_scheduler.config)
+    pipe = family.pipeline({**parts.pipeline_parts(), "scheduler": scheduler}, cn)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     size = height or (cond.height // 8 * 8)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ctrlnet.config.train import HubConfig
-from ctrlnet.errors import UserError
+from ctrlnet.errors import UserError, one_line
 
 
 def hub_token(cfg: HubConfig) -> str:
@@ -43,7 +43,7 @@ def push_controlnet(folder: Path, cfg: HubConfig, default_name: str) -> str:
             repo_id=repo_id, folder_path=str(folder), token=token, commit_message="ctrlnet: trained ControlNet"
         )
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(token, "***")[:200]
+        reason = one_line(e).replace(token, "***")
         raise UserError(
             f"pushing the ControlNet to hub repo {repo!r} failed ({reason}); the local copy is in {folder}"
         ) from None

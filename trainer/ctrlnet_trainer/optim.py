@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 
 import torch
 
 from ctrlnet.config.train import OptimConfig
 from ctrlnet.errors import UserError
+from ctrlnet.log import get_logger
+
+log = get_logger(__name__)
 
 
 def build_optimizer(params, cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -67,11 +69,9 @@ def replay_cpu_adam_steps(accelerator) -> None:
                 cpu_adam.opt_id, step, group["lr"], beta1, beta2, group["eps"], 0.0, True, *dummy
             )
     except (AttributeError, TypeError, RuntimeError) as e:  # another DeepSpeed's binding
-        print(
+        log.info(
             f"note: could not replay DeepSpeed CPU Adam's step count ({type(e).__name__}): this resume is exact "
-            "up to one rounding of Adam's bias correction",
-            file=sys.stderr,
-            flush=True,
+            "up to one rounding of Adam's bias correction"
         )
 
 

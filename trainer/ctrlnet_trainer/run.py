@@ -10,12 +10,15 @@ import os
 
 from ctrlnet.config.contract import METRICS_FILE
 from ctrlnet.config.train import TrainConfig
+from ctrlnet.log import get_logger
 from ctrlnet_trainer import accel, rundir, speed, storage
 from ctrlnet_trainer.checkpoints import ResumePoint
 from ctrlnet_trainer.preemption import StopFlag
 from ctrlnet_trainer.quiet import quiet_library_noise
 from ctrlnet_trainer.storage import Prefix
 from ctrlnet_trainer.trainer import RunResult, Trainer
+
+log = get_logger(__name__)
 
 __all__ = ["RunResult", "train"]
 
@@ -35,7 +38,7 @@ def train(cfg: TrainConfig) -> RunResult:
     output = Prefix(cfg.output)
     done = rundir.finished_as_configured(output, cfg)
     if done is not None:  # e.g. a restarted pod of a job that is done: nothing to train, nothing to overwrite
-        print(f"note: {output.url} holds this run, finished at step {done['step']}: nothing to do", flush=True)
+        log.info(f"note: {output.url} holds this run, finished at step {done['step']}: nothing to do")
         return RunResult(
             controlnet=done["controlnet"],
             samples=None,

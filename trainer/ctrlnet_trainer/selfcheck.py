@@ -23,6 +23,8 @@ import pkgutil
 import sys
 from pathlib import Path
 
+from ctrlnet.errors import one_line
+
 PACKAGES = ("ctrlnet", "ctrlnet_trainer")
 # Third-party top-level modules of the extras the trainer image does not install: ctrlnet[k8s].
 OTHER_EXTRAS = {"helm": "k8s", "kubernetes": "k8s", "kubernetes_validate": "k8s", "jsonschema": "k8s"}
@@ -49,16 +51,14 @@ def module_problems(packages=PACKAGES) -> tuple[int, list[str], list[str]]:
             else:
                 problems.append(f"{name}: cannot be imported: {type(e).__name__}: {e}")
         except Exception as e:  # any other failure at import is a broken install
-            problems.append(
-                f"{name}: cannot be imported: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            )
+            problems.append(f"{name}: cannot be imported: {one_line(e, with_type=True)}")
     return imported, problems, skipped
 
 
 def weight_problems(folder: Path | None = None) -> tuple[int, list[str]]:
     """(weight files checked, problems) for the demo base shipped in the package."""
     if folder is None:
-        from ctrlnet_trainer.demo_base import WEIGHTS as folder
+        from ctrlnet_trainer.models.demo import WEIGHTS as folder
     provenance = folder / "provenance.json"
     if not provenance.is_file():
         return 0, [f"{provenance} is missing: the demo base (builtin:demo) is not installed"]

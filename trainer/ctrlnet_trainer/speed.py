@@ -33,8 +33,11 @@ from pathlib import Path
 import torch
 
 from ctrlnet.config.train import TrainConfig
-from ctrlnet.errors import UserError
+from ctrlnet.errors import UserError, one_line
+from ctrlnet.log import get_logger
 from ctrlnet_trainer.models import Models
+
+log = get_logger(__name__)
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
 TRITON_MIN_CAPABILITY = (7, 0)
@@ -292,8 +295,7 @@ class GradientCheck:
                 )
             )
             line = f"compile: OFF for this run - {why}: a torch.compile bug here; training goes on eagerly"
-        if self.is_main:
-            print(f"speed: {line}", flush=True)
+        log.info(f"speed: {line}")
         return ok
 
 
@@ -305,8 +307,7 @@ def _gradients(loss_fn, args, params) -> tuple[list, str | None]:
             return [None] * len(params), None
         return list(torch.autograd.grad(loss, params, allow_unused=True)), None
     except Exception as e:  # e.g. a compiled kernel failing at run time
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        return [None] * len(params), f"{type(e).__name__}: {first}"
+        return [None] * len(params), one_line(e, with_type=True)
 
 
 def _agreement(reference: list, got: list) -> tuple[torch.Tensor, torch.Tensor]:

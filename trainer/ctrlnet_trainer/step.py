@@ -3,11 +3,11 @@
 `draw()` makes every random number of a step: per example, from a generator seeded by (run seed,
 epoch, example index) — never by the process that trains it — so a run resumed on another number
 of processes, or with another per-process batch, draws exactly the same noise for the same
-example. `OnlineEncoder` turns pixels and token ids into VAE latents and the text conditioning
-(text.Conditioning: SDXL adds pooled text and time_ids) every step; a precomputed cache can
-replace it behind the same `encode(batch, draws)` call.
-`controlnet_loss` is the algorithm: noisy latents, ControlNet residuals into the frozen UNet, and
-the denoising loss.
+example. `OnlineEncoder` turns pixels and token ids into VAE latents and the family's
+conditioning (models.family.Conditioning: SDXL adds pooled text and time_ids) every step; a
+precomputed cache can replace it behind the same `encode(batch, draws)` call.
+`controlnet_loss` is the algorithm: noisy latents, ControlNet residuals into the frozen denoiser,
+and the denoising loss; each of those is the model family's (models/family.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ctrlnet_trainer.data import tokenize
-from ctrlnet_trainer.loss import denoising_loss, training_target
-from ctrlnet_trainer.models import Models
+from ctrlnet_trainer.loss import denoising_loss
+from ctrlnet_trainer.models.family import Conditioning, Family
+from ctrlnet_trainer.models.parts import Models
 from ctrlnet_trainer.seeds import sample_seed
-from ctrlnet_trainer.text import Conditioning, condition
 
 
 @dataclass
@@ -38,16 +37,23 @@ class Draws:
 
 
 def draw(
-    sample_ids: torch.Tensor, seed: int, latent_shape: tuple[int, ...], num_train_timesteps: int, drop_proportion: float
+    sample_ids: torch.Tensor,
+    seed: int,
+    latent_shape: tuple[int, ...],
+    num_train_timesteps: int,
+    drop_proportion: float,
+    *,
+    family: Family,
 ) -> Draws:
     """Draws for examples `sample_ids` ((epoch, index) rows), on the CPU: a generator per example
-    (a few microseconds each), so the numbers do not depend on the batch an example lands in."""
+    (a few microseconds each), so the numbers do not depend on the batch an example lands in. The
+    timestep is drawn as the family's objective samples it."""
     eps, noise, steps, drops = [], [], [], []
     for epoch, index in sample_ids.tolist():
         g = torch.Generator().manual_seed(sample_seed(seed, epoch, index))
         eps.append(torch.randn(latent_shape, generator=g))
         noise.append(torch.randn(latent_shape, generator=g))
-        steps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        steps.append(family.sample_timestep(g, num_train_timesteps))
         drops.append(torch.rand(1, generator=g))
     drop = torch.cat(drops) < drop_proportion if drop_proportion > 0 else None
     return Draws(torch.stack(eps), torch.stack(noise), torch.cat(steps), drop)
@@ -55,39 +61,35 @@ def draw(
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, scaling_factor: float) -> torch.Tensor:
     """The VAE posterior sample a step trains on, from its draws' standard-normal `eps`: one formula
-    for online encoding and for the precomputed cache (cached.CachedEncoder), so they cannot drift."""
+    for online encoding and for the precomputed cache (cache.reader.CachedEncoder), so they cannot drift."""
     return (mean + std * eps.to(mean.dtype)) * scaling_factor
 
 
 class OnlineEncoder:
     def __init__(self, models: Models, weight_dtype: torch.dtype, device: torch.device):
-        self.models, self.vae = models, models.vae
+        self.models, self.vae, self.family = models, models.vae, models.family
         self.scaling_factor = models.vae.config.scaling_factor
-        # Latents are the image downsampled once per VAE encoder block but the last.
-        self.downsample = 2 ** (len(models.vae.config.block_out_channels) - 1)
-        self.latent_channels = models.vae.config.latent_channels
         self.weight_dtype, self.device = weight_dtype, device
-        self.empty_ids = tokenize(models.tokenizer, [""]).to(device)
-        self.empty_ids_2 = tokenize(models.tokenizer_2, [""]).to(device) if models.tokenizer_2 is not None else None
+        # The family's token ids of "", per id key: what a dropped prompt becomes.
+        self.empty = {k: ids.to(device) for k, ids in self.family.empty_inputs(models.text).items()}
 
-    def latent_shape(self, batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    def latent_shape(self, batch: dict[str, torch.Tensor]) -> tuple[int, ...]:
         h, w = batch["pixel_values"].shape[-2:]
-        return self.latent_channels, h // self.downsample, w // self.downsample
+        return self.family.latent_shape(self.vae.config, h, w)
 
     @torch.no_grad()
     def encode(self, batch: dict[str, torch.Tensor], draws: Draws) -> tuple[torch.Tensor, Conditioning]:
-        # The VAE may run in fp32 under fp16 (models.vae_dtype); the latents train in weight_dtype.
+        # The VAE may run in fp32 under fp16 (the family's vae_dtype); the latents train in weight_dtype.
         pixels = batch["pixel_values"].to(self.device, dtype=self.vae.dtype, non_blocking=True)
         posterior = self.vae.encode(pixels).latent_dist
         latents = sample_latents(posterior.mean, posterior.std, draws.latent_eps, self.scaling_factor)
         latents = latents.to(self.weight_dtype)
-        ids = self._dropped(batch["input_ids"], self.empty_ids, draws)
-        ids_2 = self._dropped(batch["input_ids_2"], self.empty_ids_2, draws) if self.empty_ids_2 is not None else None
-        return latents, condition(self.models, ids, ids_2, batch.get("time_ids"))
+        ids = {k: self._dropped(batch[k], empty, draws) for k, empty in self.empty.items()}
+        return latents, self.family.condition(self.models.text, ids, batch)
 
     def _dropped(self, ids: torch.Tensor, empty: torch.Tensor, draws: Draws) -> torch.Tensor:
         """proportion_empty_prompts: the drawn captions become "" (classifier-free guidance
-        training), for both of SDXL's tokenizers alike."""
+        training), for each of the family's tokenizers alike."""
         ids = ids.to(self.device, non_blocking=True)
         if draws.drop_prompt is None:
             return ids
@@ -103,19 +105,10 @@ def controlnet_loss(
     draws: Draws,
     snr_gamma: float | None,
 ) -> torch.Tensor:
-    scheduler = models.noise_scheduler
+    family, scheduler = models.family, models.noise_scheduler
     noise = draws.noise.to(latents.dtype)
     timesteps = draws.timesteps
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    down, mid = controlnet(noisy, timesteps, controlnet_cond=conditioning, return_dict=False, **text.kwargs())
-    dtype = latents.dtype
-    model_pred = models.unet(
-        noisy,
-        timesteps,
-        down_block_additional_residuals=[r.to(dtype) for r in down],
-        mid_block_additional_residual=mid.to(dtype),
-        return_dict=False,
-        **text.kwargs(),
-    )[0]
-    target = training_target(scheduler, latents, noise, timesteps, models.prediction_type)
+    noisy = family.noisy(scheduler, latents, noise, timesteps)
+    model_pred = family.predict(models.unet, controlnet, noisy, timesteps, text, conditioning)
+    target = family.target(scheduler, latents, noise, timesteps, models.prediction_type)
     return denoising_loss(model_pred, target, timesteps, scheduler.alphas_cumprod, models.prediction_type, snr_gamma)

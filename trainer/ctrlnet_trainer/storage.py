@@ -21,7 +21,7 @@ from pathlib import Path
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
-from ctrlnet.errors import StorageError, UserError
+from ctrlnet.errors import StorageError, UserError, one_line
 
 _S3 = ("s3", "s3a")
 PROBE_TIMEOUT_S = 3.0
@@ -111,18 +111,13 @@ def _probe_s3(fs, url: str, bucket: str, key: str, must_list: bool) -> None:
             if not must_list:
                 return
             raise StorageError(
-                f"{s3_endpoint(fs)} refused access to {url} ({_first_line(e)}): check AWS_ACCESS_KEY_ID / "
+                f"{s3_endpoint(fs)} refused access to {url} ({one_line(e, limit=160, with_type=True)}): check AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY and that they may list and write the bucket"
             ) from None
         raise StorageError(
-            f"cannot reach the object store at {s3_endpoint(fs)} for {url} ({_first_line(e)}): check "
+            f"cannot reach the object store at {s3_endpoint(fs)} for {url} ({one_line(e, limit=160, with_type=True)}): check "
             "AWS_ENDPOINT_URL (the store's http(s) URL; unset for AWS S3) and that it is reachable from here"
         ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 def local_path(url: str) -> str:

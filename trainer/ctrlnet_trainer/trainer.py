@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +20,18 @@ import torch
 from ctrlnet.config.contract import FINAL_MODEL_DIR, METRICS_FILE
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
+from ctrlnet.log import ALL_RANKS, get_logger
 from ctrlnet_trainer import accel, data, optim, rundir, speed, weights
-from ctrlnet_trainer import models as model_lib
-from ctrlnet_trainer.cached import CachedRun
+from ctrlnet_trainer.cache.reader import CachedRun
 from ctrlnet_trainer.checkpoints import Checkpointer, ResumePoint
 from ctrlnet_trainer.metrics import Meter
+from ctrlnet_trainer.models import load as model_lib
 from ctrlnet_trainer.preemption import Preempted, StopFlag
 from ctrlnet_trainer.step import OnlineEncoder, controlnet_loss, draw
 from ctrlnet_trainer.storage import Prefix
 from ctrlnet_trainer.validation import Validator
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Trainer:
         set_seed(self.seed)
         self.models = model_lib.load_models(cfg, self.seed)
         # data.cache: the rows come encoded, checked against this config here (before anything
-        # trains or the output is claimed); the encoders never reach the device (cached.py).
+        # trains or the output is claimed); the encoders never reach the device (cache/reader.py).
         self.cached = (
             CachedRun.open(cfg, self.seed, self.models, self.weight_dtype, self.ranks, accelerator)
             if cfg.data.cache
@@ -74,8 +76,8 @@ class Trainer:
         )
         model_lib.prepare_for_training(self.models, cfg, self.device, self.weight_dtype)
         speed_lines = speed.apply_speed_settings(self.models, cfg, self.device)  # compile, channels_last, fp8
-        if self.ranks.is_main:
-            print("\n".join(f"speed: {line}" for line in speed_lines), flush=True)
+        for line in speed_lines:
+            log.info(f"speed: {line}")
         needed = speed.GradientCheck.needed(cfg, self.device)  # compiled gradients == eager ones, once
         self.grad_check = speed.GradientCheck(self.models.controlnet, self.ranks.is_main) if needed else None
         if cfg.loop.allow_tf32 and self.device.type == "cuda":
@@ -198,6 +200,7 @@ class Trainer:
                 self.encoder.latent_shape(batch),
                 self.num_train_timesteps,
                 cfg.data.proportion_empty_prompts,
+                family=self.models.family,
             ).to(self.device)
             with acc.accumulate(self.controlnet):
                 latents, text = self.encoder.encode(batch, draws)
@@ -236,7 +239,7 @@ class Trainer:
         if not self.cfg.data.skip_bad_rows:
             raise UserError(f"{bad[0]}: fix or remove it, or set train.data.skip_bad_rows=true to skip unreadable rows")
         for row in bad:
-            print(f"warning: skipped {row}", file=sys.stderr, flush=True)
+            log.warning(f"skipped {row}", extra=ALL_RANKS)  # each rank reads its own rows
         self.meter.skipped(len(bad))
         if "conditioning_pixel_values" not in batch:  # online and cached batches both carry it
             raise UserError(
@@ -283,10 +286,9 @@ class Trainer:
     def _agree_on_seed(self, resume: ResumePoint | None, previous: dict | None) -> int:
         """A resumed run keeps its seed (data order, noise, in-code base); else config, else drawn."""
         if resume is not None:
-            if self.cfg.loop.seed is not None and self.cfg.loop.seed != resume.seed and self.ranks.is_main:
-                print(
-                    f"note: loop.seed={self.cfg.loop.seed} ignored; resuming keeps the checkpoint's seed {resume.seed}",
-                    flush=True,
+            if self.cfg.loop.seed is not None and self.cfg.loop.seed != resume.seed:
+                log.info(
+                    f"note: loop.seed={self.cfg.loop.seed} ignored; resuming keeps the checkpoint's seed {resume.seed}"
                 )
             return resume.seed
         if previous is not None:

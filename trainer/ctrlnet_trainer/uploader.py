@@ -13,13 +13,18 @@ checkpoint whose upload failed. The staged copy is deleted once the upload is ov
 from __future__ import annotations
 
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tenacity
+
+from ctrlnet.errors import one_line
+from ctrlnet.log import ALL_RANKS, get_logger
 from ctrlnet_trainer.storage import Prefix, bounded_options
+
+log = get_logger(__name__)
 
 MAX_BACKOFF_S = 60.0
 MIN_RATE = 1 << 20
@@ -78,45 +83,51 @@ class Uploader:
     def _run(self, upload: Upload) -> None:
         start = time.monotonic()
         files = sorted(p for p in upload.local.rglob("*") if p.is_file())
-        uploaded: set[Path] = set()
+        uploaded: set[Path] = set()  # a retry resumes with the files not yet uploaded
+
+        def upload_the_rest() -> None:
+            for path in files:
+                if path not in uploaded:
+                    # A whole-file bound too: a store that never answers (e.g. to
+                    # `Expect: 100-continue`) escapes the per-request read timeout.
+                    bound = self.timeout_s + path.stat().st_size / MIN_RATE
+                    rel = path.relative_to(upload.local).as_posix()
+                    self.store.upload(path, upload.name, rel, timeout=bound)
+                    uploaded.add(path)
+
+        def retrying(state: tenacity.RetryCallState) -> None:
+            upload.tries, upload.error = state.attempt_number, _describe(state.outcome.exception())
+            log.warning(
+                f"checkpoint {upload.name}: upload try {state.attempt_number}/{self.attempts} to "
+                f"{self.store.url} failed ({upload.error}); retrying in {state.upcoming_sleep:g} s",
+                extra=ALL_RANKS,  # each node uploads its own part
+            )
+
+        # Any failure of the store is retried (doubling waits from backoff_s, at most MAX_BACKOFF_S),
+        # then the checkpoint is given up: it is never committed, training decides what follows.
+        retry = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=tenacity.wait_exponential(multiplier=self.backoff_s, max=MAX_BACKOFF_S),
+            retry=tenacity.retry_if_exception_type(Exception),
+            before_sleep=retrying,
+            reraise=True,
+        )
         try:
-            for attempt in range(1, self.attempts + 1):
-                upload.tries = attempt
-                try:
-                    for path in files:
-                        if path not in uploaded:
-                            # A whole-file bound too: a store that never answers (e.g. to
-                            # `Expect: 100-continue`) escapes the per-request read timeout.
-                            bound = self.timeout_s + path.stat().st_size / MIN_RATE
-                            rel = path.relative_to(upload.local).as_posix()
-                            self.store.upload(path, upload.name, rel, timeout=bound)
-                            uploaded.add(path)
-                    upload.ok = True
-                    return
-                except Exception as e:  # any failure of the store: retry, then give the checkpoint up
-                    upload.error = _describe(e)
-                    if attempt == self.attempts:
-                        _say(
-                            f"warning: checkpoint {upload.name}: upload to {self.store.url} failed "
-                            f"{attempt} times ({upload.error}); giving it up (not committed)"
-                        )
-                        return
-                    wait = min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
-                    _say(
-                        f"warning: checkpoint {upload.name}: upload try {attempt}/{self.attempts} to "
-                        f"{self.store.url} failed ({upload.error}); retrying in {wait:g} s"
-                    )
-                    time.sleep(wait)
+            retry(upload_the_rest)
+            upload.ok = True
+        except Exception as e:  # noqa: BLE001 - the last try's failure: give the checkpoint up
+            upload.tries, upload.error = retry.statistics["attempt_number"], _describe(e)
+            log.warning(
+                f"checkpoint {upload.name}: upload to {self.store.url} failed "
+                f"{upload.tries} times ({upload.error}); giving it up (not committed)",
+                extra=ALL_RANKS,
+            )
         finally:
+            upload.tries = retry.statistics.get("attempt_number", upload.tries)  # the tries made, success or not
             upload.seconds = time.monotonic() - start
             shutil.rmtree(upload.local, ignore_errors=True)  # the staged copy is spent either way
             upload.finished.set()
 
 
 def _describe(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    return one_line(e, with_type=True)

@@ -14,7 +14,7 @@ from PIL import Image
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
 from ctrlnet_trainer.data import open_image, resample_filter, resize_center_crop
-from ctrlnet_trainer.models import Models
+from ctrlnet_trainer.models.parts import Models
 from ctrlnet_trainer.storage import Prefix
 
 SAMPLES_DIR = "samples"
@@ -66,19 +66,20 @@ def _validation_image(where: str) -> Image.Image:
 @dataclass
 class EncodedPrompts:
     """The validation prompts' text embeddings, made once: a run that trains from a precomputed
-    cache (cached.py) has no text encoder on its device, so the pipeline gets embeddings."""
+    cache (cache/reader.py) has no text encoder on its device, so the pipeline gets embeddings."""
 
     by_prompt: dict[str, torch.Tensor]  # prompt -> [L, D]
     empty: torch.Tensor  # the negative prompt "" of classifier-free guidance
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, text_encoder, tokenizer, prompts: list[str]) -> EncodedPrompts:
-        from ctrlnet_trainer.data import tokenize
-
+    def encode(cls, models: Models, prompts: list[str]) -> EncodedPrompts:
+        """The hidden states the family's text encoders make of `prompts` and "" (a cacheable
+        family's: one tensor per prompt, as the cache holds them)."""
         unique = sorted(set(prompts))
-        ids = tokenize(tokenizer, [*unique, ""]).to(text_encoder.device)
-        hidden = text_encoder(ids, return_dict=False)[0].cpu()
+        ids = models.family.token_ids(models.text, [*unique, ""])
+        ids = {key: t.to(models.text_encoder.device) for key, t in ids.items()}
+        hidden = models.family.condition(models.text, ids, {}).hidden.cpu()
         return cls(dict(zip(unique, hidden[:-1], strict=True)), hidden[-1])
 
     def pipeline_batch(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> dict:
@@ -104,34 +105,7 @@ def controlnet_pipeline(models: Models, controlnet: torch.nn.Module):
     from diffusers import UniPCMultistepScheduler
 
     scheduler = UniPCMultistepScheduler.from_config(models.noise_scheduler.config)
-    if models.family == "sdxl":
-        from diffusers import StableDiffusionXLControlNetPipeline
-
-        return StableDiffusionXLControlNetPipeline(
-            vae=models.vae,
-            text_encoder=models.text_encoder,
-            text_encoder_2=models.text_encoder_2,
-            tokenizer=models.tokenizer,
-            tokenizer_2=models.tokenizer_2,
-            unet=models.unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,  # an invisible watermark would alter the samples being judged
-        )
-    from diffusers import StableDiffusionControlNetPipeline
-
-    return StableDiffusionControlNetPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        controlnet=controlnet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return models.family.pipeline({**models.pipeline_parts(), "scheduler": scheduler}, controlnet)
 
 
 @torch.no_grad()
@@ -326,7 +300,8 @@ def heldout_loss(
     controlnet.eval()
     total = 0.0
     for batch in batches:
-        draws = draw(batch["sample_id"], seed, encoder.latent_shape(batch), timesteps, 0.0).to(device)
+        shape = encoder.latent_shape(batch)
+        draws = draw(batch["sample_id"], seed, shape, timesteps, 0.0, family=models.family).to(device)
         latents, text = encoder.encode(batch, draws)
         cond = batch["conditioning_pixel_values"].to(device, dtype=weight_dtype)
         total += controlnet_loss(models, controlnet, latents, text, cond, draws, None).item()

@@ -27,12 +27,14 @@ class of fault an error instead of a published ControlNet.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from ctrlnet.errors import IntegrityError
+from ctrlnet.log import get_logger
+
+log = get_logger(__name__)
 
 ATTEMPTS = 3  # gathers of one save before giving up: a gather fault is rare and transient
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -61,13 +63,10 @@ def gather(accelerator, prepared: torch.nn.Module, *, is_main: bool, sharded: bo
                 f"the ControlNet's weights are not finite ({bad}): training diverged; nothing was written. "
                 "Lower optim.learning_rate (or set optim.max_grad_norm) and resume from the last checkpoint"
             )
-        if is_main:
-            print(
-                f"warning: gathering the ControlNet's weights gave a copy that differs from the live model "
-                f"({names(mismatched)}; attempt {attempt} of {ATTEMPTS}): gathering again",
-                file=sys.stderr,
-                flush=True,
-            )
+        log.warning(
+            f"gathering the ControlNet's weights gave a copy that differs from the live model "
+            f"({names(mismatched)}; attempt {attempt} of {ATTEMPTS}): gathering again"
+        )
     raise IntegrityError(
         f"could not gather a copy of the ControlNet equal to the live model in {ATTEMPTS} attempts: nothing was "
         "written or committed; the newest committed checkpoint is intact (resume with --resume latest)"

@@ -11,15 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ctrlnet.errors import UserError
+from ctrlnet.errors import UserError, one_line
 
 PROBE_TIMEOUT_S = 10.0
 """How long the one request to the hub may take before it counts as unreachable."""
-
-
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:160]
 
 
 def _offline(repo_type: str) -> bool:
@@ -87,6 +82,6 @@ def check_hub_id(
         if is_cached(name, repo_type, cache_dir):
             return  # the loader falls back to its cached copy
         raise UserError(
-            f"{not_here}, and trying it as a hub {repo_type} id failed: the hub could not be reached ({_short(e)}); "
+            f"{not_here}, and trying it as a hub {repo_type} id failed: the hub could not be reached ({one_line(e, limit=160)}); "
             "give an existing folder, or check the network (HF_ENDPOINT, proxy settings)"
         ) from None

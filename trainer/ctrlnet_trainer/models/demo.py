@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageChops
 
-from ctrlnet_trainer.base_model import ARCHS
+from ctrlnet_trainer.models.tiny import ARCHS
 from ctrlnet_trainer.synthetic import CSS_COLOURS, colour_words, fill_example
 
 if TYPE_CHECKING:
-    from ctrlnet_trainer.base_model import BaseParts
+    from ctrlnet_trainer.models.parts import Base
 
 DEMO_RESOLUTION = 64
 
@@ -64,7 +64,7 @@ DEMO_COLOURS: tuple[str, ...] = (
     "olive",
 )
 
-# Model shapes, in base_model.ARCHS' format. The UNet and text encoder are the `tiny` arch's (so
+# Model shapes, in models.tiny.ARCHS' format. The UNet and text encoder are the `tiny` arch's (so
 # the ControlNet the demo trains costs what a tiny one costs). The VAE keeps four blocks: the
 # latents must be 1/8 of the image, because the ControlNet's conditioning embedding (diffusers'
 # default, 16/32/96/256 channels) downsamples the conditioning image by 8 and is added to the
@@ -79,7 +79,7 @@ DEMO_ARCH: dict[str, dict[str, Any]] = {
         norm_num_groups=8,
     ),
 }
-TEXT_ENCODER_ARCH = "tiny"  # the text encoder and tokenizer: base_model.build_base(TEXT_ENCODER_ARCH, seed)'s
+TEXT_ENCODER_ARCH = "tiny"  # the text encoder and tokenizer: models.tiny.build_base(TEXT_ENCODER_ARCH, seed)'s
 
 _COLOUR_PRIME = 1_000_033
 
@@ -133,14 +133,14 @@ def demo_captions() -> list[str]:
     ]
 
 
-def build_demo_base(seed: int = 0) -> BaseParts:
+def build_demo_base(seed: int = 0) -> Base:
     """A random-init demo base: DEMO_ARCH's UNet and VAE (weights from `seed`), the `tiny` arch's
-    text encoder and tokenizer (base_model.build_base('tiny', seed)'s, bit for bit) and SD's noise
+    text encoder and tokenizer (models.tiny.build_base('tiny', seed)'s, bit for bit) and SD's noise
     schedule. Leaves the caller's torch random state as it was."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from ctrlnet_trainer.base_model import build_base
+    from ctrlnet_trainer.models.tiny import build_base
 
     parts = build_base(TEXT_ENCODER_ARCH, seed)
     vae_spec = dict(DEMO_ARCH["vae"])

@@ -1,17 +1,18 @@
-"""Rows -> the cache's tensors (format: cache.py), for precompute.py: the encoders loaded and held
+"""Rows -> the cache's tensors (format: layout.py), for job.py: the encoders loaded and held
 exactly as a training run holds them for step.OnlineEncoder, the rows decoded exactly as
 data.Examples decodes them (every caption kept), so the cached values are the ones online
 encoding computes."""
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
+from ctrlnet.log import ALL_RANKS, get_logger
 from ctrlnet_trainer import data
+
+log = get_logger(__name__)
 
 ENCODE_BATCH = 16
 """Rows per VAE / text-encoder forward: fills a GPU at 512 px without approaching its memory."""
@@ -19,27 +20,28 @@ ENCODE_BATCH = 16
 
 # ---------------------------------------------------------------- models
 def load_encoders(cfg: TrainConfig, seed: int):
-    """(tokenizer, text encoder, VAE) exactly as models.load_models loads them, without the UNet and
-    the ControlNet that a precompute never runs."""
-    from ctrlnet_trainer import models as model_lib
-    from ctrlnet_trainer.cached import refuse_sdxl
+    """The base's text encoders, tokenizers and VAE exactly as models.load_models loads them,
+    without the UNet and the ControlNet that a precompute never runs."""
+    from ctrlnet_trainer.cache.reader import refuse_uncacheable
+    from ctrlnet_trainer.models import load as model_lib
 
     base = model_lib.load_base(cfg, seed, with_unet=False)
-    refuse_sdxl(base.family)
-    return base.tokenizer, base.text_encoder, base.vae
+    refuse_uncacheable(base.family)
+    return base
 
 
-def prepare_encoders(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, text_encoder, vae):
+def prepare_encoders(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, base) -> None:
     """The encoders as a training run holds them for step.OnlineEncoder (models.prepare_for_training,
     speed.apply_speed_settings, the TF32 switch), so the cached values are the ones it computes."""
     from ctrlnet_trainer import speed
 
-    for module in (text_encoder, vae):
+    for module in (*base.text_encoders(), base.vae):
         module.requires_grad_(False).eval().to(device)
-        if dtype != torch.float32:
-            module.to(dtype=dtype)
+        wanted = base.family.vae_dtype(module, dtype) if module is base.vae else dtype
+        if wanted != torch.float32:
+            module.to(dtype=wanted)
     if speed.channels_last(cfg, device):
-        vae.to(memory_format=torch.channels_last)
+        base.vae.to(memory_format=torch.channels_last)
     if cfg.loop.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -50,9 +52,9 @@ class RowDecoder(torch.utils.data.Dataset):
     """Row i -> what the training transform makes of it (data.Examples.encode, minus the caption
     choice: every caption is kept), or a description when an image is unreadable."""
 
-    def __init__(self, source: data.Source, cfg: TrainConfig):
+    def __init__(self, source: data.Source, cfg: TrainConfig, family):
         self.rows, self.root, self.cfg = source.rows, source.root, cfg.data
-        self.resample = data.resample_filter(cfg.data.interpolation, "sd")  # the cache holds SD1.x/2.x rows
+        self.resample = data.resample_filter(cfg.data.interpolation, family)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,8 +64,8 @@ class RowDecoder(torch.utils.data.Dataset):
         where = f"data.dataset {c.dataset!r}, row {i}"
         try:
             row = self.rows[i]
-        except data._UNREADABLE as e:
-            return {"index": i, "bad": f"{where}: not readable ({data._why(e)})"}
+        except data.UNREADABLE as e:
+            return {"index": i, "bad": f"{where}: not readable ({data.unreadable_reason(e)})"}
         images = []
         for column in (c.image_column, c.conditioning_image_column):
             try:
@@ -99,7 +101,7 @@ def _as_list(rows: list[dict]) -> list[dict]:
     return rows  # rows stay separate: a shard's are stacked once all are encoded
 
 
-def decoded_shards(source: data.Source, cfg: TrainConfig, todo: list[tuple[int, int, int]]):
+def decoded_shards(source: data.Source, cfg: TrainConfig, family, todo: list[tuple[int, int, int]]):
     """(index, first row, rows, decoded rows) per shard of `todo`, images decoded by
     `data.num_workers` DataLoader workers a few batches ahead of the encoders."""
     batches = [
@@ -108,7 +110,7 @@ def decoded_shards(source: data.Source, cfg: TrainConfig, todo: list[tuple[int, 
         for b in range(first, first + n, ENCODE_BATCH)
     ]
     loader = torch.utils.data.DataLoader(
-        RowDecoder(source, cfg),
+        RowDecoder(source, cfg, family),
         batch_sampler=batches,
         collate_fn=_as_list,
         num_workers=cfg.data.num_workers,
@@ -125,26 +127,21 @@ class RowEncoder:
     """Decoded rows -> a shard's tensors, with the encoders in the run's weight dtype on its device,
     so the values equal what step.OnlineEncoder computes while training."""
 
-    def __init__(self, tokenizer, text_encoder, vae, device: torch.device, dtype: torch.dtype, cfg):
-        self.tokenizer, self.text_encoder, self.vae, self.device, self.dtype = (
-            tokenizer,
-            text_encoder,
-            vae,
-            device,
-            dtype,
-        )
+    def __init__(self, base, device: torch.device, dtype: torch.dtype, cfg):
+        self.family, self.text, self.vae = base.family, base.text, base.vae
+        self.device, self.dtype = device, dtype
         self.skip_bad_rows = cfg.skip_bad_rows
         # Shapes of a row, for unreadable rows (zeros) even when no row of a shard could be read.
-        down = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_shape = (vae.config.latent_channels, cfg.resolution // down, cfg.resolution // down)
+        self.latent_shape = self.family.latent_shape(self.vae.config, cfg.resolution, cfg.resolution)
         self.cond_shape = (3, cfg.resolution, cfg.resolution)
 
     @torch.no_grad()
     def embed(self, captions: list[str]) -> torch.Tensor:
         out = []
         for at in range(0, len(captions), ENCODE_BATCH):
-            ids = data.tokenize(self.tokenizer, captions[at : at + ENCODE_BATCH]).to(self.device)
-            out.append(self.text_encoder(ids, return_dict=False)[0].cpu())
+            ids = self.family.token_ids(self.text, captions[at : at + ENCODE_BATCH])
+            ids = {key: t.to(self.device) for key, t in ids.items()}
+            out.append(self.family.condition(self.text, ids, {}).hidden.cpu())  # what the step computes
         return torch.cat(out)
 
     @torch.no_grad()
@@ -155,7 +152,7 @@ class RowEncoder:
             first = next(iter(bad.values()))
             raise UserError(f"{first}: fix or remove it, or set train.data.skip_bad_rows=true to skip unreadable rows")
         for why in bad.values():
-            print(f"warning: cached as unreadable: {why}", file=sys.stderr, flush=True)
+            log.warning(f"cached as unreadable: {why}", extra=ALL_RANKS)
         means, logvars = [], []
         for at in range(0, len(good), ENCODE_BATCH):
             pixels = torch.stack([r["pixel_values"] for r in good[at : at + ENCODE_BATCH]])

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +20,9 @@ from ctrlnet.errors import UserError
 # torch, diffusers and transformers are imported where a base is built: `ctrlnet model init`
 # checks --arch and --out first, and a typo should not wait ten seconds for the imports.
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    from ctrlnet_trainer.models.parts import Base
 
 # Model hyper-parameters per architecture. Note diffusers' naming quirk: for these UNets
 # `attention_head_dim` is really the number of heads (SD1.5's "8" means 8 heads).
@@ -191,18 +191,6 @@ def family_of(arch: str) -> str:
     return "sdxl" if "text_encoder_2" in ARCHS[arch] else "sd"
 
 
-@dataclass
-class BaseParts:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    noise_scheduler: DDPMScheduler
-    family: str = "sd"
-    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL only
-    tokenizer_2: CLIPTokenizer | None = None
-
-
 def _byte_chars() -> list[str]:
     """The 256 printable characters byte-level BPE (GPT-2/CLIP) uses for the 256 bytes, in the
     order of CLIP's vocab.json: printable bytes as themselves first, then the other bytes mapped
@@ -258,7 +246,7 @@ def _text_config(spec: dict[str, Any], tokenizer: CLIPTokenizer, arch: str):
     )
 
 
-def build_base(arch: str = "tiny", seed: int = 0) -> BaseParts:
+def build_base(arch: str = "tiny", seed: int = 0) -> Base:
     """Build a random-init base. Weights depend only on (arch, seed).
 
     Seeds torch's global CPU generator inside `torch.random.fork_rng`, so the caller's random
@@ -267,6 +255,9 @@ def build_base(arch: str = "tiny", seed: int = 0) -> BaseParts:
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from ctrlnet_trainer.models.families import family_named
+    from ctrlnet_trainer.models.parts import Base
 
     if arch not in ARCHS:
         raise ValueError(f"unknown base arch {arch!r}; choose one of {sorted(ARCHS)}")
@@ -291,16 +282,10 @@ def build_base(arch: str = "tiny", seed: int = 0) -> BaseParts:
         text_encoder_2 = (
             CLIPTextModelWithProjection(_text_config(spec["text_encoder_2"], tokenizer_2, arch)) if sdxl else None
         )
-    return BaseParts(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        noise_scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
-        family="sdxl" if sdxl else "sd",
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-    )
+    text = {"tokenizer": tokenizer, "text_encoder": text_encoder}
+    if sdxl:
+        text |= {"tokenizer_2": tokenizer_2, "text_encoder_2": text_encoder_2}
+    return Base(family_named(family_of(arch)), text, vae, unet, DDPMScheduler(**SCHEDULER_CONFIG))
 
 
 def check_out(out: str | Path, overwrite: bool) -> None:
@@ -331,7 +316,7 @@ def write_base(out: str | Path, arch: str = "tiny", seed: int = 0, *, overwrite:
     out = Path(out)
     check_out(out, overwrite)
     parts = build_base(arch, seed)
-    pipe = pipeline_of(parts)
+    pipe = parts.family.pipeline(parts.pipeline_parts())  # its model_index.json is the family's
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -339,7 +324,7 @@ def write_base(out: str | Path, arch: str = "tiny", seed: int = 0, *, overwrite:
         pipe.save_pretrained(staging, safe_serialization=True)
         # transformers 5 saves only tokenizer.json; add the classic vocab files too so that a
         # transformers 4.x CLIPTokenizer (the slow one, which needs them) loads this folder as well.
-        for folder in ("tokenizer", "tokenizer_2") if parts.tokenizer_2 is not None else ("tokenizer",):
+        for folder in (name for name in parts.text if name.startswith("tokenizer")):
             _write_vocab_files(staging / folder)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
@@ -349,33 +334,3 @@ def write_base(out: str | Path, arch: str = "tiny", seed: int = 0, *, overwrite:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def pipeline_of(parts: BaseParts):
-    """The family's pipeline around the parts: what writes model_index.json."""
-    if parts.family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            text_encoder_2=parts.text_encoder_2,
-            tokenizer=parts.tokenizer,
-            tokenizer_2=parts.tokenizer_2,
-            unet=parts.unet,
-            scheduler=parts.noise_scheduler,
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=parts.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )

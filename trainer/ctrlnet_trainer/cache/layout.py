@@ -1,5 +1,5 @@
-"""The precomputed cache's format: written by `ctrlnet precompute` (precompute.py), read by a run
-with `data.cache` set (cached.py). A folder or an object-storage prefix, through storage.Prefix:
+"""The precomputed cache's format: written by `ctrlnet precompute` (job.py), read by a run
+with `data.cache` set (reader.py). A folder or an object-storage prefix, through storage.Prefix:
 
     fingerprint.json                    what the cache is made from; written first, so a second
                                         precompute of another config into the same place stops
@@ -41,8 +41,8 @@ import torch
 
 from ctrlnet.config.contract import CACHE_MANIFEST
 from ctrlnet.config.train import TrainConfig
-from ctrlnet.errors import UserError
 from ctrlnet_trainer.data import interpolation_of
+from ctrlnet_trainer.models.family import Family
 from ctrlnet_trainer.storage import Prefix
 
 DEFAULT_SHARD_ROWS = 256
@@ -52,6 +52,7 @@ TRANSFORM_VERSION = 1
 clamp, tokenization): older caches then no longer match any run's fingerprint."""
 
 MANIFEST = CACHE_MANIFEST
+
 FINGERPRINT = "fingerprint.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
 EMPTY_PROMPT_RECORD = "empty_prompt.json"
@@ -96,7 +97,14 @@ def folder_digest(root: str | Path, parts: tuple[str, ...]) -> str:
 
 
 def build_fingerprint(
-    cfg: TrainConfig, seed: int, *, rows: int, scaling_factor: float, max_length: int, dtype: torch.dtype
+    cfg: TrainConfig,
+    seed: int,
+    family: Family,
+    *,
+    rows: int,
+    scaling_factor: float,
+    max_length: int,
+    dtype: torch.dtype,
 ) -> dict:
     """What a cache's values depend on, as comparable JSON. A cached run recomputes it from its own
     config and refuses a cache whose fingerprint differs in any field."""
@@ -115,7 +123,7 @@ def build_fingerprint(
         "scaling_factor": float(scaling_factor),
         "max_length": int(max_length),
         "resolution": d.resolution,
-        "interpolation": interpolation_of(d.interpolation, "sd"),  # the cache holds SD1.x/2.x rows
+        "interpolation": interpolation_of(d.interpolation, family),  # as the family resizes
         "transform": TRANSFORM_VERSION,
         "dataset": d.dataset
         if d.dataset is not None
@@ -136,7 +144,7 @@ def base_identity(
     """The base (or tokenizer) as content: the in-code tiny base by its seed; a folder (or a
     bucket's local copy) by the sha256 of its VAE, text encoder and tokenizer files; a hub id by
     the commit its cached snapshot resolved to."""
-    from ctrlnet_trainer.models import resolve_location
+    from ctrlnet_trainer.models.load import resolve_location
 
     if where is None:
         return f"builtin tiny, seed {seed}"
@@ -240,88 +248,3 @@ def manifest(fingerprint: dict, rows: int, shard_rows: int, records: list[dict],
         "shards": records,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-# ---------------------------------------------------------------- reading
-def read_manifest(url: str) -> dict | None:
-    """The manifest of the cache at `url`, or None when there is none (not yet, or never)."""
-    return read_json(Prefix(url), MANIFEST)
-
-
-class CacheReader:
-    """Rows of a finished cache, read from memory-mapped shards (random access costs a page-in,
-    not a shard). A bucket's shards are first copied to this node (`localize`), checked against
-    their sha256; a folder's are read in place."""
-
-    def __init__(self, prefix: Prefix, manifest: dict):
-        self.prefix, self.manifest = prefix, manifest
-        self.shards = manifest["shards"]
-        self.firsts = [s["first_row"] for s in self.shards]
-        self.rows = int(manifest["rows"])
-        self._open: dict[int, tuple] = {}
-        self._pid = os.getpid()
-
-    def localize(self) -> None:
-        """Copy a bucket's files to this node's mirror (once per node: call on the local main
-        process, then wait for it); a folder needs nothing."""
-        if not self.prefix.staged:
-            return
-        for entry in [self.manifest["empty_prompt"], *self.shards]:
-            local = self.prefix.local(entry["file"])
-            if local.exists() and local.stat().st_size == entry["bytes"]:
-                continue
-            local.parent.mkdir(parents=True, exist_ok=True)
-            staged = local.with_name(f".{local.name}.partial-{os.getpid()}")
-            self.prefix.download(staged, entry["file"])
-            if file_sha256(staged) != entry["sha256"]:
-                staged.unlink(missing_ok=True)
-                raise UserError(
-                    f"data.cache {self.prefix.url}: {entry['file']} does not match its sha256 in {MANIFEST}: "
-                    "re-run ctrlnet precompute into a new data.cache"
-                )
-            os.replace(staged, local)
-
-    def _path(self, entry: dict) -> str:
-        return str(self.prefix.local(entry["file"]))
-
-    def empty_prompt(self) -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        return load_file(self._path(self.manifest["empty_prompt"]))["text"][0]
-
-    def _shard(self, index: int) -> tuple:
-        """(safe_open handle, text offsets) of shard `index`, opened once per process (a
-        DataLoader worker forked from a process that had it open reopens its own)."""
-        if os.getpid() != self._pid:
-            self._open, self._pid = {}, os.getpid()
-        if index not in self._open:
-            from safetensors import safe_open
-
-            entry = self.shards[index]
-            try:
-                handle = safe_open(self._path(entry), framework="pt")
-            except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own SafetensorError
-                raise UserError(
-                    f"data.cache {self.prefix.url}: {entry['file']} cannot be read ({type(e).__name__}): "
-                    "re-run ctrlnet precompute into a new data.cache"
-                ) from None
-            bad = json.loads((handle.metadata() or {}).get("bad_rows", "{}"))
-            self._open[index] = (handle, handle.get_tensor("text_offsets").tolist(), bad)
-        return self._open[index]
-
-    def row(self, i: int) -> dict[str, torch.Tensor]:
-        """Row `i`: latent_mean, latent_logvar, text ([captions, L, D]), conditioning (uint8), and
-        `bad`: None, or the description of an unreadable row (then the tensors are zeros)."""
-        import bisect
-
-        index = bisect.bisect_right(self.firsts, i) - 1
-        handle, offsets, bad = self._shard(index)
-        j = i - self.firsts[index]
-        take = lambda name, a, b: handle.get_slice(name)[a:b]  # noqa: E731 - reads just these rows
-        return {
-            "latent_mean": take("latent_mean", j, j + 1)[0],
-            "latent_logvar": take("latent_logvar", j, j + 1)[0],
-            "text": take("text", offsets[j], offsets[j + 1]),
-            "conditioning": take("conditioning", j, j + 1)[0],
-            "bad": bad.get(str(i)),  # why row i is unreadable, or None
-        }
