@@ -600,3 +600,124 @@ def test_gpu_and_device_must_agree_for_a_cluster_job():
     load_job_config(None, ["cluster.gpus_per_node=0", "train.loop.device=cpu"], for_cluster=True)
     load_job_config(None, ["cluster.gpus_per_node=4", "train.loop.device=auto"], for_cluster=True)
     load_job_config(None, ["train.loop.device=cpu"])
+
+
+# --- bounds: what a slip can cost ------------------------------------------------------------------
+
+
+def _leaf_fields(model, path=()):
+    from ctrlnet.config.loading import submodel
+
+    for name, field in model.model_fields.items():
+        sub = submodel(field.annotation)
+        if sub is not None:
+            yield from _leaf_fields(sub, (*path, name))
+        else:
+            yield ".".join((*path, name)), field
+
+
+def _numeric(field, kind) -> bool:
+    import types
+    import typing
+
+    union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(field.annotation) if union else (field.annotation,)
+    return kind in options  # a scalar (lists are checked by their own validators: ports, offsets)
+
+
+def test_every_int_key_has_an_upper_bound():
+    """Every count and size a user types is bounded in the model (so render, validate and config
+    show refuse a slip too), and the bound is in the schema the chart checks values against."""
+    import annotated_types as at
+
+    unbounded = [
+        key
+        for key, field in _leaf_fields(JobConfig)
+        if _numeric(field, int) and not any(isinstance(m, (at.Le, at.Lt)) for m in field.metadata)
+    ]
+    assert unbounded == []
+    schema = JobConfig.model_json_schema()
+    data = schema["$defs"]["DataConfig"]["properties"]
+    assert data["resolution"]["maximum"] == 4096 and data["synthetic_rows"]["maximum"] == 100_000_000
+
+
+@pytest.mark.parametrize("value", ["1e309", "-1e309", "inf", "-inf", ".inf", "-.inf", "nan", ".nan", "NaN"])
+def test_every_float_key_refuses_non_finite_numbers(tmp_path, value):
+    floats = [key for key, field in _leaf_fields(JobConfig) if _numeric(field, float)]
+    assert "train.optim.learning_rate" in floats and "train.optim.lr_power" in floats
+    for key in floats:
+        msg = _error(tmp_path, overrides=[f"{key}={value}"])
+        assert f"{key}: Input should be a finite number" in msg, msg
+
+
+def test_non_finite_numbers_in_the_file_are_refused(tmp_path):
+    msg = _error(tmp_path, "train:\n  optim:\n    learning_rate: .inf\n    lr_power: 1.0e309\n")
+    assert "train.optim.learning_rate: Input should be a finite number" in msg
+    assert "train.optim.lr_power: Input should be a finite number" in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.data.resolution=100000", "train.data.resolution"),
+        ("train.data.synthetic_rows=1000000000000", "train.data.synthetic_rows"),
+        ("train.loop.max_steps=1000000000000", "train.loop.max_steps"),
+        ("train.loop.batch_size=1000000", "train.loop.batch_size"),
+        ("train.data.num_workers=1000", "train.data.num_workers"),
+        ("train.validation.num_images=1000", "train.validation.num_images"),
+        ("train.validation.num_inference_steps=100000", "train.validation.num_inference_steps"),
+        ("cluster.gpus_per_node=1000", "cluster.gpus_per_node"),
+    ],
+)
+def test_sizes_over_their_bound_are_refused(tmp_path, override, key):
+    msg = _error(tmp_path, overrides=[override])
+    assert f"{key}: Input should be less than or equal to" in msg
+
+
+def test_text_over_its_bound_is_refused(tmp_path):
+    msg = _error(
+        tmp_path, overrides=["train.validation.prompts=[" + "a" * 5000 + "]", "train.validation.images=[c.png]"]
+    )
+    assert "train.validation.prompts[0]: String should have at most 4096 characters" in msg
+    assert "aaaa" not in msg
+
+
+def test_bounds_at_their_limit_are_accepted(tmp_path):
+    cfg = load_job_config(None, ["train.data.resolution=4096", "train.loop.max_steps=100000000"])
+    assert cfg.train.data.resolution == 4096
+
+
+# --- the YAML reader's own bounds ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_an_alias_bomb_is_refused_quickly(tmp_path):
+    lines = ["train:", '  a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"  {n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi", strict=True)]
+    p = _write(tmp_path, "\n".join(lines) + "\n")
+    msg = _error(tmp_path, path=p)
+    assert msg.startswith(f"config file {p} is refused: it holds more than 100000 values with its aliases expanded")
+
+
+def test_too_many_aliases_are_refused(tmp_path):
+    text = "x: &x 1\ntrain:\n  validation:\n    prompts: [" + ", ".join(["*x"] * 1001) + "]\n"
+    msg = _error(tmp_path, text)
+    assert "is refused: it uses more than 1000 aliases" in msg
+
+
+def test_anchors_and_aliases_within_bounds_still_work(tmp_path):
+    p = _write(tmp_path, "train:\n  checkpoint: {every_steps: &n 50}\n  validation: {every_steps: *n}\n")
+    cfg = load_job_config(p)
+    assert cfg.train.checkpoint.every_steps == cfg.train.validation.every_steps == 50
+
+
+def test_a_file_over_the_size_bound_is_refused_unread(tmp_path):
+    p = tmp_path / "big.yaml"
+    p.write_text("# " + "x" * (1024 * 1024) + "\n", encoding="utf-8")
+    msg = _error(tmp_path, path=p)
+    assert msg == f"config file {p} is larger than 1024 KiB (the most read): pass the job's YAML file (a few KiB)"
+
+
+def test_a_value_containing_itself_is_refused(tmp_path):
+    msg = _error(tmp_path, "train: &t\n  model: *t\n")
+    assert "is refused: a value contains itself" in msg

@@ -119,12 +119,14 @@ def configure(level: int | None = None) -> None:
             root.addHandler(handler)
 
 
-def capture_library_warnings() -> None:
+def capture_library_warnings(*, only_verbose: bool = False) -> None:
     """Python warnings (torch's, diffusers') through the same handlers and rank filter, silenced
-    by -q: for the entry points (the CLI, the trainer's process), not at import."""
+    by -q: for the entry points (the CLI, the trainer's process), not at import. `only_verbose`
+    (the CLI): shown with -v only, so a library's warning never precedes a command's one-line error."""
     configure()
     logging.captureWarnings(True)
     warned = logging.getLogger("py.warnings")
     warned.handlers = logging.getLogger(ROOT).handlers
     warned.propagate = False
-    warned.setLevel(logging.ERROR if verbosity() < 0 else logging.WARNING)
+    shown = verbosity() > 0 if only_verbose else verbosity() >= 0
+    warned.setLevel(logging.WARNING if shown else logging.ERROR)

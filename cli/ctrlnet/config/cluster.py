@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ctrlnet.config.bounds import MAX_COUNT, MAX_GPUS_PER_NODE, MAX_ID, MAX_NODES, MAX_SECONDS
 from ctrlnet.config.contract import TRAINER_UID
 from ctrlnet.config.credentials import credential_kind, refuse_credentials, secret_env_name
 from ctrlnet.config.k8s_syntax import (
@@ -220,24 +221,24 @@ class VolcanoConfig(Section):
     """Volcano Queue name; unset: no Volcano. PyTorchJob: `runPolicy.schedulingPolicy.queue` and
     `schedulerName: volcano` (the Training Operator must run with `--gang-scheduler-name=volcano`);
     TrainJob: annotation `scheduling.volcano.sh/queue-name` (the runtime needs `podGroupPolicy.volcano`)."""
-    min_available: int | None = Field(default=None, ge=1)
+    min_available: int | None = Field(default=None, ge=1, le=MAX_NODES)
     """Pods that must be schedulable together; unset: all `nodes`."""
     priority_class: str | None = None
     """PriorityClass of the PodGroup (`schedulingPolicy.priorityClass`)."""
-    schedule_timeout_seconds: int | None = Field(default=None, ge=1)
-    """Give up gang scheduling after this long (`schedulingPolicy.scheduleTimeoutSeconds`)."""
+    schedule_timeout_seconds: int | None = Field(default=None, ge=1, le=MAX_SECONDS)
+    """Give up gang scheduling after this long (`schedulingPolicy.scheduleTimeoutSeconds`; at most a year)."""
 
 
 class SecurityConfig(Section):
     """The pod always runs as non-root, without privilege escalation, all capabilities dropped and
     the RuntimeDefault seccomp profile; these are the ids it runs as."""
 
-    run_as_user: int = Field(default=TRAINER_UID, ge=1)
+    run_as_user: int = Field(default=TRAINER_UID, ge=1, le=MAX_ID)
     """UID of the trainer process (the image's `ctrlnet` user, 10001: at least 10000, so it
     collides with no user of the node)."""
-    run_as_group: int = Field(default=TRAINER_UID, ge=0)
+    run_as_group: int = Field(default=TRAINER_UID, ge=0, le=MAX_ID)
     """GID of the trainer process."""
-    fs_group: int = Field(default=TRAINER_UID, ge=0)
+    fs_group: int = Field(default=TRAINER_UID, ge=0, le=MAX_ID)
     """Group that owns mounted volumes (scratch, cache PVC)."""
 
 
@@ -314,10 +315,10 @@ class ClusterConfig(Section):
     """When the kubelet pulls the image."""
     image_pull_secrets: list[str] = Field(default_factory=list)
     """Names of docker-registry Secrets for a private registry."""
-    nodes: int = Field(default=1, ge=1)
-    """Pods, one per node. PyTorchJob: 1 Master plus nodes-1 Workers; TrainJob: numNodes."""
-    gpus_per_node: int = Field(default=1, ge=0)
-    """GPUs per pod, and so torchrun processes per pod (0: one CPU process per pod)."""
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES)
+    """Pods, one per node (at most 10,000). PyTorchJob: 1 Master plus nodes-1 Workers; TrainJob: numNodes."""
+    gpus_per_node: int = Field(default=1, ge=0, le=MAX_GPUS_PER_NODE)
+    """GPUs per pod, and so torchrun processes per pod (0: one CPU process per pod; at most 64)."""
     gpu_resource: str = "nvidia.com/gpu"
     """Extended resource name of a GPU (e.g. `amd.com/gpu`)."""
     resources: Resources = Field(default_factory=Resources)
@@ -346,20 +347,20 @@ class ClusterConfig(Section):
     priority_class_name: str | None = None
     """Kubernetes PriorityClass of the pods (PyTorchJob only; for TrainJob set it in the runtime)."""
     security: SecurityConfig = Field(default_factory=SecurityConfig)
-    termination_grace_period_seconds: int = Field(default=600, ge=30)
-    """Time between SIGTERM and SIGKILL: the trainer finishes its step and writes a checkpoint in it."""
+    termination_grace_period_seconds: int = Field(default=600, ge=30, le=MAX_SECONDS)
+    """Time between SIGTERM and SIGKILL: the trainer finishes its step and writes a checkpoint in it (at most a year)."""
     # In Kubeflow's order (common_types.go); `ctrlnet validate` lists the values in this order.
     restart_policy: Literal["Always", "OnFailure", "Never", "ExitCode"] = "ExitCode"
     """PyTorchJob replica restart policy. `ExitCode`: exit codes 1-127 fail the job for good,
     128-255 (SIGTERM -> 143, SIGKILL -> 137) restart the pod, which resumes from its last checkpoint."""
-    backoff_limit: int = Field(default=3, ge=0)
+    backoff_limit: int = Field(default=3, ge=0, le=MAX_COUNT)
     """In-place container restarts (restart_policy OnFailure/Always) before the job is marked
     failed. Training Operator v1.9 does not count pods it re-creates after a retryable exit
     under ExitCode."""
-    active_deadline_seconds: int | None = Field(default=None, ge=1)
-    """Fail the job after running this long; unset: no deadline."""
-    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
-    """Delete the finished job (and its pods) after this long; unset: keep it. With GitOps
+    active_deadline_seconds: int | None = Field(default=None, ge=1, le=MAX_SECONDS)
+    """Fail the job after running this long (at most a year); unset: no deadline."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, le=MAX_SECONDS)
+    """Delete the finished job (and its pods) after this long (at most a year); unset: keep it. With GitOps
     self-heal a deleted job is re-created and trains again: see docs/gitops.md."""
     clean_pod_policy: Literal["None", "Running", "All"] = "Running"
     """PyTorchJob: which pods to delete when the job finishes (`Running` frees the GPUs of pods

@@ -36,9 +36,39 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
         self.key, self.first, self.again = key, first, again
 
 
+MAX_FILE_BYTES = 1024 * 1024
+"""The largest config file read (1 MiB): a job file is a few KiB; more is a wrong file."""
+MAX_ALIASES = 1000
+"""The most aliases (`*name`) one YAML document may use."""
+MAX_NODES = 100_000
+"""The most values (scalars, lists, mappings) a YAML document may hold once every alias is expanded:
+a few aliases nested can stand for billions of values ("billion laughs"), which would never finish
+loading; a real job file holds a few hundred."""
+
+
+class YamlTooLargeError(yaml.YAMLError):
+    """A document over MAX_ALIASES or MAX_NODES (or one that contains itself)."""
+
+
 class _Yaml12Loader(yaml.SafeLoader):
     """SafeLoader whose booleans are YAML 1.2's: true/false only (yes/no/on/off stay strings),
-    and that refuses a key given twice in one mapping."""
+    that refuses a key given twice in one mapping, and that refuses a document bigger than
+    MAX_ALIASES / MAX_NODES before building it."""
+
+    aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise YamlTooLargeError(f"it uses more than {MAX_ALIASES} aliases (*name), the most allowed")
+        return super().compose_node(parent, index)
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, yaml.Mark] = {}
@@ -52,6 +82,35 @@ class _Yaml12Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values `root` stands for with every alias expanded, without expanding them (a
+    node reached by several aliases is counted once per alias from the sizes already known)."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in on_path:
+            raise YamlTooLargeError("a value contains itself (an alias to an enclosing anchor)")
+        on_path.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        if total > MAX_NODES:
+            raise YamlTooLargeError(
+                f"it holds more than {MAX_NODES} values with its aliases expanded, the most allowed"
+            )
+        on_path.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
@@ -61,8 +120,12 @@ _Yaml12Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|f
 
 
 def parse_yaml(text: str) -> Any:
-    """Parse YAML text the way config files and --set values are parsed."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    """Parse YAML text the way config files and --set values are parsed: a YamlTooLargeError for a
+    document over the bounds above (or nested past Python's recursion limit)."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise YamlTooLargeError("its values are nested too deeply") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -72,7 +135,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"config file {p} does not exist: pass an existing YAML file with -f")
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise UserError(
+                f"config file {p} is larger than {MAX_FILE_BYTES // 1024} KiB (the most read): "
+                "pass the job's YAML file (a few KiB)"
+            )
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(
             f"config file {p} cannot be read ({e.__class__.__name__}): pass a readable UTF-8 YAML file"
@@ -84,6 +154,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"config file {p}: key {shown(e.key)} is given twice (lines {e.first.line + 1} and {e.again.line + 1}): "
             "keep one (YAML would silently use the last)"
         ) from None
+    except YamlTooLargeError as e:
+        raise UserError(f"config file {p} is refused: {e}: write the values out instead of nesting aliases") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""

@@ -8,6 +8,21 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ctrlnet.config.bounds import (
+    MAX_ADHERENCE_ROWS,
+    MAX_BATCH_SIZE,
+    MAX_COUNT,
+    MAX_EPOCHS,
+    MAX_IMAGES,
+    MAX_INFERENCE_STEPS,
+    MAX_RESOLUTION,
+    MAX_ROWS,
+    MAX_SECONDS,
+    MAX_SHUFFLE_BUFFER,
+    MAX_STEPS,
+    MAX_WORKERS,
+    SEED_RANGE,
+)
 from ctrlnet.config.credentials import credential_kind, refuse_credentials
 from ctrlnet.config.section import Section
 
@@ -62,12 +77,12 @@ class DataConfig(Section):
     """Column holding the conditioning image (an image, or a file path relative to the data)."""
     caption_column: str = "text"
     """Column holding a caption or a list of captions."""
-    max_train_samples: int | None = Field(default=None, gt=0)
-    """Train on this many examples only (the same subset on every rank)."""
+    max_train_samples: int | None = Field(default=None, gt=0, le=MAX_ROWS)
+    """Train on this many examples only (the same subset on every rank); at most 100,000,000."""
     proportion_empty_prompts: float = Field(default=0.0, ge=0.0, le=1.0)
     """Fraction of captions replaced by the empty string."""
-    resolution: int = Field(default=512, gt=0, json_schema_extra={"multipleOf": 8})
-    """Training resolution in pixels (a multiple of 8): resize the short side, then center-crop."""
+    resolution: int = Field(default=512, gt=0, le=MAX_RESOLUTION, json_schema_extra={"multipleOf": 8})
+    """Training resolution in pixels (a multiple of 8, at most 4096): resize the short side, then center-crop."""
     interpolation: Literal["auto", "nearest", "bilinear", "bicubic", "lanczos"] = "auto"
     """Resampling filter of that resize; `auto`: bilinear for SD1.x/2.x (as train_controlnet.py),
     lanczos for SDXL (as train_controlnet_sdxl.py)."""
@@ -75,15 +90,15 @@ class DataConfig(Section):
     """SDXL: one (top, left) crop offset given to the UNet's `time_ids` for every image; unset:
     each image's own offset from the center crop, with its own original size (what SDXL was
     trained with; the reference passes (0, 0) and the training resolution for every image)."""
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int = Field(default=0, ge=0, le=MAX_WORKERS)
     """Worker processes per rank that decode and transform images ahead of the step (map-style
-    and streamed data alike); 0: in the training process."""
+    and streamed data alike); 0: in the training process; at most 256."""
     streaming: bool = False
     """Stream the dataset instead of downloading it whole (hub or remote data)."""
-    shuffle_buffer: int = Field(default=1000, gt=0)
-    """Shuffle buffer size when streaming."""
-    synthetic_rows: int = Field(default=2000, gt=0)
-    """Rows of the synthetic dataset used when `dataset` is unset."""
+    shuffle_buffer: int = Field(default=1000, gt=0, le=MAX_SHUFFLE_BUFFER)
+    """Shuffle buffer size when streaming (rows, at most 10,000,000)."""
+    synthetic_rows: int = Field(default=2000, gt=0, le=MAX_ROWS)
+    """Rows of the synthetic dataset used when `dataset` is unset (at most 100,000,000)."""
     synthetic_colours: Literal["css", "demo"] = "css"
     """Palette of the synthetic rows: `css`, fill50k's look (fill and background from the 147 CSS
     colours); `demo`, the 12 well-separated colours the shipped demo base was pretrained on."""
@@ -99,8 +114,8 @@ class DataConfig(Section):
     @field_validator("crops_coords_top_left")
     @classmethod
     def _offsets(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(v) != 2 or min(v) < 0):
-            raise ValueError("must be two offsets >= 0 in pixels, [top, left], e.g. [0, 0]")
+        if v is not None and (len(v) != 2 or min(v) < 0 or max(v) > MAX_RESOLUTION):
+            raise ValueError(f"must be two offsets >= 0 and <= {MAX_RESOLUTION} in pixels, [top, left], e.g. [0, 0]")
         return v
 
     @field_validator("resolution")
@@ -120,10 +135,10 @@ class OptimConfig(Section):
     """Multiply the learning rate by processes x accumulation steps x batch size."""
     lr_scheduler: LrScheduler = "constant"
     """Learning-rate schedule."""
-    lr_warmup_steps: int = Field(default=500, ge=0)
-    """Warmup steps (optimizer steps)."""
-    lr_num_cycles: int = Field(default=1, ge=1)
-    """Hard restarts for `cosine_with_restarts`."""
+    lr_warmup_steps: int = Field(default=500, ge=0, le=MAX_STEPS)
+    """Warmup steps (optimizer steps, at most 100,000,000)."""
+    lr_num_cycles: int = Field(default=1, ge=1, le=MAX_COUNT)
+    """Hard restarts for `cosine_with_restarts` (at most 10,000)."""
     lr_power: float = 1.0
     """Power of the `polynomial` schedule."""
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -141,16 +156,16 @@ class OptimConfig(Section):
 
 
 class LoopConfig(Section):
-    seed: int | None = None
-    """Seed for weights init, data order, noise and timesteps; unset: one is drawn and recorded."""
-    batch_size: int = Field(default=4, gt=0)
-    """Batch size per process."""
-    num_epochs: int = Field(default=1, gt=0)
-    """Epochs to train when `max_steps` is unset."""
-    max_steps: int | None = Field(default=None, gt=0)
-    """Optimizer steps to train; overrides `num_epochs`."""
-    gradient_accumulation_steps: int = Field(default=1, gt=0)
-    """Micro-batches per optimizer step."""
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    """Seed for weights init, data order, noise and timesteps (a 64-bit integer); unset: one is drawn and recorded."""
+    batch_size: int = Field(default=4, gt=0, le=MAX_BATCH_SIZE)
+    """Batch size per process (at most 65,536)."""
+    num_epochs: int = Field(default=1, gt=0, le=MAX_EPOCHS)
+    """Epochs to train when `max_steps` is unset (at most 1,000,000)."""
+    max_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS)
+    """Optimizer steps to train (at most 100,000,000); overrides `num_epochs`."""
+    gradient_accumulation_steps: int = Field(default=1, gt=0, le=MAX_BATCH_SIZE)
+    """Micro-batches per optimizer step (at most 65,536)."""
     gradient_checkpointing: bool = False
     """Recompute ControlNet activations in the backward pass (less memory, ~20% slower)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -199,43 +214,43 @@ class DistributedConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every_steps: int = Field(default=500, gt=0)
-    """Save a resumable checkpoint every N optimizer steps."""
-    total_limit: int | None = Field(default=None, gt=0)
-    """Keep at most this many checkpoints (oldest removed after a newer one is committed)."""
+    every_steps: int = Field(default=500, gt=0, le=MAX_STEPS)
+    """Save a resumable checkpoint every N optimizer steps (at most 100,000,000)."""
+    total_limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
+    """Keep at most this many checkpoints (up to 10,000) (oldest removed after a newer one is committed)."""
     resume: str | None = None
     """`latest`, or a checkpoint path/URL, to continue a run at the exact batch where it stopped."""
     on_corrupt: Literal["fail", "previous"] = "fail"
     """A committed checkpoint that cannot be read (damaged weights or state): `fail` names it and
     stops; `previous` names it and resumes from the committed checkpoint before it instead."""
-    upload_attempts: int = Field(default=5, gt=0)
-    """Object storage: tries per checkpoint upload (waiting `upload_backoff_s`, doubled each time,
+    upload_attempts: int = Field(default=5, gt=0, le=MAX_COUNT)
+    """Object storage: tries per checkpoint upload (at most 10,000) (waiting `upload_backoff_s`, doubled each time,
     between tries) before that checkpoint is given up: never committed, training goes on."""
-    upload_backoff_s: float = Field(default=2.0, ge=0)
+    upload_backoff_s: float = Field(default=2.0, ge=0, le=MAX_SECONDS)
     """Object storage: wait before the second try of a failed checkpoint upload; doubles per try (at most 60 s)."""
-    upload_timeout_s: float = Field(default=120.0, gt=0)
-    """Object storage: connect and read timeout of each request of a checkpoint upload; a file's
+    upload_timeout_s: float = Field(default=120.0, gt=0, le=MAX_SECONDS)
+    """Object storage: connect and read timeout of each request of a checkpoint upload (at most a year); a file's
     whole upload fails after this plus 1 s per MiB (a store that stopped answering)."""
-    max_failed_uploads: int = Field(default=3, gt=0)
+    max_failed_uploads: int = Field(default=3, gt=0, le=MAX_COUNT)
     """Object storage: stop the run (exit 1, resumable from the last committed checkpoint) after
     this many checkpoints in a row could not be uploaded."""
 
 
 class ValidationConfig(Section):
-    prompts: list[str] = Field(default_factory=list)
-    """Validation prompts; one prompt pairs with every image."""
-    images: list[str] = Field(default_factory=list)
-    """Conditioning images (paths or URLs); one image pairs with every prompt."""
-    num_images: int = Field(default=4, gt=0)
-    """Images generated per (prompt, conditioning image) pair."""
-    every_steps: int = Field(default=100, gt=0)
-    """Run validation every N optimizer steps (and once at the end)."""
-    num_inference_steps: int = Field(default=20, gt=0)
-    """Denoising steps per validation image (UniPC)."""
-    adherence_rows: int = Field(default=16, ge=0)
+    prompts: list[str] = Field(default_factory=list, max_length=MAX_IMAGES)
+    """Validation prompts (at most 256, each at most 4096 characters); one prompt pairs with every image."""
+    images: list[str] = Field(default_factory=list, max_length=MAX_IMAGES)
+    """Conditioning images (paths or URLs, at most 256); one image pairs with every prompt."""
+    num_images: int = Field(default=4, gt=0, le=MAX_IMAGES)
+    """Images generated per (prompt, conditioning image) pair (at most 256)."""
+    every_steps: int = Field(default=100, gt=0, le=MAX_STEPS)
+    """Run validation every N optimizer steps (and once at the end); at most 100,000,000."""
+    num_inference_steps: int = Field(default=20, gt=0, le=MAX_INFERENCE_STEPS)
+    """Denoising steps per validation image (UniPC; at most 1000)."""
+    adherence_rows: int = Field(default=16, ge=0, le=MAX_ADHERENCE_ROWS)
     """Synthetic data only: held-out rows sampled (one image each) and scored for condition
     adherence at each validation: the IoU of the drawn circle with its outline's disk, and with
-    another row's (chance), to metrics.jsonl, the tracker and the loss plot; 0: off."""
+    another row's (chance), to metrics.jsonl, the tracker and the loss plot; 0: off; at most 100,000."""
     at_start: bool = False
     """Also validate before the first step: the samples (and, on the synthetic data, the condition
     adherence) of the untrained ControlNet, whose zero convolutions leave the base alone: the
@@ -272,8 +287,8 @@ class LoggingConfig(Section):
     """TensorBoard folder, relative to the output."""
     tracker_project_name: str = "train_controlnet"
     """Project name given to the tracker."""
-    every_steps: int = Field(default=1, gt=0)
-    """Write a metrics line every N optimizer steps."""
+    every_steps: int = Field(default=1, gt=0, le=MAX_STEPS)
+    """Write a metrics line every N optimizer steps (at most 100,000,000)."""
 
 
 class HubConfig(Section):
