@@ -5,8 +5,10 @@ contexts and servers only (a server URL is shown without any user:password part)
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -61,7 +63,13 @@ def connect(context: str | None = None, namespace: str | None = None) -> Connect
         )
     files = os.pathsep.join(str(p) for p in paths)
     try:
-        contexts, current = config.list_kube_config_contexts(config_file=files)
+        # Not list_kube_config_contexts: it refuses a kubeconfig without current-context, which
+        # kubectl (and ctrlnet) accept when --context names one.
+        merged = config.kube_config.KubeConfigMerger(files).config.value or {}
+        entries = [getattr(c, "value", c) for c in merged.get("contexts") or []]
+        contexts = [c for c in entries if isinstance(c, dict) and c.get("name")]
+        current_name = merged.get("current-context")
+        current = next((c for c in contexts if c["name"] == current_name), None)
     except config.ConfigException as e:
         raise UserError(f"the kubeconfig ({files}) cannot be read: {one_line(e, limit=300)}") from None
     except Exception as e:  # noqa: BLE001 - a malformed file raises whatever its parser raises
@@ -71,20 +79,90 @@ def connect(context: str | None = None, namespace: str | None = None) -> Connect
         raise UserError(
             f"context {context!r} is not in the kubeconfig ({files}); its contexts: {', '.join(names) or 'none'}"
         )
-    if context is None and not current:
+    if context is None and current_name and not current:
+        raise UserError(
+            f"the kubeconfig's current-context {current_name!r} is not among its contexts ({files}): "
+            f"pass --context (one of: {', '.join(names) or 'none'}) or fix current-context"
+        )
+    if context is None and not current:  # with --context, kubectl needs no current-context either
         raise UserError(f"the kubeconfig ({files}) has no current context: pass --context (one of: {', '.join(names)})")
     chosen = next(c for c in contexts if c["name"] == (context or current["name"]))
     configuration = client.Configuration()
-    try:
-        config.load_kube_config(
-            config_file=files, context=chosen["name"], client_configuration=configuration, persist_config=False
+    with _library_log() as logged:
+        try:
+            config.load_kube_config(
+                config_file=files, context=chosen["name"], client_configuration=configuration, persist_config=False
+            )
+        except config.ConfigException as e:
+            raise UserError(f"context {chosen['name']!r} in {files} cannot be used: {_credential_text(e)}") from None
+        except OSError as e:  # an auth-provider's cmd-path that cannot be run
+            raise UserError(
+                f"context {chosen['name']!r} in {files} cannot be used: its credential command cannot be run "
+                f"({e.strerror or type(e).__name__}: {e.filename or '?'}); install it or fix the kubeconfig's user"
+            ) from None
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(
+                f"context {chosen['name']!r} in {files} cannot be used: its user's credentials are malformed "
+                f"({type(e).__name__}): fix the kubeconfig"
+            ) from None
+    plugin_failure = next((m for m in logged if m.startswith("exec:")), None)
+    if plugin_failure is not None:
+        raise UserError(
+            f"context {chosen['name']!r} in {files}: its exec credential plugin failed: "
+            f"{_credential_text(plugin_failure)}; log in again (the plugin's own command) or choose another --context"
         )
-    except config.ConfigException as e:
-        raise UserError(f"context {chosen['name']!r} in {files} cannot be used: {one_line(e, limit=300)}") from None
+    _bounded(configuration)
     default_ns = (chosen.get("context") or {}).get("namespace") or "default"
     return Connection(
         client.ApiClient(configuration), namespace or default_ns, chosen["name"], public_url(configuration.host)
     )
+
+
+def _bounded(configuration) -> None:
+    """No retries inside the client: one call is bounded by one deadline (kube.Kube._call), where
+    urllib3's default of 3 retries made a 15 s timeout cost 60 s."""
+    from urllib3.util.retry import Retry
+
+    configuration.retries = Retry(total=0, connect=0, read=0, redirect=0, status=0, other=0)
+
+
+@contextmanager
+def _library_log():
+    """What the kubernetes client logs while loading credentials (it logs an exec plugin's failure
+    on the root logger and goes on without credentials): collected, not printed."""
+    messages: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if "kubernetes" in (record.pathname or ""):
+            messages.append(record.getMessage())
+            return False
+        return True
+
+    root = logging.getLogger()
+    # logging.error() would call basicConfig() on a root logger without handlers: a stray
+    # "ERROR:root:" line now and a handler that prints every later record twice.
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder:
+        root.addHandler(placeholder)
+    root.addFilter(keep)
+    try:
+        yield messages
+    finally:
+        root.removeFilter(keep)
+        if placeholder:
+            root.removeHandler(placeholder)
+
+
+def _credential_text(error) -> str:
+    """The first line of a credential failure, with anything token-shaped left out."""
+    from ctrlnet.config.credentials import credential_kind
+
+    text = error if isinstance(error, str) else one_line(error, limit=300)
+    text = text.splitlines()[0] if text.strip() else text
+    words = [
+        f"<{credential_kind(w, blobs=True)}, not shown>" if credential_kind(w, blobs=True) else w for w in text.split()
+    ]
+    return " ".join(words)[:300]
 
 
 def _in_cluster(namespace: str | None) -> Connection:
@@ -99,6 +177,7 @@ def _in_cluster(namespace: str | None) -> Connection:
         ) from None
     ns_file = _SA_DIR / "namespace"
     default_ns = ns_file.read_text().strip() if ns_file.is_file() else "default"
+    _bounded(configuration)
     return Connection(
         client.ApiClient(configuration), namespace or default_ns, "in-cluster", public_url(configuration.host)
     )

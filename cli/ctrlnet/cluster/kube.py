@@ -20,9 +20,26 @@ from ctrlnet.cluster.connect import Connection
 from ctrlnet.errors import ClusterError, UserError
 
 FIELD_MANAGER = "ctrlnet"
-TIMEOUT_S = float(os.environ.get("CTRLNET_REQUEST_TIMEOUT", "15"))
-"""Seconds an ordinary API call may take before the server counts as not answering
-(CTRLNET_REQUEST_TIMEOUT, like kubectl's --request-timeout)."""
+TIMEOUT_S = 15.0
+"""Default seconds an ordinary API call may take, retries included, before the server counts as
+not answering (CTRLNET_REQUEST_TIMEOUT overrides it, like kubectl's --request-timeout)."""
+TIMEOUT_RANGE = (1.0, 600.0)
+TIMEOUT_VAR = "CTRLNET_REQUEST_TIMEOUT"
+
+
+def request_timeout() -> float:
+    """CTRLNET_REQUEST_TIMEOUT in seconds (default 15), refused in one line outside 1..600."""
+    raw = os.environ.get(TIMEOUT_VAR, "").strip()
+    if not raw:
+        return TIMEOUT_S
+    lo, hi = TIMEOUT_RANGE
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not lo <= value <= hi:  # also false for nan
+        raise UserError(f"{TIMEOUT_VAR}={raw[:20]!r} is not a timeout: give seconds from {lo:g} to {hi:g}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,7 @@ class Kube:
     def __init__(self, conn: Connection):
         self.conn = conn
         self.namespace = conn.namespace
+        self.timeout = request_timeout()
         self._served: dict[str, bool] = {}
 
     # ------------------------------------------------------------ discovery
@@ -169,6 +187,12 @@ class Kube:
             )
         except _NotFound as e:
             self._raise_if_namespace_missing(e, meta.get("namespace"))
+            if not res.installed_by and res.group:  # part of Kubernetes (NetworkPolicy): nothing to install
+                raise ClusterError(
+                    f"the cluster of context {self.conn.context} does not serve {res.what}, part of Kubernetes "
+                    f"itself, not a CRD to install: ask its admin to enable that API"
+                    + (" or set cluster.network_policy.enabled=false" if res.kind == "NetworkPolicy" else "")
+                ) from None
             raise ClusterError(
                 f"{res.what} is not installed on the cluster of context {self.conn.context}: "
                 f"install {res.installed_by or 'its CRD'}"
@@ -226,7 +250,7 @@ class Kube:
         try:
             with self._errors("get", res, namespace, pod):
                 response = self._call(
-                    "GET", path, query, None, None, stream=True, timeout=None if follow else TIMEOUT_S
+                    "GET", path, query, None, None, stream=True, timeout=None if follow else self.timeout
                 )
         except _NotFound:
             return  # the pod is gone (deleted or re-created): no more lines
@@ -257,12 +281,19 @@ class Kube:
                 None,
                 None,
                 stream=True,
-                timeout=timeout_s + TIMEOUT_S,
+                timeout=timeout_s + self.timeout,
             )
         for line in _lines(response):
             if not line.strip():
                 continue
-            event = json.loads(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                if line.lstrip().startswith("{"):
+                    return  # a line cut short by a dropped connection: the caller lists again
+                raise ClusterError(_junk(self.conn.server, res.path(namespace or self.namespace), line)) from None
+            if not isinstance(event, dict):
+                raise ClusterError(_junk(self.conn.server, res.path(namespace or self.namespace), line))
             if event.get("type") == "ERROR":
                 return  # 410 Gone (history expired) or a server-side stop: list again
             yield event
@@ -283,12 +314,29 @@ class Kube:
     ) -> dict:
         with self._errors(verb, res, None, name, what=what):
             response = self._call(method, path, query or [], body, content_type)
-        return json.loads(response.data) if response.data else {}
+        if not response.data:
+            return {}
+        try:
+            doc = json.loads(response.data)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):  # a proxy, ingress or SSO page answering in the API's place
+            raise ClusterError(_junk(self.conn.server, path, response.data))
+        return doc
 
-    def _call(self, method, path, query, body, content_type, *, stream: bool = False, timeout=TIMEOUT_S):
-        """One HTTP request with the context's credentials; the raw urllib3 response when streaming."""
+    def _call(self, method, path, query, body, content_type, *, stream: bool = False, timeout: float | None = -1.0):
+        """One HTTP request with the context's credentials; the raw urllib3 response when streaming.
+
+        `timeout` (default: the request timeout) bounds the whole call: the client's own retries
+        are off (connect.py), and a refused or reset connection is tried again only for a read
+        and only while the deadline leaves time."""
+        import time
+
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
+        if timeout is not None and timeout < 0:
+            timeout = self.timeout
         api = self.conn.api
         headers = {"Accept": "application/json"}
         if content_type:
@@ -296,7 +344,19 @@ class Kube:
         request = api.param_serialize(
             method, path, query_params=list(query), header_params=headers, body=body, auth_settings=["BearerToken"]
         )
-        response = api.call_api(*request, _request_timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for attempt in range(3):
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                response = api.call_api(*request, _request_timeout=None if left is None else max(left, 0.001))
+                break
+            except (MaxRetryError, ProtocolError) as e:
+                cause = getattr(e, "reason", None) or e
+                retriable = method == "GET" and isinstance(cause, (NewConnectionError, ProtocolError))
+                pause = 0.2 * (attempt + 1)
+                if not retriable or attempt == 2 or (deadline is not None and deadline - time.monotonic() < 2 * pause):
+                    raise
+                time.sleep(pause)
         if not 200 <= response.status <= 299:
             response.read()
             raise ApiException.from_response(http_resp=response, body=None, data=None)
@@ -362,7 +422,7 @@ class Kube:
                     "check the cluster is up, the context is right and the network (VPN) is on"
                 ) from None
             raise ClusterError(
-                f"the API server at {server} (context {ctx}) did not answer within {TIMEOUT_S:g} s: "
+                f"the API server at {server} (context {ctx}) did not answer within {self.timeout:g} s: "
                 "check the cluster is up and reachable (VPN, firewall)"
             ) from None
 
@@ -377,6 +437,17 @@ class Kube:
 
 class _NotFound(Exception):
     """404 from the server: the caller decides whether that is an error."""
+
+
+def _junk(server: str, path: str, data) -> str:
+    """One line for a 2xx answer that is not the API's JSON: what came back, never all of it."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+    head = text.lstrip()[:200].lower()
+    if head.startswith("<!doctype html") or head.startswith("<html") or "<html" in head or "<body" in head:
+        what = "an HTML page: is a proxy or SSO login in front of the API server? check the context's server URL"
+    else:
+        what = f"not JSON ({_one_line(text)[:80]!r}): check the context's server URL points at the API server"
+    return f"the API server at {server} answered {path} with {what}"
 
 
 def _status(e) -> dict:

@@ -72,6 +72,11 @@ def use_colour(out: TextIO) -> bool:
 class RunLogs:
     def __init__(self, kube: Kube, run: Run, out: TextIO, options: LogOptions):
         self.kube, self.run, self.opts = kube, run, options
+        nodes = run.nodes
+        if options.rank is not None and nodes and options.rank >= nodes:
+            raise UserError(
+                f"--rank {options.rank}: run {run.name} has {nodes} node(s), ranks 0..{nodes - 1} (0 is the master)"
+            )
         self.printer = Printer(out, use_colour(out))
         self.streams: dict[tuple[str, int], threading.Thread] = {}  # (pod uid, restartCount) -> reader
         self.announced: dict[str, str] = {}  # pod uid -> the waiting reason last printed

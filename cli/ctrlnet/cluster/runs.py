@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ctrlnet.cluster.kube import RESOURCES, Kube, Resource
+from ctrlnet.config.credentials import shown
 from ctrlnet.errors import ClusterError, UserError
 
 PART_OF = "app.kubernetes.io/part-of"
@@ -92,6 +93,45 @@ class Run:
     def output(self) -> str | None:
         return (self.job["metadata"].get("annotations") or {}).get(OUTPUT_ANNOTATION)
 
+    @property
+    def ours(self) -> bool:
+        """Whether ctrlnet submitted it (`ctrlnet submit` or the chart): the labels `list` selects on."""
+        return (self.job["metadata"].get("labels") or {}).get(PART_OF) == TOOL
+
+    @property
+    def nodes(self) -> int | None:
+        """How many nodes (ranks 0..N-1) the job asks for, or None when its spec does not say."""
+        spec = self.job.get("spec") or {}
+        if self.backend is TRAINJOB:
+            n = (spec.get("trainer") or {}).get("numNodes")
+            return int(n) if n is not None else None
+        replicas = spec.get("pytorchReplicaSpecs") or {}
+        if not replicas:
+            return None
+        return sum(int((r or {}).get("replicas") or 0) for r in replicas.values())
+
+
+def require_ours(kube: Kube, run: Run, verb: str) -> None:
+    """Refuse to change a job ctrlnet did not submit (same name, someone else's)."""
+    if not run.ours:
+        kind = run.backend.resource.kind
+        raise UserError(
+            f"{kind} {run.name!r} in namespace {run.namespace} was not submitted by ctrlnet (it has no "
+            f"{PART_OF}={TOOL} label): ctrlnet does not {verb} it; use kubectl if you mean to "
+            f"(kubectl {verb if verb == 'delete' else 'edit'} {kind.lower()} {run.name} -n {run.namespace})"
+        )
+
+
+def namespace_missing(kube: Kube, namespace: str) -> bool:
+    """True only when the API server says the namespace does not exist (a list in a missing
+    namespace answers an empty list); False when it exists or may not be read."""
+    from ctrlnet.errors import UserError as _UserError
+
+    try:
+        return kube.get("Namespace", namespace, namespace) is None
+    except _UserError as e:  # 403 (namespaced Roles cannot read Namespaces), or get's own 404 wording
+        return "does not exist" in str(e)
+
 
 def pod_rank(pod: dict) -> tuple[int, str]:
     """(global node rank, short name): master-0 -> (0, "master-0"), worker-2 -> (3, "worker-2")."""
@@ -116,8 +156,13 @@ def find_run(kube: Kube, name: str, namespace: str | None = None) -> Run:
         if job is not None:
             job.setdefault("kind", backend.resource.kind)
             return Run(job, backend)
+    if namespace_missing(kube, ns):
+        raise UserError(
+            f"namespace {ns!r} does not exist on the cluster of context {kube.conn.context}: "
+            "check -n (kubectl get namespaces lists them)"
+        )
     raise UserError(
-        f"no ctrlnet run {name!r} in namespace {ns} (context {kube.conn.context}): "
+        f"no ctrlnet run {shown(name)} in namespace {ns} (context {kube.conn.context}): "
         f"`ctrlnet list -n {ns}` shows the runs there"
     )
 

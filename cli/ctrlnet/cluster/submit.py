@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from ctrlnet.cluster.kube import RESOURCES, Kube
 from ctrlnet.cluster.runs import BACKENDS, KUEUE_QUEUE_LABEL, MANAGED_BY, OUTPUT_ANNOTATION, TOOL, Run, tool_selector
 from ctrlnet.config import JobConfig, load_job_config
-from ctrlnet.config.cluster import MAX_NAME
+from ctrlnet.config.cluster import DNS1035, MAX_NAME
 from ctrlnet.config.contract import RUN_FILE
+from ctrlnet.config.credentials import shown
 from ctrlnet.errors import ClusterError, UserError
 
 _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
@@ -77,8 +78,19 @@ class Plan:
         return "train.data.cache" if self.precompute else "train.output"
 
 
+def check_name(name: str) -> None:
+    """A `--name` a job can carry (a DNS-1035 label within the job-name limit), blamed on --name."""
+    if not DNS1035.match(name) or len(name) > MAX_NAME:
+        raise UserError(
+            f"--name {shown(name)} is not a run name: lowercase letters, digits and '-', starting with a "
+            f"letter and ending with a letter or digit, at most {MAX_NAME} characters"
+        )
+
+
 def plan(file: str | None, overrides: list[str], *, name: str | None, namespace: str) -> Plan:
     """Load, name, place and validate the run; render its objects. Raises on any problem."""
+    if name is not None:
+        check_name(name)
     from ctrlnet.k8s.render import render_objects
 
     base = load_job_config(file, overrides, for_cluster=True)
@@ -125,6 +137,8 @@ def check_cluster(kube: Kube, p: Plan) -> None:
     job name in use, an output prefix that holds a run."""
     cluster = p.cfg.cluster
     kube.require(p.backend.resource)
+    if p.cfg.cluster.network_policy.enabled and not kube.served(RESOURCES["NetworkPolicy"]):
+        raise ClusterError(no_network_policy(kube))
     if cluster.kueue.queue:
         kube.require(RESOURCES["Workload"], f" (the job asks for Kueue queue {cluster.kueue.queue!r})")
     if cluster.volcano.queue:
@@ -146,6 +160,14 @@ def check_cluster(kube: Kube, p: Plan) -> None:
             f"precompute job {writer} in namespace {p.namespace} is still writing cache {cache}: two jobs "
             f"would be {doing}; wait for it (`ctrlnet status {writer} -n {p.namespace} -w`) or delete it"
         )
+
+
+def no_network_policy(kube: Kube) -> str:
+    return (
+        f"the cluster of context {kube.conn.context} does not serve NetworkPolicy (networking.k8s.io/v1), "
+        "part of Kubernetes itself, not a CRD to install: set cluster.network_policy.enabled=false to "
+        "submit without one, or ask the cluster's admin to enable the NetworkPolicy API"
+    )
 
 
 def cache_writer(kube: Kube, cache: str, namespace: str) -> str | None:

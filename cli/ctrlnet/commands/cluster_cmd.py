@@ -238,6 +238,13 @@ def list_runs(
     elif rows:
         show(table(rows, all_namespaces), sys.stdout)
     else:
+        from ctrlnet.cluster.runs import namespace_missing
+
+        if not all_namespaces and namespace_missing(kube, kube.namespace):
+            raise UserError(
+                f"namespace {kube.namespace!r} does not exist on the cluster of context {kube.conn.context}: "
+                "check -n (kubectl get namespaces lists them)"
+            )
         where = "any namespace" if all_namespaces else f"namespace {kube.namespace}"
         typer.echo(f"no ctrlnet runs in {where}", err=True)
 
@@ -250,18 +257,30 @@ def delete(
 ) -> None:
     """Delete a run: the job and every object submitted with it. Its outputs are kept."""
     from ctrlnet.cluster.lifecycle import delete_run
-    from ctrlnet.cluster.runs import find_run
+    from ctrlnet.cluster.runs import find_run, require_ours
+    from ctrlnet.errors import ClusterError
 
     kube = _kube(context, namespace)
     run = find_run(kube, name)
+    require_ours(kube, run, "delete")  # before asking
     if not yes:
         if not sys.stdin.isatty():
             raise UserError(f"delete {name}: confirm with --yes (no terminal to ask on)")
         typer.confirm(f"delete run {name} in namespace {run.namespace} (its pods stop; outputs are kept)?", abort=True)
-    deleted = delete_run(kube, run)
-    typer.echo(f"deleted {', '.join(deleted)}")
+    fates = delete_run(kube, run)
+    deleted = [f.object for f in fates if f.deleted]
+    failed = [f for f in fates if not f.deleted and f.why != "already gone"]
+    if deleted:
+        typer.echo(f"deleted {', '.join(deleted)}")
+    for fate in failed:
+        typer.echo(str(fate))
     if run.output:
         typer.echo(f"outputs kept at {run.output}")
+    if failed:
+        raise ClusterError(
+            f"{len(failed)} object(s) of run {run.name} were not deleted (each listed above with why); "
+            f"fix that and run `ctrlnet delete {run.name} -n {run.namespace}` again"
+        )
 
 
 def suspend(

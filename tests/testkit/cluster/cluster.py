@@ -191,6 +191,14 @@ class LoopbackCluster:
             with self.store.lock:
                 self.store.changed.notify_all()
 
+    def unserve(self, group: str, plural: str) -> None:
+        """Stop serving a resource type, as a cluster with that API disabled: absent from
+        discovery, its paths 404 (e.g. `unserve("networking.k8s.io", "networkpolicies")`)."""
+        t = next(t for t in self.catalog.types if (t.group, t.plural) == (group, plural))
+        self.catalog.types.remove(t)
+        for v in t.versions:
+            self.catalog._by_path.pop((group, v, plural), None)
+
     # --- direct store access (assertions, setup) -------------------------------------------------
 
     def rt(self, resource: str) -> ResourceType:
