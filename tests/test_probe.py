@@ -38,6 +38,7 @@ FILES = {
     "large": ("large.yaml", "# padding\n" * (MAX_FILE_BYTES // 10 + 1)),
     "selfref": ("selfref.yaml", "train: &t {output: x, model: *t}\n"),
     "deep": ("deep.yaml", "[" * 100_000 + "]" * 100_000),
+    "manifest_bomb": ("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata:\n" + ALIAS_BOMB[7:]),
 }
 
 BAD_FILES = [
@@ -91,6 +92,11 @@ USAGE = [
     (["-v", "-q", "config", "show"], r"^error: give -v or -q, not both$"),
     (["train", "-f"], r"^error: .*Option '-f' requires an argument"),
     (["render"], r"^error: no job config: pass one with -f"),
+    (
+        ["validate", "--manifests", "{manifest_bomb}"],
+        r"^error: .*cm\.yaml is refused: it holds more than 1000000 values",
+    ),
+    (["validate", "--manifests", "{deep}"], r"^error: .*deep\.yaml is refused: its values are nested too deeply"),
 ]
 
 BOUNDS = [

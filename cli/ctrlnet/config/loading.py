@@ -50,25 +50,37 @@ class YamlTooLargeError(yaml.YAMLError):
     """A document over MAX_ALIASES or MAX_NODES (or one that contains itself)."""
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader whose booleans are YAML 1.2's: true/false only (yes/no/on/off stay strings),
-    that refuses a key given twice in one mapping, and that refuses a document bigger than
-    MAX_ALIASES / MAX_NODES before building it."""
+class BoundedSafeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document over `max_aliases` / `max_nodes` (YamlTooLargeError)
+    before building it: for every YAML a user hands ctrlnet (job files, --set values, manifests)."""
 
+    max_aliases = MAX_ALIASES
+    max_nodes = MAX_NODES
     aliases = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
-            if self.aliases > MAX_ALIASES:
-                raise YamlTooLargeError(f"it uses more than {MAX_ALIASES} aliases (*name), the most allowed")
+            if self.aliases > self.max_aliases:
+                raise YamlTooLargeError(f"it uses more than {self.max_aliases} aliases (*name), the most allowed")
         return super().compose_node(parent, index)
 
     def get_single_node(self) -> Any:
         node = super().get_single_node()
         if node is not None:
-            _check_expanded_size(node)
+            _check_expanded_size(node, self.max_nodes)
         return node
+
+    def get_node(self) -> Any:  # each document of a multi-document stream
+        node = super().get_node()
+        if node is not None:
+            _check_expanded_size(node, self.max_nodes)
+        return node
+
+
+class _Yaml12Loader(BoundedSafeLoader):
+    """BoundedSafeLoader whose booleans are YAML 1.2's: true/false only (yes/no/on/off stay
+    strings), and that refuses a key given twice in one mapping."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, yaml.Mark] = {}
@@ -82,7 +94,7 @@ class _Yaml12Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _check_expanded_size(root: yaml.Node) -> None:
+def _check_expanded_size(root: yaml.Node, limit: int) -> None:
     """Count the values `root` stands for with every alias expanded, without expanding them (a
     node reached by several aliases is counted once per alias from the sizes already known)."""
     sizes: dict[int, int] = {}
@@ -100,10 +112,8 @@ def _check_expanded_size(root: yaml.Node) -> None:
             total += sum(size(child) for child in node.value)
         elif isinstance(node, yaml.MappingNode):
             total += sum(size(k) + size(v) for k, v in node.value)
-        if total > MAX_NODES:
-            raise YamlTooLargeError(
-                f"it holds more than {MAX_NODES} values with its aliases expanded, the most allowed"
-            )
+        if total > limit:
+            raise YamlTooLargeError(f"it holds more than {limit} values with its aliases expanded, the most allowed")
         on_path.discard(key)
         sizes[key] = total
         return total

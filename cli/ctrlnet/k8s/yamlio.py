@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from ctrlnet.config.loading import BoundedSafeLoader, YamlTooLargeError
 from ctrlnet.errors import UserError
 
 
@@ -26,10 +27,17 @@ def parse_manifests(texts: Iterable[str]) -> list[dict[str, Any]]:
 _SHAPES = {str: "a string", list: "a list", int: "a number", float: "a number", bool: "a boolean"}
 
 
+class _ManifestLoader(BoundedSafeLoader):
+    """A user's manifests: an alias bomb is refused before the rules walk it (CRDs are large, so
+    ten times a job file's values per document)."""
+
+    max_nodes = 1_000_000
+
+
 def parse_manifest_file(text: str, source: str) -> list[dict[str, Any]]:
     """The objects of one file's YAML stream, as parse_manifests; bad input is one UserError
     naming `source` and the line: YAML that does not parse, a document that is not an object."""
-    loader = yaml.SafeLoader(text)
+    loader = _ManifestLoader(text)
     objs: list[dict[str, Any]] = []
     try:
         while loader.check_node():
@@ -45,6 +53,10 @@ def parse_manifest_file(text: str, source: str) -> list[dict[str, Any]]:
                     f"{source}: the document at line {node.start_mark.line + 1} is {_SHAPES.get(type(doc), 'a scalar')}, "
                     "not a Kubernetes object (a mapping with apiVersion and kind)"
                 )
+    except YamlTooLargeError as e:
+        raise UserError(f"{source} is refused: {e}: write the values out instead of nesting aliases") from None
+    except RecursionError:
+        raise UserError(f"{source} is refused: its values are nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
