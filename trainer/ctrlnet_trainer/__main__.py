@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     capture_library_warnings()  # torch's and diffusers' warnings: once (rank 0), silenced by -q
     try:
         from ctrlnet.config import load_train_config
-        from ctrlnet_trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
+        from ctrlnet_trainer.preemption import Preempted
         from ctrlnet_trainer.run import train
 
         cfg = load_train_config(args.config, args.overrides)
@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         except Preempted as p:
             print(
                 f"preempted at step {p.step}; checkpoint {p.checkpoint or 'written with rank 0'}; "
-                f"exiting {PREEMPTED_EXIT_CODE} to be restarted",
+                f"exiting {p.exit_code} to be restarted",
                 file=sys.stderr,
                 flush=True,
             )
-            return PREEMPTED_EXIT_CODE
+            return p.exit_code
     except UserError as e:
         _report(e)
         return e.exit_code

@@ -36,7 +36,9 @@ same optimizer and LR state. What differs is floating-point summation order acro
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -51,7 +53,7 @@ from ctrlnet.config.contract import FINAL_MODEL_DIR as CONTROLNET_DIR
 from ctrlnet.config.train import CheckpointConfig, TrainConfig
 from ctrlnet.errors import StorageError, UserError, one_line
 from ctrlnet.log import get_logger
-from ctrlnet_trainer import optim, weights
+from ctrlnet_trainer import fs, optim, weights
 from ctrlnet_trainer.accel import Ranks
 from ctrlnet_trainer.storage import Prefix
 from ctrlnet_trainer.uploader import Uploader
@@ -306,14 +308,34 @@ class Checkpointer:
         if self.stager and self.store.staged and folder.exists():
             shutil.rmtree(folder)
         acc.wait_for_everyone()
-        folder.mkdir(parents=True, exist_ok=True)
-        acc.save_state(str(folder))  # every rank: DeepSpeed saves its shards collectively
-        # Collective; a copy equal to the live model and finite, or IntegrityError (nothing committed).
-        state_dict = weights.gather(acc, self.model, is_main=self.ranks.is_main, sharded=self.sharded)
-        if self.ranks.is_main:
-            weights.write(acc.unwrap_model(self.model), folder / CONTROLNET_DIR, state_dict)
-            state = {"format": STATE_FORMAT, **self.loop_state()}
-            (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        error = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            acc.save_state(str(folder))  # every rank: DeepSpeed saves its shards collectively
+        except Exception as e:
+            error = self._write_error(e, folder)
+        error = self._agreed(error, "another process could not write its part")
+        if error is None:
+            # Collective; a copy equal to the live model and finite, or IntegrityError (nothing committed).
+            state_dict = weights.gather(acc, self.model, is_main=self.ranks.is_main, sharded=self.sharded)
+            if self.ranks.is_main:
+                try:
+                    weights.write(acc.unwrap_model(self.model), folder / CONTROLNET_DIR, state_dict)
+                    state = {"format": STATE_FORMAT, **self.loop_state()}
+                    (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+                except Exception as e:
+                    error = self._write_error(e, folder)
+            error = self._agreed(error, "the main process could not write the checkpoint")
+        if error is not None:  # nothing committed: the partial folder goes (it may hold the space needed)
+            if self.stager:
+                shutil.rmtree(folder, ignore_errors=True)
+            done = self.committed_steps()
+            if done:
+                last = f"the last committed checkpoint, {self.store.url_of(step_dir_name(done[-1]))}, is intact"
+                then = f"{last}: continue from it with --resume latest"
+            else:
+                then = "no checkpoint was committed before it: start the run again"
+            raise StorageError(f"checkpoint {name} could not be written ({error}); nothing of it was committed, {then}")
         acc.wait_for_everyone()
         if not self.store.staged:  # a folder: the staged files are the checkpoint
             url = self.commit(step) if self.ranks.is_main else None
@@ -323,6 +345,23 @@ class Checkpointer:
             self.uploader.submit(name, folder)
         self.pending = step
         return committed
+
+    @staticmethod
+    def _write_error(error: Exception, folder: Path) -> str:
+        """Why writing into `folder` failed, as one line; `error` itself when it is not a write error."""
+        code = fs.os_errno(error)
+        if code is None:  # torch.save's writer carries no errno ("iostream error", "unexpected pos")
+            try:
+                full = shutil.disk_usage(folder if folder.exists() else folder.parent).free < 1 << 20
+            except OSError:
+                full = False
+            if full:
+                code = errno.ENOSPC
+            elif isinstance(error, RuntimeError):
+                return f"{folder}: {one_line(error)}"
+            else:
+                raise error
+        return fs.error_line(OSError(code, os.strerror(code)), folder)
 
     def settle(self, wait: bool, may_stop: bool = True) -> Committed | None:
         """Commit the pending checkpoint once every node's upload of it is over (collective);

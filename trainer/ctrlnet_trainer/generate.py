@@ -61,20 +61,22 @@ def conditioning_image(image: str) -> Image.Image:
         raise UserError(f"--image {name} is not an image PIL can read: give a PNG or JPEG conditioning image") from None
     if min(img.size) < 8:
         raise UserError(f"--image {name} is {img.width}x{img.height} pixels: give one at least 8 pixels on each side")
-    return img.convert("RGB")
+    from ctrlnet_trainer.data.transforms import ANIMATED, to_rgb
+
+    try:
+        return to_rgb(img)
+    except ValueError as e:
+        if str(e) == ANIMATED:
+            raise UserError(f"--image {name} is {ANIMATED}") from None
+        raise UserError(f"--image {name} could not be converted to RGB ({one_line(e)}): give a PNG or JPEG") from None
 
 
 def output_folder(out: str) -> Path:
-    """--out as a folder: refused when it is a file (or lies under one)."""
-    folder = Path(out)
-    for p in (folder, *folder.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise UserError(
-                    f"--out {out} {'is' if p == folder else f'lies under {p}, which is'} a file: give a folder for the PNGs"
-                )
-            break
-    return folder
+    """--out as a folder: refused when it is a file (or lies under one), or cannot be written."""
+    from ctrlnet_trainer.fs import check_writable
+
+    check_writable(out, "--out", out)
+    return Path(out)
 
 
 def free_names(folder: Path, stems: list[str]) -> list[Path]:
@@ -101,6 +103,8 @@ def generate(
     device: str = "auto",
     height: int | None = None,
 ) -> list[Path]:
+    if seed < 0:
+        raise UserError(f"--seed {seed} is negative: give a seed of 0 or more")
     device = pick_device(device)
     cond = conditioning_image(image)
     folder = output_folder(out)
@@ -141,15 +145,17 @@ def generate(
         num_inference_steps=steps,
         generator=generator,
     ).images
-    try:
+    from ctrlnet_trainer.fs import one_line_errors
+
+    with one_line_errors(out):
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"--out {out} cannot be created ({e.strerror or type(e).__name__}): give a writable folder"
-        ) from None
-    paths = free_names(folder, [f"{seed:04d}-{i:02d}" for i in range(len(images))])
-    for img, path in zip(images, paths, strict=True):
-        img.save(path)
+        paths = free_names(folder, [f"{seed:04d}-{i:02d}" for i in range(len(images))])
+        for img, path in zip(images, paths, strict=True):
+            try:
+                img.save(path)
+            except BaseException:
+                path.unlink(missing_ok=True)  # no torn PNG left behind
+                raise
     return paths
 
 

@@ -18,6 +18,7 @@ Speed fields of a row (a window = the steps since the previous row; paused time 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -36,6 +37,11 @@ LOSS_CURVE = "loss.png"
 WARMUP_STEPS = 4
 
 
+def finite_row(row: dict) -> dict:
+    """`row` with its non-finite numbers as null: metrics.jsonl stays JSON (no NaN or Infinity)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 class MetricsLog:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
@@ -52,8 +58,9 @@ class MetricsLog:
         self._file = path.open("a")
 
     def write(self, row: dict) -> None:
+        row = finite_row(row)
         self.rows.append(row)
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

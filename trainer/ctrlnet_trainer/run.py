@@ -10,8 +10,9 @@ import os
 
 from ctrlnet.config.contract import METRICS_FILE
 from ctrlnet.config.train import TrainConfig
+from ctrlnet.errors import UserError
 from ctrlnet.log import get_logger
-from ctrlnet_trainer import accel, rundir, speed, storage
+from ctrlnet_trainer import accel, fs, rundir, speed, storage
 from ctrlnet_trainer.checkpoints import ResumePoint
 from ctrlnet_trainer.preemption import StopFlag
 from ctrlnet_trainer.quiet import quiet_library_noise
@@ -35,6 +36,8 @@ def train(cfg: TrainConfig) -> RunResult:
     storage.probe(
         outputs=[cfg.output], inputs=[cfg.model.base, cfg.data.dataset, cfg.data.cache, cfg.checkpoint.resume]
     )
+    if not storage.is_remote(cfg.output):  # a file in the way, a read-only or full disk: one line now
+        fs.check_writable(cfg.output, "--output", cfg.output)
     output = Prefix(cfg.output)
     done = rundir.finished_as_configured(output, cfg)
     if done is not None:  # e.g. a restarted pod of a job that is done: nothing to train, nothing to overwrite
@@ -56,6 +59,11 @@ def train(cfg: TrainConfig) -> RunResult:
     try:
         with speed.process_settings(cfg, accelerator.device):  # compile cache, SDPA kernels; restored after
             return Trainer(cfg, accelerator, output, stop, resume).train()
+    except Exception as e:  # a write that failed anywhere else (metrics, run.json, the final model): one line
+        if isinstance(e, UserError) or fs.os_errno(e) is None:
+            raise
+        error = fs.as_error(e, getattr(e, "filename", None) or output.url)
+        raise type(error)(f"{error}; the committed checkpoints are intact: continue with --resume latest") from None
     finally:
         stop.uninstall()
         for tracker in accelerator.trackers:  # not end_training(): the process group outlives a run

@@ -247,6 +247,7 @@ def write_fill_parquet(
     from datasets import Image as ImageFeature
 
     from ctrlnet.errors import UserError
+    from ctrlnet_trainer.fs import check_writable, one_line_errors
 
     out = Path(out)
     path = out / "train.parquet"
@@ -256,7 +257,9 @@ def write_fill_parquet(
         raise UserError(f"{path} is a folder: choose another --out")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists: pass --overwrite to replace it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")  # before the rows are drawn
+    with one_line_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
     disable_progress_bars()  # datasets' internal passes ("Generating train split") say nothing to the user
     features = Features({"image": ImageFeature(), "conditioning_image": ImageFeature(), "text": Value("string")})
     # from_generator materialises into an Arrow cache; keep that cache out of ~/.cache and
@@ -271,8 +274,9 @@ def write_fill_parquet(
         # Written beside the target, then renamed over it: an interrupted run leaves the old file whole.
         partial = out / f".train.parquet.{os.getpid()}.partial"
         try:
-            dataset.to_parquet(str(partial))
-            os.replace(partial, path)
+            with one_line_errors(out):
+                dataset.to_parquet(str(partial))
+                os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
         del dataset  # release the memory-mapped cache files before the directory goes

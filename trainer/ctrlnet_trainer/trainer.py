@@ -19,11 +19,11 @@ import torch
 
 from ctrlnet.config.contract import FINAL_MODEL_DIR, METRICS_FILE
 from ctrlnet.config.train import TrainConfig
-from ctrlnet.errors import UserError
+from ctrlnet.errors import IntegrityError, UserError
 from ctrlnet.log import ALL_RANKS, get_logger
 from ctrlnet_trainer import accel, data, optim, rundir, speed, weights
 from ctrlnet_trainer.cache.reader import CachedRun
-from ctrlnet_trainer.checkpoints import Checkpointer, ResumePoint
+from ctrlnet_trainer.checkpoints import Checkpointer, ResumePoint, step_dir_name
 from ctrlnet_trainer.metrics import Meter
 from ctrlnet_trainer.models import load as model_lib
 from ctrlnet_trainer.preemption import Preempted, StopFlag
@@ -32,6 +32,10 @@ from ctrlnet_trainer.storage import Prefix
 from ctrlnet_trainer.validation import Validator
 
 log = get_logger(__name__)
+
+
+class Diverged(IntegrityError):
+    """The loss or gradient norm became non-finite: nothing from that step was logged or committed."""
 
 
 @dataclass
@@ -161,6 +165,7 @@ class Trainer:
         while self.step < self.total_steps:
             loss = self.train_step()
             self.step += 1
+            self._check_finite(loss)  # before anything is logged or checkpointed from this step
             self.meter.add(loss)
             self.meter.log(
                 self.step,
@@ -176,9 +181,41 @@ class Trainer:
                     self.meter.checkpointed(checkpoint.step, checkpoint.url)
                 if stop:
                     self.meter.progress.close()
-                    raise Preempted(self.step, checkpoint.url if checkpoint else None)
+                    raise Preempted(self.step, checkpoint.url if checkpoint else None, self.stop.signum)
                 self._validate(self.step)
         return self.finish()
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop the run, on every rank together, when this step's loss or gradient norm is not
+        finite (a diverged run; fp16's skipped overflow steps aside): one line naming the step and
+        the last committed checkpoint, before a non-finite value reaches metrics or a checkpoint."""
+        from ctrlnet_trainer.accel import all_reduce
+
+        if self.acc.optimizer_step_was_skipped:  # fp16 loss scaling found an overflow and skipped the step
+            return
+        values = [loss.detach().float().reshape(())]
+        if isinstance(self.grad_norm, torch.Tensor):
+            values.append(self.grad_norm.detach().float().reshape(()).to(loss.device))
+        elif self.grad_norm is not None:
+            values.append(torch.tensor(float(self.grad_norm), device=loss.device))
+        bad = (~torch.isfinite(torch.stack(values))).float().sum().reshape(1)
+        if all_reduce(bad).item() == 0:
+            return
+        self.meter.progress.close()
+        what = f"loss {float(values[0]):g}" + (f", gradient norm {float(values[1]):g}" if len(values) > 1 else "")
+        committed = self.checkpointer.committed_steps()
+        if committed:
+            last = self.checkpointer.store.url_of(step_dir_name(committed[-1]))
+            then = (
+                f"the last good checkpoint is {last}: continue from it with a lower train.optim.learning_rate "
+                f"(--resume {last})"
+            )
+        else:
+            then = "no checkpoint was committed: start again with a lower train.optim.learning_rate"
+        raise Diverged(
+            f"training diverged at step {self.step}: its loss or gradient norm is not finite ({what} on this "
+            f"process or another); nothing was written from it and the run stopped; {then}"
+        )
 
     def _validate(self, step: int, last: bool = False) -> None:
         scores = self.validator.maybe_run(step, last)

@@ -119,9 +119,15 @@ def train(
     else:
         with needs("train"):
             train_extra("torch", "diffusers")
+            from ctrlnet_trainer.preemption import Preempted
             from ctrlnet_trainer.run import train as train_here
 
-        result = train_here(cfg.train)
+        try:
+            result = train_here(cfg.train)
+        except Preempted as p:  # SIGTERM / Ctrl-C: the step finished and was checkpointed
+            saved = f" (checkpoint {p.checkpoint})" if p.checkpoint else ""
+            typer.echo(f"stopped at step {p.step}{saved}; continue with --resume latest", err=True)
+            raise typer.Exit(p.exit_code) from None
     typer.echo(f"controlnet:  {result.controlnet}")
     if result.samples:
         typer.echo(f"samples:     {result.samples}")

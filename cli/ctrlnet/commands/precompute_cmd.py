@@ -92,8 +92,17 @@ def precompute(
         with needs("train"):
             train_extra("torch", "diffusers")
             from ctrlnet_trainer.cache.job import precompute as precompute_here
+            from ctrlnet_trainer.preemption import Preempted
 
-        result = precompute_here(train, shard_rows)
+        try:
+            result = precompute_here(train, shard_rows)
+        except Preempted as p:  # SIGTERM / Ctrl-C: stopped after a whole shard
+            typer.echo(
+                f"stopped after {p.step} shard(s) written to {train.data.cache}; "
+                "run the same ctrlnet precompute again to continue where it stopped",
+                err=True,
+            )
+            raise typer.Exit(p.exit_code) from None
         rows, shards = result.rows, result.shards
     typer.echo(f"cache:   {train.data.cache}")
     typer.echo(f"rows:    {rows}")

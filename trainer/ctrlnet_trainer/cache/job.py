@@ -60,7 +60,20 @@ def _ranks() -> _Ranks:
 
 # ---------------------------------------------------------------- the job
 def precompute(cfg: TrainConfig, shard_rows: int | None = None) -> PrecomputeResult:
+    """Encode the run's rows into data.cache. SIGTERM or Ctrl-C stop it after the shard being
+    written (Preempted, its `step` the shards this process wrote): run again, it continues there."""
+    from ctrlnet_trainer.preemption import StopFlag
+
+    stop = StopFlag().install()
+    try:
+        return _precompute(cfg, shard_rows, stop)
+    finally:
+        stop.uninstall()
+
+
+def _precompute(cfg: TrainConfig, shard_rows: int | None, stop) -> PrecomputeResult:
     from ctrlnet_trainer import accel, storage
+    from ctrlnet_trainer.preemption import Preempted
     from ctrlnet_trainer.quiet import quiet_library_noise
 
     start = time.monotonic()
@@ -73,6 +86,10 @@ def precompute(cfg: TrainConfig, shard_rows: int | None = None) -> PrecomputeRes
     device = torch.device(f"cuda:{ranks.local_rank}") if use_cuda else torch.device("cpu")
     dtype = accel.DTYPES[cfg.loop.mixed_precision]
     storage.probe(outputs=[cfg.data.cache], inputs=[cfg.model.base, cfg.data.dataset])
+    if not storage.is_remote(cfg.data.cache):  # read-only, full, a file in the way: one line before encoding
+        from ctrlnet_trainer import fs
+
+        fs.check_writable(cfg.data.cache, "data.cache", cfg.data.cache)
     seed = _seed(cfg)
     prefix = Prefix(cfg.data.cache)
 
@@ -110,6 +127,7 @@ def precompute(cfg: TrainConfig, shard_rows: int | None = None) -> PrecomputeRes
             extra=ALL_RANKS,
         )
     progress = _Progress(prefix, plan, rows, ranks.rank == 0)
+    written = 0
     for index, first, count, example_rows in decoded_shards(source, cfg, base.family, todo):
         tensors, bad = encoder.encode_shard(example_rows)
         entry = layout.save_atomically(
@@ -118,6 +136,9 @@ def precompute(cfg: TrainConfig, shard_rows: int | None = None) -> PrecomputeRes
         record = {"shard": index, "first_row": first, "rows": count, "fingerprint": fp_id, "rank": ranks.rank, **entry}
         layout.write_json(prefix, record, layout.SHARDS, layout.record_name(index))  # last: the shard now exists
         progress.shard_done(count)
+        written += 1
+        if stop.requested and written < len(todo):  # each process stops after its own shard
+            raise Preempted(written, None, stop.signum)
 
     if ranks.rank == 0:
         records = _wait_for_all(prefix, plan, fp_id, progress)
@@ -261,6 +282,7 @@ class _Progress:
 # ---------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     from ctrlnet_trainer.__main__ import _destroy_process_group, _report
+    from ctrlnet_trainer.preemption import Preempted
 
     parser = argparse.ArgumentParser(prog="python -m ctrlnet_trainer.precompute", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML file with the train section")
@@ -276,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         from ctrlnet.config import load_train_config
 
         result = precompute(load_train_config(args.config, args.overrides), args.shard_rows)
+    except Preempted as p:
+        print(f"stopped after {p.step} shard(s); the same command continues where it stopped", file=sys.stderr)
+        return p.exit_code
     except UserError as e:
         _report(e)
         return e.exit_code

@@ -30,6 +30,7 @@ from ctrlnet_trainer.data.transforms import (
     resample_filter,
     resize_center_crop,
     resize_center_crop_at,
+    to_rgb,
     to_tensor,
     unreadable_reason,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "resize_center_crop_at",
     "subset",
     "synthetic_row",
+    "to_rgb",
     "to_tensor",
     "training_rows",
     "unreadable_reason",

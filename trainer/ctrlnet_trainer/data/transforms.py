@@ -83,17 +83,51 @@ def unreadable_reason(e: BaseException) -> str:
     return one_line(e, limit=120, with_type=True)
 
 
+ANIMATED = "an animated image: give a single frame (a PNG or JPEG)"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB, by what its mode means (PIL's plain convert("RGB") clips 16-bit values,
+    so a 16-bit PNG turns almost white). 16-bit and 32-bit grey: scaled to 8 bits (value / 257).
+    Float grey: [0, 1] scaled to 0-255 when it lies there, else clipped to 0-255. Transparency
+    (RGBA, LA, PA, a palette or grey with a transparent colour): composited on black, what
+    conditioning images are drawn on. CMYK, YCbCr, palette, 1-bit: PIL's conversions. An
+    animated image (GIF, APNG, WebP with more than one frame) is refused: ValueError(ANIMATED)."""
+    if getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:
+        raise ValueError(ANIMATED)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I"):  # I;16, I;16B, I;16L, I: 16-bit (or 32-bit) integer grey
+        arr = np.asarray(img).astype(np.float64)
+        grey = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img).astype(np.float64)
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("P", "L", "1", "RGB") and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def open_image(value: Any, root: str | None) -> Image.Image:
     """A dataset value (PIL image, {bytes, path}, bytes, or a path relative to `root`) as RGB;
     BadImage naming the file when it cannot be read."""
     what = "the image"
     try:
         if isinstance(value, Image.Image):
-            return value.convert("RGB")
+            return _rgb(value, what)
         if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
             value = value.get("bytes") or value["path"]
         if isinstance(value, (bytes, bytearray)):
-            return Image.open(io.BytesIO(value)).convert("RGB")
+            return _rgb(Image.open(io.BytesIO(value)), what)
         if isinstance(value, str):
             import fsspec
 
@@ -101,12 +135,22 @@ def open_image(value: Any, root: str | None) -> Image.Image:
             what = f"image file {url!r}"
             try:
                 with fsspec.open(url, "rb") as f:
-                    return Image.open(io.BytesIO(f.read())).convert("RGB")
+                    return _rgb(Image.open(io.BytesIO(f.read())), what)
             except FileNotFoundError:
                 raise BadImage(f"image file {url!r} named in the dataset does not exist") from None
     except UNREADABLE as e:
         raise BadImage(f"{what} is not a readable image ({unreadable_reason(e)})") from None
     raise BadImage(f"cannot read an image from a dataset value of type {type(value).__name__}")
+
+
+def _rgb(img: Image.Image, what: str) -> Image.Image:
+    """to_rgb, with an animated image refused as BadImage naming `what`."""
+    try:
+        return to_rgb(img)
+    except ValueError as e:
+        if str(e) == ANIMATED:
+            raise BadImage(f"{what} is {ANIMATED}") from None
+        raise
 
 
 BAD_ROWS = "bad_rows"

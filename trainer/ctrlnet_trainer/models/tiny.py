@@ -288,16 +288,36 @@ def build_base(arch: str = "tiny", seed: int = 0) -> Base:
     return Base(family_named(family_of(arch)), text, vae, unet, DDPMScheduler(**SCHEDULER_CONFIG))
 
 
+# What a base in the diffusers layout holds, all that `write_base` writes (and may replace).
+BASE_ENTRIES = frozenset(
+    {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+)
+_STAGING = ".ctrlnet-partial-"
+
+
 def check_out(out: str | Path, overwrite: bool) -> None:
-    """--out must be a folder, empty unless `overwrite`."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder for the base")
-    held = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()) if out.is_dir() else []
+    """--out must be a folder, empty unless `overwrite`; with `overwrite`, holding nothing but a
+    base's files (what is replaced), so that nothing ctrlnet did not write is ever deleted."""
+    from ctrlnet_trainer.fs import check_folder_path, one_line_errors
+
+    out = check_folder_path(out, "--out")
+    with one_line_errors(out):
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file: give a folder for the base")
+        entries = sorted(out.iterdir()) if out.is_dir() else []
+    held = [p.name + ("/" if p.is_dir() else "") for p in entries]
     if held and not overwrite:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise UserError(
             f"--out {out} already holds files ({shown}): pass --overwrite to replace them, or choose an empty folder"
+        )
+    foreign = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in BASE_ENTRIES]
+    foreign = [name for name in foreign if not name.startswith(_STAGING)]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise UserError(
+            f"--out {out} holds {shown}, not part of a base: --overwrite replaces only a base's files "
+            f"({', '.join(sorted(BASE_ENTRIES))}); move it away or choose another folder"
         )
 
 
@@ -307,30 +327,42 @@ def write_base(out: str | Path, arch: str = "tiny", seed: int = 0, *, overwrite:
     unet/ vae/ text_encoder/ tokenizer/ scheduler/ (SDXL: also text_encoder_2/ tokenizer_2/) and
     model_index.json, written by the family's pipeline itself, so model_index.json is exactly what
     a pipeline loader expects. sd15 is ~4 GB, sdxl ~14 GB (fp32).
-    A folder that already holds files is refused unless `overwrite`; the new base is written
-    beside it and swapped in whole, so an interrupted write never leaves a half-replaced base.
+    A folder that already holds files is refused unless `overwrite`, and one holding anything
+    but a base's files always is. The new base is written into a staging folder inside `out`,
+    then each entry is swapped in (model_index.json removed first and put back last, so an
+    interrupted write never looks like a whole base); `out` itself is never renamed or removed
+    (`--out .` works).
     """
     from transformers.utils import logging as transformers_logging
+
+    from ctrlnet_trainer.fs import check_writable, one_line_errors
 
     transformers_logging.disable_progress_bar()  # "Writing model shards" for a one-shard write
     out = Path(out)
     check_out(out, overwrite)
+    check_writable(out, "--out")
     parts = build_base(arch, seed)
     pipe = parts.family.pipeline(parts.pipeline_parts())  # its model_index.json is the family's
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        # transformers 5 saves only tokenizer.json; add the classic vocab files too so that a
-        # transformers 4.x CLIPTokenizer (the slow one, which needs them) loads this folder as well.
-        for folder in (name for name in parts.text if name.startswith("tokenizer")):
-            _write_vocab_files(staging / folder)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)  # replaced (overwrite) or empty: out of the way until the new one is in
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
+    staging = out / f"{_STAGING}{os.getpid()}"
+    with one_line_errors(out):
         shutil.rmtree(staging, ignore_errors=True)
+        try:
+            pipe.save_pretrained(staging, safe_serialization=True)
+            # transformers 5 saves only tokenizer.json; add the classic vocab files too so that a
+            # transformers 4.x CLIPTokenizer (the slow one, which needs them) loads this folder as well.
+            for folder in (name for name in parts.text if name.startswith("tokenizer")):
+                _write_vocab_files(staging / folder)
+            index = "model_index.json"
+            (out / index).unlink(missing_ok=True)
+            for name in sorted(BASE_ENTRIES - {index}):  # the previous base's parts, this one's in
+                old = out / name
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old)
+                elif old.exists() or old.is_symlink():
+                    old.unlink()
+                if (staging / name).exists():
+                    (staging / name).rename(old)
+            (staging / index).rename(out / index)  # last: the base is whole
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return out
