@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML file with the train section")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override, e.g. loop.max_steps=10")
     args = parser.parse_args(argv)
-    capture_library_warnings()  # torch's and diffusers' warnings: once (rank 0), silenced by -q
+    capture_library_warnings(only_verbose=True)  # torch's and diffusers' warnings: with -v (CTRLNET_VERBOSITY=1) only
     try:
         from ctrlnet.config import load_train_config
         from ctrlnet_trainer.preemption import Preempted

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ctrlnet.commands.options import ConfigFile, Overrides
+from ctrlnet.config.bounds import MAX_IMAGES, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_ROWS
 from ctrlnet.config.train import DEMO_BASE
 from ctrlnet.errors import UserError
 from ctrlnet.extras import check_installed, needs
@@ -144,8 +145,8 @@ data_app = typer.Typer(help="Datasets for offline runs and benchmarks.", no_args
 @data_app.command("synth-fill")
 def synth_fill(
     out: Annotated[str, typer.Option(help="Folder to write train.parquet into.")],
-    rows: Annotated[int, typer.Option(min=1, help="Number of examples.")] = 1000,
-    resolution: Annotated[int, typer.Option(min=8, help="Image size in pixels.")] = 512,
+    rows: Annotated[int, typer.Option(min=1, max=MAX_ROWS, help="Number of examples.")] = 1000,
+    resolution: Annotated[int, typer.Option(min=8, max=MAX_RESOLUTION, help="Image size in pixels.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of colours and circles.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing train.parquet in --out.")] = False,
 ) -> None:
@@ -193,8 +194,8 @@ def generate(
     out: Annotated[
         str, typer.Option(help="Folder for the PNGs (a name already taken there gets the next free number).")
     ] = "generated",
-    num_images: Annotated[int, typer.Option(min=1)] = 1,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
+    num_images: Annotated[int, typer.Option(min=1, max=MAX_IMAGES)] = 1,
+    steps: Annotated[int, typer.Option(min=1, max=MAX_INFERENCE_STEPS, help="Denoising steps.")] = 20,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     adherence: Annotated[

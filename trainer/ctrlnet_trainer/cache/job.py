@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shard-rows", type=int, default=None, help=f"rows per shard (default {layout.DEFAULT_SHARD_ROWS})"
     )
     args = parser.parse_args(argv)
-    capture_library_warnings()  # torch's and diffusers' warnings: once (rank 0), silenced by -q
+    capture_library_warnings(only_verbose=True)  # torch's and diffusers' warnings: with -v (CTRLNET_VERBOSITY=1) only
     try:
         if args.shard_rows is not None and args.shard_rows < 1:
             raise UserError(f"--shard-rows {args.shard_rows}: give a positive number of rows per shard")
