@@ -22,6 +22,7 @@ Where each stage lives (the loop itself reads like the algorithm in trainer.py):
     metrics.py     metrics.jsonl, tracker, progress lines, loss curve
     speed.py       compile / channels_last / FP8 switches     preemption.py  SIGTERM -> 143
     storage.py     every path a URL (fsspec)     seeds.py   every random stream's formula
+    fs.py          filesystem errors as one line; outputs probed writable before heavy work
     generate.py    `ctrlnet generate`            hub.py     the optional hub push
     synthetic.py   the synthetic fill50k rows    selfcheck.py  the image's build-time check
 Notes and warnings go through ctrlnet.log (rank-aware, -v / -q); progress and result lines that
