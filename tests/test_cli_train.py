@@ -4,26 +4,21 @@ ctrlnet_here). Bad input exits 2 with one `error:` line that names the problem, 
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from testkit.cli import assert_user_error
+from testkit.cli import CTRLNET, assert_user_error, offline_env, run_in_process
 
 pytestmark = pytest.mark.slow
-
-CTRLNET = Path(sys.executable).parent / "ctrlnet"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf-home")
-    return {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return offline_env(tmp_path_factory.mktemp("hf-home"))
 
 
 @pytest.fixture
@@ -49,18 +44,7 @@ def ctrlnet_here(env, tmp_path, monkeypatch, capfd):
     libraries read from the environment at import time, such as HF_HUB_OFFLINE, is the suite's)."""
 
     def run(*args):
-        from ctrlnet.cli import main
-
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(sys, "argv", ["ctrlnet", *map(str, args)])
-        capfd.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
+        return run_in_process(args, monkeypatch=monkeypatch, capture=capfd, cwd=tmp_path)
 
     return run
 

@@ -5,12 +5,11 @@ long and files in the way of a folder are refused in one line (before heavy work
 import errno
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from testkit.cli import assert_user_error
+from testkit.cli import assert_user_error, run_in_process
 
 
 @pytest.fixture
@@ -18,18 +17,7 @@ def cli(tmp_path, monkeypatch, capfd):
     """`ctrlnet ...` through its entry point, in this process."""
 
     def run(*args):
-        from ctrlnet.cli import main
-
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(sys, "argv", ["ctrlnet", *map(str, args)])
-        capfd.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
+        return run_in_process(args, monkeypatch=monkeypatch, capture=capfd, cwd=tmp_path)
 
     return run
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from ctrlnet.config.bounds import MAX_RESOLUTION, MAX_ROWS
 from ctrlnet.config.loading import MAX_FILE_BYTES
+from testkit.cli import run_in_process
 
 ALIAS_BOMB = "\n".join(
     [
@@ -138,18 +138,9 @@ def run_cli(tmp_path, monkeypatch, capsys):
         Path(paths[name]).write_text(content, encoding="utf-8")
 
     def run(argv: list[str]) -> tuple[int, str, str]:
-        from ctrlnet import cli
-
         argv = [a.format(tmp=str(tmp_path / "out"), **paths) if "{" in a else a for a in argv]
-        monkeypatch.setattr(sys, "argv", ["ctrlnet", *argv])
-        capsys.readouterr()
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
+        proc = run_in_process(argv, monkeypatch=monkeypatch, capture=capsys, cwd=tmp_path)
+        return proc.returncode, proc.stdout, proc.stderr
 
     yield run
     logging.captureWarnings(False)  # the CLI's callback turned it on for this process

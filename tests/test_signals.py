@@ -5,22 +5,18 @@ continues from that checkpoint. `ctrlnet precompute` stops after a whole shard t
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from ctrlnet.config.progress import parse_line
+from testkit.cli import CTRLNET, offline_env
 
 pytestmark = pytest.mark.slow
-
-CTRLNET = Path(sys.executable).parent / "ctrlnet"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf-home")
-    return {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return offline_env(tmp_path_factory.mktemp("hf-home"))
 
 
 def _signalled(args, signum, env, cwd, event="step", timeout=300):
