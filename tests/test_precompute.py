@@ -117,10 +117,11 @@ def test_the_cache_holds_what_online_encoding_computes(cache_dir, sections, tmp_
         a = data.collate([examples[k] for k in keys])
         b = data.collate([CachedExamples(reader, 3)[k] for k in keys])
         assert torch.equal(a["conditioning_pixel_values"], b["conditioning_pixel_values"])
-        draws = draw(a["sample_id"], 3, online.latent_shape(a), 1000, 0.3, family=models.family)
+        draws = draw(a["sample_id"], 3, online.latent_shape(a), 1000, 0.3, models=models)
         dropped += int(draws.drop_prompt.sum())
-        (la, ta), (lb, tb) = online.encode(a, draws), encoder.encode(b, draws)
+        (la, ta, ca), (lb, tb, cb) = online.encode(a, draws), encoder.encode(b, draws)
         assert (la - lb).abs().max() <= 1e-5 and (ta.hidden - tb.hidden).abs().max() <= 1e-5
+        assert torch.equal(ca, cb)
     assert dropped > 0  # the stored "" embedding was used
 
     # A cached run takes the encoders off before the models move to the device.

@@ -133,7 +133,7 @@ def test_both_encoders_condition_the_step_and_prompt_dropout_empties_both(tmp_pa
     encoder = OnlineEncoder(models, torch.float32, CPU)
     shape = (2, *encoder.latent_shape(batch))
     kept = Draws(torch.zeros(shape), torch.zeros(shape), torch.zeros(2, dtype=torch.long), None)
-    _, text = encoder.encode(batch, kept)
+    _, text, _ = encoder.encode(batch, kept)
     hidden, added = text.hidden, text.added
     # Penultimate hidden states of both encoders side by side; the second encoder's pooled output.
     assert hidden.shape == (2, 77, models.unet.config.cross_attention_dim) == (2, 77, 32 + 32)
@@ -142,7 +142,7 @@ def test_both_encoders_condition_the_step_and_prompt_dropout_empties_both(tmp_pa
         added["text_embeds"][0], added["text_embeds"][1]
     )
     dropped = Draws(kept.latent_eps, kept.noise, kept.timesteps, torch.tensor([True, False]))
-    _, text = encoder.encode(batch, dropped)
+    _, text, _ = encoder.encode(batch, dropped)
     # The caption of row 0 became "": both encoders now see exactly what row 1 (an empty caption) shows.
     assert torch.equal(text.hidden[0], hidden[1]) and torch.equal(text.added["text_embeds"][0], added["text_embeds"][1])
 

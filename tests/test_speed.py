@@ -254,10 +254,10 @@ def test_frozen_models_build_no_autograd_graph(tiny_models):
     examples = data.Examples.of(source, cfg.data, models, 0)
     batch = data.collate([examples[(i, 0)] for i in range(2)])
     encoder = OnlineEncoder(models, torch.float32, CPU)
-    draws = draw(batch["sample_id"], 0, encoder.latent_shape(batch), 1000, 0.0, family=models.family)
-    latents, text = encoder.encode(batch, draws)
+    draws = draw(batch["sample_id"], 0, encoder.latent_shape(batch), 1000, 0.0, models=models)
+    latents, text, cond = encoder.encode(batch, draws)
     assert latents.grad_fn is None and text.hidden.grad_fn is None  # the encoders ran under no_grad
-    loss = controlnet_loss(models, models.controlnet, latents, text, batch["conditioning_pixel_values"], draws, None)
+    loss = controlnet_loss(models, models.controlnet, latents, text, cond, draws, None)
     loss.backward()
     assert all(p.grad is None for p in frozen)
     assert any(p.grad is not None for p in models.controlnet.parameters())

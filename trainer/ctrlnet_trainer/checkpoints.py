@@ -270,12 +270,10 @@ class Checkpointer:
             state_dicts.clear()  # save() writes the ControlNet, gathered and checked: accelerate must not
 
         def load_hook(models, input_dir):
-            from diffusers import ControlNetModel
-
             while models:
-                m = models.pop()
-                loaded = ControlNetModel.from_pretrained(Path(input_dir) / CONTROLNET_DIR)
-                acc.unwrap_model(m).load_state_dict(loaded.state_dict())
+                m = acc.unwrap_model(models.pop())
+                loaded = type(m).from_pretrained(Path(input_dir) / CONTROLNET_DIR)  # the family's ControlNet class
+                m.load_state_dict(loaded.state_dict())
 
         acc.register_save_state_pre_hook(save_hook)
         acc.register_load_state_pre_hook(load_hook)

@@ -111,11 +111,11 @@ def generate(
     from ctrlnet_trainer.quiet import quiet_library_noise
 
     quiet_library_noise()
-    from diffusers import UniPCMultistepScheduler
-
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base_path = resolve_location(base, "--base", None)
     family = family_at(base_path, "--base", base)
+    # On a GPU in half precision: bf16 for the transformer families (fp16 overflows in Flux.1's and SD3's blocks).
+    half = torch.bfloat16 if family.latent_control else torch.float16
+    dtype = half if device.startswith("cuda") else torch.float32
     check_base_layout(base_path, "--base", base, family)
     cn_path = resolve_location(controlnet, "--controlnet", None)
     try:
@@ -123,25 +123,22 @@ def generate(
         parts = load_parts(base_path, family, dtype=dtype)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"could not load the models ({one_line(e)}): --base must be a Stable "
-            "Diffusion (SD1.x/2.x or SDXL) diffusers folder or hub id, --controlnet a ControlNet folder"
+            f"could not load the models ({one_line(e)}): --base must be a diffusers folder or hub id of "
+            "SD1.x/2.x, SDXL, SD3/SD3.5 or Flux.1, --controlnet a ControlNet folder of that family"
         ) from None
-    if cn.config.cross_attention_dim != parts.unet.config.cross_attention_dim:
-        raise UserError(
-            f"--controlnet was trained for another base (cross-attention width {cn.config.cross_attention_dim}, "
-            f"--base has {parts.unet.config.cross_attention_dim}): give the base it was trained on"
-        )
-    scheduler = UniPCMultistepScheduler.from_config(parts.noise_scheduler.config)
-    pipe = family.pipeline({**parts.pipeline_parts(), "scheduler": scheduler}, cn)
+    if why := family.controlnet_mismatch(cn, parts.unet):
+        raise UserError(f"--controlnet was trained for another base ({why}): give the base it was trained on")
+    pipe = family.pipeline({**parts.pipeline_parts(), "scheduler": family.sampler(parts.noise_scheduler.config)}, cn)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    size = height or (cond.height // 8 * 8)
+    multiple = family.pixel_multiple
+    size = height or (cond.height // multiple * multiple)
     generator = torch.Generator(device=device).manual_seed(seed)
     images = pipe(
         prompt=[prompt] * num_images,
-        image=cond,
+        **family.pipeline_inputs(parts, cond),
         height=size,
-        width=cond.width // 8 * 8 if not height else size,
+        width=cond.width // multiple * multiple if not height else size,
         num_inference_steps=steps,
         generator=generator,
     ).images

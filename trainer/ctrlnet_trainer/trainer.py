@@ -237,11 +237,10 @@ class Trainer:
                 self.encoder.latent_shape(batch),
                 self.num_train_timesteps,
                 cfg.data.proportion_empty_prompts,
-                family=self.models.family,
+                models=self.models,
             ).to(self.device)
             with acc.accumulate(self.controlnet):
-                latents, text = self.encoder.encode(batch, draws)
-                cond = batch["conditioning_pixel_values"].to(self.device, dtype=self.weight_dtype, non_blocking=True)
+                latents, text, cond = self.encoder.encode(batch, draws)
                 if self.grad_check is not None and not self.grad_check.done:  # the unwrapped ControlNet: no all-reduce
                     args = (self.models, self.models.controlnet, latents, text, cond, draws, cfg.loop.snr_gamma)
                     self.grad_check.run(controlnet_loss, *args)

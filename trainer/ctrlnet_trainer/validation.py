@@ -27,10 +27,16 @@ def _heldout_rows(cfg: TrainConfig, seed: int, first: int, n: int) -> list[dict]
     return [synthetic_row(d.synthetic_rows + first + k, d.resolution, seed, d.synthetic_colours) for k in range(n)]
 
 
-def validation_pairs(cfg: TrainConfig, seed: int) -> list[tuple[str, Image.Image]]:
-    """Configured (prompt, image) pairs; for the synthetic data, two held-out synthetic rows."""
+def validation_pairs(cfg: TrainConfig, seed: int) -> list[tuple]:
+    """Configured (prompt, image) pairs, with each image's condition type id for a union
+    ControlNet (prompt, image, mode); for the synthetic data, two held-out synthetic rows."""
     if cfg.validation.prompts:
-        return [(p, _validation_image(i)) for p, i in cfg.validation.pairs()]
+        pairs = [(p, _validation_image(i)) for p, i in cfg.validation.pairs()]
+        names = cfg.validation.control_modes
+        if not names:
+            return pairs
+        ids = [cfg.model.control_modes.index(n) for n in names]
+        return [(*pair, ids[k] if len(ids) > 1 else ids[0]) for k, pair in enumerate(pairs)]
     if cfg.data.dataset is None:
         return [(r["text"], r["conditioning_image"]) for r in _heldout_rows(cfg, seed, 0, 2)]
     return []
@@ -101,10 +107,9 @@ def grid(rows: list[list[Image.Image]]) -> Image.Image:
 
 def controlnet_pipeline(models: Models, controlnet: torch.nn.Module):
     """The stock diffusers ControlNet pipeline of the models' family around the in-memory models
-    (nothing reloaded from disk), sampling with UniPC as the reference's validation does."""
-    from diffusers import UniPCMultistepScheduler
-
-    scheduler = UniPCMultistepScheduler.from_config(models.noise_scheduler.config)
+    (nothing reloaded from disk), sampling as the reference's validation does (UniPC for SD and
+    SDXL, the base's flow-matching Euler scheduler for SD3 and Flux.1)."""
+    scheduler = models.family.sampler(models.noise_scheduler.config)
     return models.family.pipeline({**models.pipeline_parts(), "scheduler": scheduler}, controlnet)
 
 
@@ -125,7 +130,7 @@ def render_samples(
     images = sample(
         models,
         controlnet,
-        [(p, i) for p, i in pairs for _ in range(n)],
+        [pair for pair in pairs for _ in range(n)],
         cfg,
         weight_dtype,
         device,
@@ -138,7 +143,7 @@ def render_samples(
     return grid(
         [
             [resize_center_crop(image, size, resample), *images[k * n : (k + 1) * n]]
-            for k, (_, image) in enumerate(pairs)
+            for k, (_, image, *_mode) in enumerate(pairs)
         ]
     )
 
@@ -155,8 +160,9 @@ def sample(
     prompts: EncodedPrompts | None = None,
     batch: int = 16,
 ) -> list[Image.Image]:
-    """One image per (prompt, conditioning image) pair, `batch` pairs per pipeline call, from one
-    seeded generator (the same images for the same models)."""
+    """One image per (prompt, conditioning image[, condition type]) pair, up to `batch` pairs of
+    one condition type per pipeline call, from one seeded generator (the same images for the same
+    models)."""
     pipe = controlnet_pipeline(models, controlnet)
     pipe.set_progress_bar_config(disable=True)
     size = cfg.data.resolution
@@ -169,17 +175,17 @@ def sample(
     cast = controlnet.register_forward_hook(lambda module, args, out: _to_dtype(out, weight_dtype))
     out: list[Image.Image] = []
     try:
-        for at in range(0, len(pairs), batch):
-            chunk = pairs[at : at + batch]
-            conds = [resize_center_crop(image, size, resample) for _, image in chunk]
+        for chunk in _chunks(pairs, batch):
+            conds = [resize_center_crop(pair[1], size, resample) for pair in chunk]
+            mode = chunk[0][2] if len(chunk[0]) > 2 else None
             if prompts is None:
-                text = {"prompt": [p for p, _ in chunk]}
+                text = {"prompt": [pair[0] for pair in chunk]}
             else:
-                text = prompts.pipeline_batch([p for p, _ in chunk], device, weight_dtype)
+                text = prompts.pipeline_batch([pair[0] for pair in chunk], device, weight_dtype)
             with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
                 out += pipe(
                     **text,
-                    image=conds,
+                    **models.family.pipeline_inputs(models, conds, mode),
                     height=size,
                     width=size,
                     num_inference_steps=cfg.validation.num_inference_steps,
@@ -189,6 +195,18 @@ def sample(
         cast.remove()
         controlnet.train(was_training)
     return out
+
+
+def _chunks(pairs: list[tuple], batch: int):
+    """Runs of at most `batch` consecutive pairs of one condition type (a pipeline call takes one)."""
+    chunk: list[tuple] = []
+    for pair in pairs:
+        if chunk and (len(chunk) == batch or pair[2:] != chunk[0][2:]):
+            yield chunk
+            chunk = []
+        chunk.append(pair)
+    if chunk:
+        yield chunk
 
 
 def _to_dtype(out, dtype: torch.dtype):
@@ -274,14 +292,12 @@ class Validator:
     def _gathered(self) -> torch.nn.Module | None:
         """A full copy of the sharded ControlNet on the main process (None elsewhere): gathering
         is collective, so every process calls this."""
-        from diffusers import ControlNetModel
-
         from ctrlnet_trainer import weights
 
         state = weights.gather(self.acc, self.prepared, is_main=self.is_main, sharded=True)  # every rank takes part
         if not self.is_main:
             return None
-        copy = ControlNetModel.from_config(self.controlnet.config)
+        copy = type(self.controlnet).from_config(self.controlnet.config)  # the family's ControlNet class
         copy.load_state_dict(state)
         return copy.to(self.acc.device)
 
@@ -301,9 +317,8 @@ def heldout_loss(
     total = 0.0
     for batch in batches:
         shape = encoder.latent_shape(batch)
-        draws = draw(batch["sample_id"], seed, shape, timesteps, 0.0, family=models.family).to(device)
-        latents, text = encoder.encode(batch, draws)
-        cond = batch["conditioning_pixel_values"].to(device, dtype=weight_dtype)
+        draws = draw(batch["sample_id"], seed, shape, timesteps, 0.0, models=models).to(device)
+        latents, text, cond = encoder.encode(batch, draws)
         total += controlnet_loss(models, controlnet, latents, text, cond, draws, None).item()
     controlnet.train(was_training)
     return total / len(batches)

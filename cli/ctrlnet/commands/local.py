@@ -177,8 +177,8 @@ def model_init(
         train_extra()
         from ctrlnet_trainer.models import tiny  # imports torch/diffusers when it builds
 
-    if arch not in tiny.ARCHS:
-        raise UserError(f"--arch {arch!r} is unknown: use one of {', '.join(tiny.ARCHS)}")
+    if arch not in tiny.all_archs():
+        raise UserError(f"--arch {arch!r} is unknown: use one of {', '.join(tiny.all_archs())}")
     tiny.check_out(out, overwrite)
     with needs("train"):
         train_extra("torch", "diffusers")

@@ -23,6 +23,12 @@ MAX_IMAGES = 256
 MAX_INFERENCE_STEPS = 1000
 """Denoising steps per generated image (the schedulers' own training timesteps)."""
 MAX_ADHERENCE_ROWS = 100_000
+MAX_LAYERS = 1000
+"""Transformer blocks of a ControlNet (Flux.1-dev's base has 19 double and 38 single ones)."""
+MAX_TEXT_TOKENS = 512
+"""T5 tokens of a prompt (SD3's and Flux.1's pipelines accept at most 512)."""
+MAX_CONTROL_MODES = 64
+"""Condition types of one union ControlNet (InstantX's Flux union has 7)."""
 MAX_TEXT = 4096
 """Characters of any text value (a name, a path, a prompt)."""
 MAX_NODES = 10_000

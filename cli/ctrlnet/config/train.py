@@ -11,15 +11,18 @@ from pydantic import Field, field_validator, model_validator
 from ctrlnet.config.bounds import (
     MAX_ADHERENCE_ROWS,
     MAX_BATCH_SIZE,
+    MAX_CONTROL_MODES,
     MAX_COUNT,
     MAX_EPOCHS,
     MAX_IMAGES,
     MAX_INFERENCE_STEPS,
+    MAX_LAYERS,
     MAX_RESOLUTION,
     MAX_ROWS,
     MAX_SECONDS,
     MAX_SHUFFLE_BUFFER,
     MAX_STEPS,
+    MAX_TEXT_TOKENS,
     MAX_WORKERS,
     SEED_RANGE,
 )
@@ -31,18 +34,22 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEMO_BASE = "builtin:demo"
 """model.base of the pretrained demo base shipped in the package (ctrlnet_trainer/demo_weights/)."""
 
+FLOW_FAMILIES = ("sd3", "flux")
+"""The flow-matching families (rectified-flow objective, transformer denoiser)."""
+
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
 class ModelConfig(Section):
     base: str | None = None
-    """Stable Diffusion base (SD1.x/2.x or SDXL): a local diffusers folder, an fsspec URL or a hub
-    id; `builtin:demo`: the tiny 64 px base shipped with ctrlnet, pretrained on the synthetic
-    circles in 12 colours (the demo's). Unset: a tiny random-init base built in code (for tests),
-    SD-shaped, or SDXL-shaped when `family` is `sdxl`."""
-    family: Literal["auto", "sd", "sdxl"] = "auto"
+    """The base model (SD1.x/2.x, SDXL, SD3/SD3.5 or Flux.1): a local diffusers folder, an fsspec
+    URL or a hub id; `builtin:demo`: the tiny 64 px base shipped with ctrlnet, pretrained on the
+    synthetic circles in 12 colours (the demo's). Unset: a tiny random-init base of `family` built
+    in code (for tests; SD-shaped when `family` is auto)."""
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = "auto"
     """Model family; `auto` reads it from the base: model_index.json's pipeline class, else the
-    components present (a `text_encoder_2/`, a UNet with `addition_embed_type: text_time` is SDXL)."""
+    components present (`transformer/` with a FluxTransformer2DModel or SD3Transformer2DModel
+    config, a `text_encoder_2/` or a UNet with `addition_embed_type: text_time` for SDXL)."""
     vae: str | None = None
     """A replacement VAE (a diffusers AutoencoderKL folder, fsspec URL or hub id), e.g. the fp16-fix
     SDXL VAE; unset: the base's `vae/`. Under fp16 mixed precision an SDXL VAE whose config sets
@@ -60,13 +67,34 @@ class ModelConfig(Section):
     cache_dir: str | None = None
     """Where downloaded models and datasets are cached."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    """Training target; unset: the base scheduler's own `prediction_type`."""
+    """Training target of SD1.x/2.x and SDXL; unset: the base scheduler's own `prediction_type`
+    (SD3 and Flux.1 are trained on the flow-matching velocity, `noise - latents`)."""
+    controlnet_layers: int | None = Field(default=None, gt=0, le=MAX_LAYERS)
+    """SD3/Flux.1: transformer blocks of a new ControlNet, copied from the base's first ones (SD3:
+    joint blocks, `num_layers`; Flux.1: double-stream blocks, `num_double_layers`); unset: SD3 12
+    (diffusers' from_transformer), at most the base's blocks but its last; Flux.1 4 (the script's)."""
+    controlnet_single_layers: int | None = Field(default=None, ge=0, le=MAX_LAYERS)
+    """Flux.1: single-stream blocks of a new ControlNet (`num_single_layers`); unset: 4 (the script's)."""
+    max_sequence_length: int | None = Field(default=None, gt=0, le=MAX_TEXT_TOKENS)
+    """SD3/Flux.1: T5 tokens per prompt, in training and in the pipeline that samples; unset: the
+    family pipeline's default (SD3 256, Flux.1 512), so the ControlNet trains on what it is fed."""
+    guidance_scale: float = Field(default=3.5, ge=0.0, le=100.0, allow_inf_nan=False)
+    """Flux.1-dev (a base with a guidance embedding): the distilled guidance given to the
+    transformer and the ControlNet in training, and to the pipeline in validation."""
+    control_modes: list[str] = Field(default_factory=list, max_length=MAX_CONTROL_MODES)
+    """Flux.1 union ControlNet: the condition types one ControlNet learns, in their id order (e.g.
+    [canny, tile, depth, blur, pose, gray, lq], InstantX's union); each row's type is in
+    data.control_mode_column. Empty: one condition type (a plain ControlNet)."""
+    upcast_vae: bool = False
+    """Run the VAE in fp32 under mixed precision (SD3's `--upcast_vae`)."""
 
 
 class DataConfig(Section):
     dataset: str | None = None
     """Training data: a hub dataset name, a local path (parquet file or folder, imagefolder with
-    metadata.jsonl) or an fsspec URL. Unset: a synthetic fill50k look-alike made in code."""
+    metadata.jsonl, or a .jsonl / .json file of rows whose image columns hold paths relative to
+    that file) or an fsspec URL (parquet, .jsonl or .json). Unset: a synthetic fill50k look-alike
+    made in code."""
     config_name: str | None = None
     """The dataset's config name, when it has several."""
     split: str = "train"
@@ -106,6 +134,9 @@ class DataConfig(Section):
     """Skip rows whose image or conditioning image cannot be read: each is named on stderr and
     counted in metrics.jsonl (`skipped_rows`, per logged window). Off: such a row stops the run
     with one line naming it."""
+    control_mode_column: str | None = None
+    """With model.control_modes (a union ControlNet): the column naming each row's condition type
+    (one of model.control_modes, or its index)."""
     cache: str | None = None
     """Folder or URL of a precomputed cache of this data (`ctrlnet precompute` writes it): training
     reads the VAE latent distributions and text embeddings from it instead of encoding every step.
@@ -127,8 +158,10 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    """AdamW (fused where the device supports it) or bitsandbytes' 8-bit AdamW."""
+    optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = "adamw"
+    """AdamW (fused where the device supports it), bitsandbytes' 8-bit AdamW, or transformers'
+    Adafactor (factored second moments: far less optimizer memory; at `learning_rate` as given,
+    with `weight_decay`, no relative step or parameter scaling; the `adam_*` keys do not apply)."""
     learning_rate: float = Field(default=5e-6, gt=0)
     """Peak learning rate (after warmup)."""
     scale_lr: bool = False
@@ -175,7 +208,22 @@ class LoopConfig(Section):
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernel: PyTorch scaled_dot_product_attention, or xformers (must be installed)."""
     snr_gamma: float | None = Field(default=None, gt=0)
-    """Min-SNR-gamma loss weighting (5.0 is the paper's choice); unset: plain MSE."""
+    """Min-SNR-gamma loss weighting (5.0 is the paper's choice); unset: plain MSE. SD1.x/2.x and
+    SDXL only (flow matching weights its timesteps by `weighting_scheme`)."""
+    weighting_scheme: Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = "logit_normal"
+    """SD3/Flux.1: how training timesteps are weighted (diffusers' SD3 recipe): `logit_normal`
+    and `mode` draw sigma from that density; `cosmap` and `sigma_sqrt` draw it uniformly and weight
+    the loss; `none`: uniform and unweighted."""
+    logit_mean: float = Field(default=0.0, ge=-10.0, le=10.0, allow_inf_nan=False)
+    """Mean of the `logit_normal` density."""
+    logit_std: float = Field(default=1.0, gt=0.0, le=10.0, allow_inf_nan=False)
+    """Standard deviation of the `logit_normal` density."""
+    mode_scale: float = Field(default=1.29, ge=-10.0, le=10.0, allow_inf_nan=False)
+    """Scale of the `mode` density."""
+    precondition_outputs: bool | None = None
+    """SD3/Flux.1: EDM-style preconditioning, the loss taken on `x_t - sigma * v` against the
+    clean latents (the velocity loss weighted by sigma squared); unset: on for SD3 (as
+    train_controlnet_sd3.py), off for Flux.1 (as train_controlnet_flux.py)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; `auto` uses CUDA when present."""
     compile: Literal["auto", "off", "regional", "full"] = "auto"
@@ -234,6 +282,10 @@ class CheckpointConfig(Section):
     max_failed_uploads: int = Field(default=3, gt=0, le=MAX_COUNT)
     """Object storage: stop the run (exit 1, resumable from the last committed checkpoint) after
     this many checkpoints in a row could not be uploaded."""
+    final_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Precision of the final ControlNet (`controlnet/` under the output, and what the hub gets):
+    its weights are cast to it once training ends. Checkpoints always hold the fp32 master weights,
+    so a resume is exact."""
 
 
 class ValidationConfig(Section):
@@ -251,6 +303,9 @@ class ValidationConfig(Section):
     """Synthetic data only: held-out rows sampled (one image each) and scored for condition
     adherence at each validation: the IoU of the drawn circle with its outline's disk, and with
     another row's (chance), to metrics.jsonl, the tracker and the loss plot; 0: off; at most 100,000."""
+    control_modes: list[str] = Field(default_factory=list, max_length=MAX_IMAGES)
+    """Union ControlNet (model.control_modes): the condition type of each validation image, or
+    one for all."""
     at_start: bool = False
     """Also validate before the first step: the samples (and, on the synthetic data, the condition
     adherence) of the untrained ControlNet, whose zero convolutions leave the base alone: the
@@ -344,6 +399,56 @@ class TrainConfig(Section):
             raise ValueError(
                 "data.cache with model.family sdxl: the precompute cache holds SD1.x/2.x embeddings only; "
                 "unset data.cache (SDXL encodes online)"
+            )
+        flow = self.model.family in FLOW_FAMILIES
+        if flow and self.data.resolution % 16:
+            raise ValueError(
+                f"data.resolution {self.data.resolution} with model.family {self.model.family}: its transformer "
+                f"takes 2x2 patches of the 8x latents, so it must be a multiple of 16, e.g. {max(16, self.data.resolution // 16 * 16)}"
+            )
+        if flow and self.loop.snr_gamma is not None:
+            raise ValueError(
+                f"loop.snr_gamma with model.family {self.model.family}: Min-SNR weights DDPM timesteps; "
+                "flow matching weights them by loop.weighting_scheme: unset loop.snr_gamma"
+            )
+        if flow and self.model.prediction_type is not None:
+            raise ValueError(
+                f"model.prediction_type with model.family {self.model.family}: it trains on the flow-matching "
+                "velocity (noise - latents): unset model.prediction_type"
+            )
+        if bool(self.model.control_modes) != bool(self.data.control_mode_column):
+            given, missing = (
+                ("model.control_modes", "data.control_mode_column")
+                if self.model.control_modes
+                else ("data.control_mode_column", "model.control_modes")
+            )
+            raise ValueError(f"{given} is set but {missing} is not: a union ControlNet needs both, or neither")
+        if self.model.control_modes:
+            if self.model.family not in ("auto", "flux"):
+                raise ValueError(
+                    f"model.control_modes with model.family {self.model.family}: union ControlNets are Flux.1's; "
+                    "unset model.control_modes"
+                )
+            if len(set(self.model.control_modes)) != len(self.model.control_modes):
+                raise ValueError("model.control_modes names a condition type twice: give each once")
+            unknown = sorted(set(self.validation.control_modes) - set(self.model.control_modes))
+            if unknown:
+                raise ValueError(
+                    f"validation.control_modes has {', '.join(unknown)}, not in model.control_modes: "
+                    "use the names of model.control_modes"
+                )
+            images, modes = len(self.validation.images), len(self.validation.control_modes)
+            if images and modes not in (1, images):
+                raise ValueError(
+                    f"validation.control_modes has {modes} and validation.images has {images}: give one per image, or one for all"
+                )
+            if images and not modes:
+                raise ValueError(
+                    "validation.images of a union ControlNet need validation.control_modes: one per image, or one for all"
+                )
+        elif self.validation.control_modes:
+            raise ValueError(
+                "validation.control_modes is set without model.control_modes: unset it, or train a union ControlNet"
             )
         if self.data.streaming and self.data.cache:
             raise ValueError(

@@ -164,7 +164,8 @@ class CachedEncoder:
         if draws.drop_prompt is not None:
             # proportion_empty_prompts: these captions become "" (classifier-free guidance training).
             text = torch.where(draws.drop_prompt[:, None, None], self.empty.expand_as(text), text)
-        return latents, Conditioning(text)
+        cond = put(batch["conditioning_pixel_values"])  # SD's ControlNet takes the pixels
+        return latents, Conditioning(text), cond
 
 
 def refuse_uncacheable(family: Family) -> None:

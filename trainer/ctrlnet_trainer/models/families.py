@@ -6,13 +6,16 @@ import json
 from pathlib import Path
 
 from ctrlnet_trainer.models.family import Family
+from ctrlnet_trainer.models.flux import Flux
 from ctrlnet_trainer.models.sd import SD
+from ctrlnet_trainer.models.sd3 import SD3
 from ctrlnet_trainer.models.sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SD3(), Flux())}
 DEFAULT = FAMILIES["sd"]
-# Recognition asks the most specific family first: SDXL's folder test is "SD plus more".
-_BY_SPECIFICITY = (FAMILIES["sdxl"], FAMILIES["sd"])
+# Recognition asks the most specific family first: the transformer families by their
+# transformer's class (they have a text_encoder_2/ too), then SDXL, whose folder test is "SD plus more".
+_BY_SPECIFICITY = (FAMILIES["flux"], FAMILIES["sd3"], FAMILIES["sdxl"], FAMILIES["sd"])
 
 
 def family_named(name: str) -> Family:

@@ -17,29 +17,19 @@ A family says
                               generate` and the bases `ctrlnet model init` writes all use it
     what the cache supports   `cacheable`: the precompute cache holds one text encoder's states
 
-Today: `SD` (SD1.x/2.x, models/sd.py) and `SDXL` (models/sdxl.py, an SD with a second text
-encoder, pooled text and size/crop time ids). The registry and the recognition order are in
-models/families.py.
+Today: `SD` (SD1.x/2.x, models/sd.py), `SDXL` (models/sdxl.py, an SD with a second text
+encoder, pooled text and size/crop time ids), and the flow-matching families `SD3` (models/sd3.py:
+SD3/SD3.5, an MMDiT transformer, three text encoders) and `Flux` (models/flux.py: Flux.1 dev and
+schnell, packed 2x2 latents, CLIP pooled + T5, the guidance embedding, union control modes), both
+built on `FlowFamily` (models/flow.py). The objectives are models/objective.py's; the registry and
+the recognition order are in models/families.py.
 
-Design note: adding a flow-matching family (SD3/SD3.5, Flux.1) is adding one object here. Such a
-family differs in every row above, and each difference has its method:
-- text: SD3 loads three encoders (two CLIPs with projection + T5; `load_text` returns
-  tokenizer/text_encoder _2 _3 by their diffusers component names, `Base.text` holds any number),
-  Flux two (CLIP pooled + T5 hidden states); `condition` returns the hidden states and puts the
-  pooled projection in `Conditioning.added` (`pooled_projections`), and Flux's text/image ids too.
-- backbone: a transformer (SD3Transformer2DModel, FluxTransformer2DModel) in `Base.unet`'s place,
-  its ControlNet SD3ControlNetModel / FluxControlNetModel `from_transformer` (`new_controlnet`);
-  `predict` calls them with their own keywords (controlnet_block_samples into the transformer).
-- latents: 16 channels with a shift as well as a scale (`latent_shape`; the VAE's shift_factor
-  goes where `sample_latents` scales), and Flux packs them into 2x2 patches before the transformer
-  (`predict` packs and unpacks, so the loss stays in the VAE's latent layout).
-- objective: FlowMatchEulerDiscreteScheduler; `sample_timestep` draws sigma by a logit-normal (or
-  mode) density from the same per-example generator (so resume stays exact), `noisy` is
-  (1 - sigma) x0 + sigma noise, `target` is noise - x0, and Min-SNR does not apply (the family
-  refuses snr_gamma).
-- pipelines: StableDiffusion3ControlNetPipeline / FluxControlNetPipeline in `pipeline`.
-The trainer, the step, the data, validation and generate call these methods only, so none of them
-changes for the new family.
+What the flow families changed in the seam: the denoiser is a component of the family's own name
+and class (`denoiser`, `load_denoiser`; `Base.unet` holds it whatever it is), the scheduler too
+(`load_scheduler`); the objective is an object built per run (`objective`: DDPM's or flow
+matching's draws, noising and loss); the ControlNet may take the condition as VAE latents rather
+than pixels (`control_input`, `latent_control`); and a pipeline is called with the family's own
+inputs (`sampler`, `pipeline_inputs`).
 """
 
 from __future__ import annotations
@@ -77,6 +67,9 @@ class Family:
     tiny_arch: ClassVar[str]  # the in-code test base of this family (models/tiny.py)
     pipeline_classes: ClassVar[tuple[str, str]]  # diffusers' (base pipeline, ControlNet pipeline)
     pipeline_options: ClassVar[dict[str, Any]]  # what they are built with besides the parts
+    denoiser: ClassVar[str] = "unet"  # the denoiser's component folder (and pipeline argument)
+    latent_control: ClassVar[bool] = False  # the ControlNet takes the condition as VAE latents
+    pixel_multiple: ClassVar[int] = 8  # image sides are multiples of this (the VAE's 8x)
 
     # ---------------------------------------------------------------- recognition
     def claims_pipeline(self, class_name: str) -> bool:
@@ -92,10 +85,28 @@ class Family:
         """The tokenizers and text encoders of a base, by component name."""
         raise NotImplementedError
 
+    def load_denoiser(self, where: str, weights: dict) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(where, subfolder=self.denoiser, **weights)
+
+    def load_scheduler(self, where: str, opts: dict):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_pretrained(where, subfolder="scheduler", **opts)
+
+    def configure(self, text: dict[str, Any], model_cfg) -> None:
+        """Set what the run's config (`model_cfg`: train.model, or None) says on the loaded text
+        components (the flow families' T5 length)."""
+
+    def check_union(self, controlnet, modes: list[str]) -> None:
+        """A starting ControlNet fits model.control_modes (families with union ControlNets)."""
+
     def check_unet(self, unet, shown: str) -> None:
         """Refuse a denoiser that is not this family's (one UserError)."""
 
-    def new_controlnet(self, unet) -> torch.nn.Module:
+    def new_controlnet(self, unet, model_cfg=None) -> torch.nn.Module:
+        """A ControlNet made from the base's denoiser (`model_cfg`: train.model, for its depth keys)."""
         raise NotImplementedError
 
     def load_controlnet(self, where: str, cache_dir: str | None, **kwargs) -> torch.nn.Module:
@@ -126,21 +137,26 @@ class Family:
         """The Conditioning of a batch's token ids (`ids`, after prompt dropping)."""
         raise NotImplementedError
 
+    def control_input(self, models, pixels: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+        """What the ControlNet is given for conditioning images `pixels` ([0, 1], [B, 3, H, W]),
+        as the family's ControlNet pipeline prepares it: the pixels themselves here; VAE latents
+        for a `latent_control` family (`eps`: the draws' standard-normal sample of their posterior)."""
+        return pixels
+
     # ---------------------------------------------------------------- objective
-    def sample_timestep(self, generator: torch.Generator, num_train_timesteps: int) -> torch.Tensor:
+    def objective(self, cfg, scheduler, prediction_type: str | None):
+        """The run's objective (models/objective.py) from train config `cfg` and the base's scheduler."""
         raise NotImplementedError
 
-    def noisy(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def predict(self, unet, controlnet, noisy, timesteps, text: Conditioning, conditioning) -> torch.Tensor:
-        raise NotImplementedError
-
-    def target(self, scheduler, latents, noise, timesteps, prediction_type: str) -> torch.Tensor:
+    def predict(self, models, controlnet, noisy, timesteps, text: Conditioning, conditioning) -> torch.Tensor:
+        """The denoiser's prediction with the ControlNet's residuals (`timesteps`: the objective's
+        model_time), in the latents' layout."""
         raise NotImplementedError
 
     def latent_shape(self, vae_config, height: int, width: int) -> tuple[int, ...]:
-        raise NotImplementedError
+        # Latents are the image downsampled once per VAE encoder block but the last.
+        down = 2 ** (len(vae_config.block_out_channels) - 1)
+        return vae_config.latent_channels, height // down, width // down
 
     # ---------------------------------------------------------------- pipelines
     def pipeline(self, parts: dict[str, Any], controlnet=None):
@@ -153,6 +169,17 @@ class Family:
         if controlnet is None:
             return base(**parts, **self.pipeline_options)
         return with_controlnet(**parts, **self.pipeline_options, controlnet=controlnet)
+
+    def sampler(self, scheduler_config):
+        """The scheduler validation and `ctrlnet generate` sample with (a new object: sampling sets
+        its timesteps)."""
+        from diffusers import UniPCMultistepScheduler
+
+        return UniPCMultistepScheduler.from_config(scheduler_config)  # as the reference's validation
+
+    def pipeline_inputs(self, models, conds: list, control_mode: int | None = None) -> dict[str, Any]:
+        """The ControlNet pipeline call's inputs besides the prompts and the sampling options."""
+        return {"image": conds}
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

@@ -114,7 +114,7 @@ def load_base(cfg: TrainConfig, seed: int, *, with_unet: bool = True) -> Base:
         if cfg.model.base is None:
             from ctrlnet_trainer.models.tiny import build_base
 
-            family = family_named("sdxl" if cfg.model.family == "sdxl" else "sd")
+            family = family_named("sd" if cfg.model.family == "auto" else cfg.model.family)
             base = build_base(family.tiny_arch, seed=seed)
         else:
             where = resolve_location(cfg.model.base, "model.base", cfg.model.cache_dir, cfg.model.revision)
@@ -123,6 +123,7 @@ def load_base(cfg: TrainConfig, seed: int, *, with_unet: bool = True) -> Base:
             base = load_base_from(where, family, cfg.model.base, with_unet=with_unet, model=cfg.model)
         if cfg.model.vae:
             base.vae = _load_vae(cfg)
+    base.family.configure(base.text, cfg.model)  # the run's settings its tokenizers carry (the T5 length)
     return base
 
 
@@ -167,10 +168,13 @@ def load_models(cfg: TrainConfig, seed: int) -> Models:
     base = load_base(cfg, seed)
     family, unet, scheduler = base.family, base.unet, base.noise_scheduler
 
+    check_family_options(family, cfg)
     if cfg.model.controlnet:
         where = resolve_location(cfg.model.controlnet, "model.controlnet", cfg.model.cache_dir)
         try:
             controlnet = family.load_controlnet(where, cfg.model.cache_dir)
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"model.controlnet {cfg.model.controlnet!r} could not be loaded ({one_line(e)})") from None
         # A starting ControlNet made for another base (an SD1.5 one on SDXL, say) fails deep inside
@@ -178,18 +182,21 @@ def load_models(cfg: TrainConfig, seed: int) -> Models:
         if why := family.controlnet_mismatch(controlnet, unet):
             raise UserError(
                 f"model.controlnet {cfg.model.controlnet!r} was made for another kind of base ({why}): start from a "
-                "ControlNet of this base, or unset model.controlnet to initialise one from its UNet"
+                "ControlNet of this base, or unset model.controlnet to initialise one from its denoiser"
             )
+        family.check_union(controlnet, cfg.model.control_modes)
     else:
-        controlnet = family.new_controlnet(unet)
+        controlnet = family.new_controlnet(unet, cfg.model)
 
-    prediction_type = cfg.model.prediction_type or scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise UserError(
-            f"the base scheduler predicts {prediction_type!r}; set model.prediction_type to epsilon or v_prediction"
-        )
-    if cfg.model.prediction_type:
-        scheduler.register_to_config(prediction_type=prediction_type)
+    prediction_type = None
+    if not family.latent_control:  # DDPM families: epsilon or v
+        prediction_type = cfg.model.prediction_type or scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(
+                f"the base scheduler predicts {prediction_type!r}; set model.prediction_type to epsilon or v_prediction"
+            )
+        if cfg.model.prediction_type:
+            scheduler.register_to_config(prediction_type=prediction_type)
     return Models(
         family,
         base.text,
@@ -197,9 +204,36 @@ def load_models(cfg: TrainConfig, seed: int) -> Models:
         unet,
         scheduler,
         controlnet=controlnet,
-        prediction_type=prediction_type,
+        prediction_type=prediction_type or "flow",
         base=cfg.model.base,
+        objective=family.objective(cfg, scheduler, prediction_type),
+        guidance_scale=cfg.model.guidance_scale,
+        control_modes=list(cfg.model.control_modes),
     )
+
+
+def check_family_options(family: Family, cfg: TrainConfig) -> None:
+    """The config's rules by family, for a family read from the base (`model.family: auto`, which
+    the config alone cannot check): one line each."""
+    m, flow = cfg.model, family.latent_control
+    if flow and cfg.loop.snr_gamma is not None:
+        raise UserError(
+            f"loop.snr_gamma: model.base is {family.article} model, trained by flow matching, which weights its "
+            "timesteps by loop.weighting_scheme: unset loop.snr_gamma"
+        )
+    if flow and m.prediction_type is not None:
+        raise UserError(
+            f"model.prediction_type: model.base is {family.article} model, trained on the flow-matching velocity: unset it"
+        )
+    if flow and cfg.data.resolution % 16:
+        raise UserError(
+            f"data.resolution {cfg.data.resolution}: {family.article} model takes 2x2 patches of the 8x latents; "
+            "give a multiple of 16"
+        )
+    if m.control_modes and family.name != "flux":
+        raise UserError(
+            f"model.control_modes: union ControlNets are Flux.1's, and model.base is {family.article} model"
+        )
 
 
 def load_base_from(where: str, family: Family, shown: str, *, with_unet: bool = True, model=None) -> Base:
@@ -221,16 +255,17 @@ def load_base_from(where: str, family: Family, shown: str, *, with_unet: bool = 
 def load_parts(where: str, family: Family, *, with_unet: bool = True, model=None, dtype=None) -> Base:
     """The loaders' calls, unchecked (the caller words the failure): `model` as in
     load_base_from, `dtype` the weights' (None: as saved)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     opts = dict(revision=model.revision, cache_dir=model.cache_dir) if model else {}
     weights = dict(variant=model.variant, **opts) if model else {}
     if dtype is not None:
         weights["torch_dtype"] = dtype
-    scheduler = DDPMScheduler.from_pretrained(where, subfolder="scheduler", **opts)
+    scheduler = family.load_scheduler(where, opts)
     text = family.load_text(where, model.tokenizer if model else None, opts, weights)
     vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **weights)
-    unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **weights) if with_unet else None
+    unet = family.load_denoiser(where, weights) if with_unet else None
+    family.configure(text, model)
     return Base(family, text, vae, unet, scheduler)
 
 
@@ -247,7 +282,9 @@ def prepare_for_training(models: Models, cfg: TrainConfig, device: torch.device,
         module.requires_grad_(False)
         module.eval()
         module.to(device)
-        dtype = vae_dtype(models, weight_dtype) if module is models.vae else weight_dtype
+        dtype = weight_dtype
+        if module is models.vae:
+            dtype = torch.float32 if cfg.model.upcast_vae else vae_dtype(models, weight_dtype)
         if dtype != torch.float32:
             module.to(dtype=dtype)
     models.controlnet.train()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,7 +12,8 @@ from ctrlnet_trainer.models.family import Family
 
 @dataclass
 class Base:
-    """The frozen parts of a base, as loaded or built (unet None when not asked for). `text`: the
+    """The frozen parts of a base, as loaded or built (unet None when not asked for; it holds the
+    family's denoiser, a UNet or a transformer). `text`: the
     family's tokenizers and text encoders by diffusers component name (tokenizer, text_encoder,
     tokenizer_2, ...); a text encoder set to None is not needed (a cached run drops them)."""
 
@@ -37,7 +38,7 @@ class Base:
 
     def pipeline_parts(self) -> dict[str, Any]:
         """The parts under the names the family's pipelines take."""
-        return {**self.text, "vae": self.vae, "unet": self.unet, "scheduler": self.noise_scheduler}
+        return {**self.text, "vae": self.vae, self.family.denoiser: self.unet, "scheduler": self.noise_scheduler}
 
 
 @dataclass
@@ -47,3 +48,6 @@ class Models(Base):
     controlnet: torch.nn.Module = None
     prediction_type: str = "epsilon"
     base: str | None = None  # what to name as the base in logs and model cards
+    objective: Any = None  # models/objective.py: Denoising or FlowMatching, built from the config
+    guidance_scale: float = 3.5  # Flux.1-dev's distilled guidance (model.guidance_scale)
+    control_modes: list[str] = field(default_factory=list)  # a union ControlNet's condition types

@@ -42,7 +42,7 @@ class SD(Family):
 
     # ---------------------------------------------------------------- recognition
     def claims_pipeline(self, class_name: str) -> bool:
-        return class_name.startswith("StableDiffusion") and "XL" not in class_name
+        return class_name.startswith("StableDiffusion") and "XL" not in class_name and "3" not in class_name
 
     def claims_folder(self, root: Path) -> bool:
         unet = root / "unet" / "config.json"
@@ -61,7 +61,7 @@ class SD(Family):
             "text_encoder": CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **weights),
         }
 
-    def new_controlnet(self, unet) -> torch.nn.Module:
+    def new_controlnet(self, unet, model_cfg=None) -> torch.nn.Module:
         from diffusers import ControlNetModel
 
         # Copies the UNet encoder's weights; the zero convolutions start the residuals at 0.
@@ -90,16 +90,15 @@ class SD(Family):
         return Conditioning(text["text_encoder"](ids["input_ids"], return_dict=False)[0])
 
     # ---------------------------------------------------------------- objective: DDPM
-    def sample_timestep(self, generator: torch.Generator, num_train_timesteps: int) -> torch.Tensor:
-        return torch.randint(0, num_train_timesteps, (1,), generator=generator)
+    def objective(self, cfg, scheduler, prediction_type: str | None):
+        from ctrlnet_trainer.models.objective import Denoising
 
-    def noisy(self, scheduler, latents, noise, timesteps) -> torch.Tensor:
-        return scheduler.add_noise(latents, noise, timesteps)
+        return Denoising(scheduler, prediction_type or "epsilon")
 
-    def predict(self, unet, controlnet, noisy, timesteps, text: Conditioning, conditioning) -> torch.Tensor:
+    def predict(self, models, controlnet, noisy, timesteps, text: Conditioning, conditioning) -> torch.Tensor:
         down, mid = controlnet(noisy, timesteps, controlnet_cond=conditioning, return_dict=False, **text.kwargs())
         dtype = noisy.dtype
-        return unet(
+        return models.unet(
             noisy,
             timesteps,
             down_block_additional_residuals=[r.to(dtype) for r in down],
@@ -107,13 +106,3 @@ class SD(Family):
             return_dict=False,
             **text.kwargs(),
         )[0]
-
-    def target(self, scheduler, latents, noise, timesteps, prediction_type: str) -> torch.Tensor:
-        from ctrlnet_trainer.loss import training_target
-
-        return training_target(scheduler, latents, noise, timesteps, prediction_type)
-
-    def latent_shape(self, vae_config, height: int, width: int) -> tuple[int, ...]:
-        # Latents are the image downsampled once per VAE encoder block but the last.
-        down = 2 ** (len(vae_config.block_out_channels) - 1)
-        return vae_config.latent_channels, height // down, width // down

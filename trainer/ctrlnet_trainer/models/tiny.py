@@ -1,8 +1,9 @@
-"""Random-init Stable Diffusion bases, built in code (no downloads, no hub).
+"""Random-init bases, built in code (no downloads, no hub).
 
-`tiny` and `tiny-sdxl` train in seconds on a CPU at 32-64 px and are what the tests use; `sd15`
-and `sdxl` are the real SD1.5 and SDXL-base architectures (random weights) for GPU benchmarks,
-where only shapes and FLOPs matter. `write_base` saves any of them in the diffusers folder layout,
+`tiny`, `tiny-sdxl`, `tiny-sd3` and `tiny-flux` (`tiny-flux-schnell`: without the guidance
+embedding) train in seconds on a CPU at 32-64 px and are what the tests use; `sd15` and `sdxl`
+are the real SD1.5 and SDXL-base architectures (random weights) for GPU benchmarks, where only
+shapes and FLOPs matter. `write_base` saves any of them in the diffusers folder layout,
 so the trainer loads it exactly as it would load a real checkpoint.
 """
 
@@ -186,9 +187,83 @@ SCHEDULER_CONFIG = dict(
 
 MAX_LENGTH = 77  # CLIP's context length; SD pads every prompt to it
 
+# The flow-matching families' bases: a transformer, a 16-channel VAE with a shift, CLIP encoders
+# (SD3: two, with projections; Flux.1: one, its pooled output) and a T5 encoder.
+_FLOW_VAE_TINY = dict(
+    sample_size=64,
+    block_out_channels=(8, 16, 16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    use_quant_conv=False,  # SD3's and Flux.1's VAEs have neither quant conv
+    use_post_quant_conv=False,
+)
+_CLIP_TINY = dict(vocab_size=None, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+_T5_TINY = dict(d_model=64, d_kv=16, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+FLOW_ARCHS: dict[str, dict[str, Any]] = {
+    "tiny-sd3": {
+        "family": "sd3",
+        "transformer": dict(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            num_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=64,  # T5's width; the two CLIPs (2 x 32) are padded to it
+            caption_projection_dim=32,
+            pooled_projection_dim=64,  # both CLIPs' projections
+            out_channels=16,
+            pos_embed_max_size=32,  # up to 512 px
+        ),
+        "vae": dict(_FLOW_VAE_TINY, shift_factor=0.0609, scaling_factor=1.5305),  # SD3's VAE factors
+        "clip": [dict(_CLIP_TINY, projection_dim=32), dict(_CLIP_TINY, projection_dim=32, hidden_act="gelu")],
+        "t5": _T5_TINY,
+        "scheduler": dict(num_train_timesteps=1000, shift=3.0),  # SD3's
+    },
+    "tiny-flux": {
+        "family": "flux",
+        "transformer": dict(
+            patch_size=1,
+            in_channels=64,  # 16 latent channels x a 2x2 patch
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=64,  # T5's width
+            pooled_projection_dim=32,  # CLIP's
+            guidance_embeds=True,  # Flux.1-dev's shape
+            axes_dims_rope=(2, 2, 4),  # sums to attention_head_dim
+        ),
+        "vae": dict(_FLOW_VAE_TINY, shift_factor=0.1159, scaling_factor=0.3611),  # Flux.1's VAE factors
+        "clip": [_CLIP_TINY],
+        "t5": _T5_TINY,
+        "scheduler": dict(  # Flux.1-dev's
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    },
+}
+FLOW_ARCHS["tiny-flux-schnell"] = {
+    **FLOW_ARCHS["tiny-flux"],
+    "transformer": dict(FLOW_ARCHS["tiny-flux"]["transformer"], guidance_embeds=False),
+    "scheduler": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),  # schnell's
+}
+T5_MAX_LENGTH = 512  # T5's context; a run sets its own (model.max_sequence_length)
+
 
 def family_of(arch: str) -> str:
+    if arch in FLOW_ARCHS:
+        return FLOW_ARCHS[arch]["family"]
     return "sdxl" if "text_encoder_2" in ARCHS[arch] else "sd"
+
+
+def all_archs() -> list[str]:
+    return sorted([*ARCHS, *FLOW_ARCHS])
 
 
 def _byte_chars() -> list[str]:
@@ -229,6 +304,64 @@ def build_tokenizer(pad_token: str | None = None) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_LENGTH, **extra)
 
 
+def build_t5_tokenizer():
+    """A real T5Tokenizer (unigram, like T5's sentencepiece model) over the printable ASCII
+    characters: every string tokenizes, offline, and it saves and loads as a downloaded one does."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]  # T5's word-start marker
+    pieces += [(c, -2.0) for c in string.printable[:94]]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def _build_flow_base(arch: str, seed: int) -> Base:
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from ctrlnet_trainer.models.families import family_named
+    from ctrlnet_trainer.models.parts import Base
+
+    spec = FLOW_ARCHS[arch]
+    family = family_named(spec["family"])
+    clip_tokenizers = [build_tokenizer(), *(build_tokenizer(pad_token="!") for _ in spec["clip"][1:])]
+    t5_tokenizer = build_t5_tokenizer()
+    vae_spec = dict(spec["vae"])
+    blocks = len(vae_spec["block_out_channels"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = getattr(diffusers, family.transformer_class)(**spec["transformer"])
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            **vae_spec,
+        )
+        # SD3: both CLIPs with projections (pooled = their text_embeds); Flux.1: one, its pooler output.
+        clip_class = CLIPTextModelWithProjection if family.name == "sd3" else CLIPTextModel
+        clips = [clip_class(_text_config(c, tok, arch)) for c, tok in zip(spec["clip"], clip_tokenizers, strict=True)]
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                feed_forward_proj="gated-gelu",  # T5 v1.1 (T5-XXL)'s
+                pad_token_id=t5_tokenizer.pad_token_id,
+                eos_token_id=t5_tokenizer.eos_token_id,
+                **spec["t5"],
+            )
+        )
+    names = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3")]
+    text = {}
+    encoders = zip([*clip_tokenizers, t5_tokenizer], [*clips, t5], strict=True)
+    for (tok_name, enc_name), (tok, enc) in zip(names, encoders, strict=False):  # Flux.1 has no third
+        text |= {tok_name: tok, enc_name: enc}
+    return Base(family, text, vae, transformer, FlowMatchEulerDiscreteScheduler(**spec["scheduler"]))
+
+
 def _text_config(spec: dict[str, Any], tokenizer: CLIPTokenizer, arch: str):
     from transformers import CLIPTextConfig
 
@@ -259,8 +392,10 @@ def build_base(arch: str = "tiny", seed: int = 0) -> Base:
     from ctrlnet_trainer.models.families import family_named
     from ctrlnet_trainer.models.parts import Base
 
+    if arch in FLOW_ARCHS:
+        return _build_flow_base(arch, seed)
     if arch not in ARCHS:
-        raise ValueError(f"unknown base arch {arch!r}; choose one of {sorted(ARCHS)}")
+        raise ValueError(f"unknown base arch {arch!r}; choose one of {all_archs()}")
     spec = ARCHS[arch]
     sdxl = family_of(arch) == "sdxl"
     tokenizer = build_tokenizer()
@@ -290,7 +425,19 @@ def build_base(arch: str = "tiny", seed: int = 0) -> Base:
 
 # What a base in the diffusers layout holds, all that `write_base` writes (and may replace).
 BASE_ENTRIES = frozenset(
-    {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+    {
+        "model_index.json",
+        "unet",
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+        "scheduler",
+    }
 )
 _STAGING = ".ctrlnet-partial-"
 
@@ -350,8 +497,9 @@ def write_base(out: str | Path, arch: str = "tiny", seed: int = 0, *, overwrite:
             pipe.save_pretrained(staging, safe_serialization=True)
             # transformers 5 saves only tokenizer.json; add the classic vocab files too so that a
             # transformers 4.x CLIPTokenizer (the slow one, which needs them) loads this folder as well.
-            for folder in (name for name in parts.text if name.startswith("tokenizer")):
-                _write_vocab_files(staging / folder)
+            for folder, tokenizer in parts.text.items():
+                if folder.startswith("tokenizer") and type(tokenizer).__name__.startswith("CLIP"):
+                    _write_vocab_files(staging / folder)
             index = "model_index.json"
             (out / index).unlink(missing_ok=True)
             for name in sorted(BASE_ENTRIES - {index}):  # the previous base's parts, this one's in
