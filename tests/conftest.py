@@ -39,3 +39,19 @@ def tiny_sdxl_dir(tmp_path_factory):
     from ctrlnet_trainer.models.tiny import write_base
 
     return write_base(tmp_path_factory.mktemp("tiny-sdxl") / "base", arch="tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """The tiny SD3 base (`ctrlnet model init --arch tiny-sd3`) as a diffusers folder, seed 0."""
+    from ctrlnet_trainer.models.tiny import write_base
+
+    return write_base(tmp_path_factory.mktemp("tiny-sd3") / "base", arch="tiny-sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """The tiny Flux.1-dev-shaped base (`ctrlnet model init --arch tiny-flux`), seed 0."""
+    from ctrlnet_trainer.models.tiny import write_base
+
+    return write_base(tmp_path_factory.mktemp("tiny-flux") / "base", arch="tiny-flux", seed=0)
