@@ -13,7 +13,18 @@ import pytest
 import yaml
 
 from ctrlnet.config import JobConfig, TrainConfig, load_job_config, load_train_config
-from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, EXTRAS, FLAG_VALUES, NOTES, SDXL_FLAGS
+from ctrlnet.config.diffusers_flags import (
+    DIFFUSERS_FLAGS,
+    EXTRAS,
+    FLAG_VALUES,
+    FLUX_FLAGS,
+    FLUX_NOTES,
+    NEAREST,
+    NOTES,
+    SD3_FLAGS,
+    SD3_NOTES,
+    SDXL_FLAGS,
+)
 from ctrlnet.errors import UserError
 from tools.gen.config_docs import field_at, iter_keys, render_config_docs
 
@@ -130,6 +141,44 @@ SDXL_REFERENCE_SWITCHES = REFERENCE_SWITCHES | {"enable_npu_flash_attention"}
 # own offset) and image_interpolation_mode (`lanczos` there; `auto` here = lanczos for SDXL).
 SDXL_REFERENCE_DEFAULTS = {flag: v for flag, v in REFERENCE_DEFAULTS.items() if flag != "tracker_project_name"}
 
+# The flags of diffusers' examples/controlnet/train_controlnet_sd3.py (argparse dest names): the SD
+# script's less tokenizer_name and the xformers switch, plus its own nine.
+SD3_OWN_FLAGS = {
+    "num_extra_conditioning_channels": None,
+    "upcast_vae": False,
+    "weighting_scheme": "logit_normal",
+    "logit_mean": 0.0,
+    "logit_std": 1.0,
+    "mode_scale": 1.29,
+    "precondition_outputs": 1,
+    "max_sequence_length": 77,
+    "dataset_preprocess_batch_size": 1000,
+}
+SD3_REFERENCE_FLAGS = (
+    *(f for f in REFERENCE_FLAGS if f not in ("tokenizer_name", "enable_xformers_memory_efficient_attention")),
+    *SD3_OWN_FLAGS,
+)
+# The flags of train_controlnet_flux.py: the SD script's less train_data_dir, the SDXL script's five,
+# plus its own eleven (value: the script's default, None where the default needs a note or is None).
+FLUX_OWN_FLAGS = {
+    "use_adafactor": False,
+    "num_double_layers": 4,
+    "num_single_layers": 4,
+    "jsonl_for_train": None,
+    "guidance_scale": 3.5,
+    "save_weight_dtype": "fp32",
+    "weighting_scheme": "logit_normal",
+    "logit_mean": 0.0,
+    "logit_std": 1.0,
+    "mode_scale": 1.29,
+    "enable_model_cpu_offload": False,
+}
+FLUX_REFERENCE_FLAGS = (
+    *(f for f in SDXL_REFERENCE_FLAGS if f != "train_data_dir"),
+    *FLUX_OWN_FLAGS,
+)
+FLOW_SWITCHES = {"upcast_vae", "use_adafactor", "enable_model_cpu_offload"}
+
 LEAF_KEYS = dict(iter_keys())
 
 
@@ -176,11 +225,16 @@ def test_defaults_follow_the_reference():
 
 
 def test_notes_and_extras_name_real_things():
-    assert set(NOTES) <= set(DIFFUSERS_FLAGS) | set(SDXL_FLAGS)
-    assert set(FLAG_VALUES) <= set(DIFFUSERS_FLAGS) | set(SDXL_FLAGS)
+    every = set(DIFFUSERS_FLAGS) | set(SDXL_FLAGS) | set(SD3_FLAGS) | set(FLUX_FLAGS)
+    assert set(NOTES) <= every
+    assert set(FLAG_VALUES) <= every
+    assert NEAREST <= set(NOTES)  # a flag with no equivalent says why, and what ctrlnet does instead
+    assert set(SD3_NOTES) <= set(SD3_REFERENCE_FLAGS) | set(REFERENCE_FLAGS)
+    assert set(FLUX_NOTES) <= set(FLUX_REFERENCE_FLAGS) | set(REFERENCE_FLAGS)
     for key in EXTRAS:
         field_at(key)  # a section or a leaf; KeyError if it is not a key
-    mapped = set(DIFFUSERS_FLAGS.values()) | set(SDXL_FLAGS.values())
+    tables = (DIFFUSERS_FLAGS, SDXL_FLAGS, SD3_FLAGS, FLUX_FLAGS)
+    mapped = {k for table in tables for flag, k in table.items() if flag not in NEAREST}  # nearest: not the same
     for key in EXTRAS:
         assert key not in mapped, f"{key} is in EXTRAS but a reference flag maps to it"
 
@@ -255,6 +309,101 @@ def test_sdxl_docs_cover_every_flag():
     for flag, key in SDXL_FLAGS.items():
         shown = f"{key}={FLAG_VALUES[flag]}" if flag in FLAG_VALUES else key
         assert f"| `--{flag}` | `{shown}` |" in text, flag
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "own", "table"),
+    [
+        ("sd3", SD3_REFERENCE_FLAGS, SD3_OWN_FLAGS, SD3_FLAGS),
+        ("flux", FLUX_REFERENCE_FLAGS, FLUX_OWN_FLAGS, FLUX_FLAGS),
+    ],
+)
+def test_every_flow_reference_flag_is_mapped(script, flags, own, table):
+    assert len(flags) == len(set(flags)) == {"sd3": 59, "flux": 67}[script]
+    shared = set(DIFFUSERS_FLAGS) | set(SDXL_FLAGS)
+    assert set(table) == set(flags) - shared == set(own)
+    for flag in flags:  # every flag of the script has a key, in its own table or a shared one
+        key = table.get(flag) or DIFFUSERS_FLAGS.get(flag) or SDXL_FLAGS[flag]
+        assert key in LEAF_KEYS, f"--{flag} -> {key}: no such key in JobConfig"
+
+
+@pytest.mark.parametrize("flag", sorted(set(SD3_FLAGS) | set(FLUX_FLAGS)))
+def test_each_flow_flag_maps_to_a_real_key(flag):
+    key = SD3_FLAGS.get(flag) or FLUX_FLAGS[flag]
+    assert SD3_FLAGS.get(flag, key) == FLUX_FLAGS.get(flag, key), "a flag of both scripts maps to one key"
+    assert key.startswith("train."), key
+    assert key in LEAF_KEYS, f"--{flag} -> {key}: no such key in JobConfig"
+    field = field_at(key)
+    if flag in FLAG_VALUES:
+        cfg = load_job_config(overrides=[f"{key}={FLAG_VALUES[flag]}"])
+        assert _get(cfg, key) == FLAG_VALUES[flag]
+    elif flag in FLOW_SWITCHES and flag not in NEAREST:
+        assert field.annotation is bool, f"--{flag} is a switch but {key} is not a bool"
+    if flag in NEAREST:
+        assert flag in NOTES and NOTES[flag].startswith("No key of its own")
+
+
+def test_flow_mapping_values():
+    assert FLUX_FLAGS["num_double_layers"] == "train.model.controlnet_layers"
+    assert FLUX_FLAGS["num_single_layers"] == "train.model.controlnet_single_layers"
+    assert FLUX_FLAGS["use_adafactor"] == "train.optim.optimizer" and FLAG_VALUES["use_adafactor"] == "adafactor"
+    assert FLUX_FLAGS["save_weight_dtype"] == "train.checkpoint.final_dtype"
+    assert FLUX_FLAGS["jsonl_for_train"] == DIFFUSERS_FLAGS["dataset_name"] == "train.data.dataset"
+    cfg = load_job_config(
+        overrides=[
+            "train.model.family=flux",
+            "train.model.controlnet_layers=2",
+            "train.model.controlnet_single_layers=0",
+            "train.optim.optimizer=adafactor",
+            "train.checkpoint.final_dtype=bf16",
+            "train.data.dataset=./train.jsonl",
+            "train.loop.weighting_scheme=mode",
+        ]
+    )
+    t = cfg.train
+    assert (t.model.controlnet_layers, t.model.controlnet_single_layers, t.optim.optimizer) == (2, 0, "adafactor")
+    assert (t.checkpoint.final_dtype, t.data.dataset, t.loop.weighting_scheme) == ("bf16", "./train.jsonl", "mode")
+    for bad in ("train.checkpoint.final_dtype=fp8", "train.optim.optimizer=adafactor8bit"):
+        with pytest.raises(UserError):
+            load_job_config(overrides=[bad])
+
+
+def test_flow_defaults_follow_the_references_or_say_why():
+    cfg = JobConfig()
+    for own in (SD3_OWN_FLAGS, FLUX_OWN_FLAGS):
+        for flag, default in own.items():
+            if flag in NEAREST or flag in FLOW_SWITCHES:
+                continue
+            table = SD3_FLAGS if flag in SD3_FLAGS else FLUX_FLAGS
+            value = _get(cfg, table[flag])
+            if value != default and flag not in NOTES:
+                raise AssertionError(f"--{flag}: ctrlnet's default {value!r} differs from {default!r} without a note")
+    assert cfg.train.optim.optimizer == "adamw" and cfg.train.checkpoint.final_dtype == "fp32"
+    # where the scripts' defaults or meanings differ from ctrlnet's, the docs say so
+    for flag in ("max_sequence_length", "precondition_outputs"):
+        assert flag in NOTES, flag
+    assert "conditioning_image_column" in SD3_NOTES and "conditioning_image_column" in FLUX_NOTES
+    for flag in ("tracker_project_name", "num_validation_images", "weighting_scheme"):
+        assert flag in FLUX_NOTES, flag
+    assert "77" in NOTES["max_sequence_length"] and "256" in NOTES["max_sequence_length"]
+    assert "flux_train_controlnet" in FLUX_NOTES["tracker_project_name"]
+    assert "[-1, 1]" in FLUX_NOTES["conditioning_image_column"]
+
+
+def test_flow_docs_cover_every_flag():
+    text = render_config_docs()
+    for script, table, notes in (("sd3", SD3_FLAGS, SD3_NOTES), ("flux", FLUX_FLAGS, FLUX_NOTES)):
+        section = text.split(f"### From `train_controlnet_{script}.py`", 1)[1].split("\n### ", 1)[0]
+        for flag, key in table.items():
+            if flag in NEAREST:
+                shown = f"none (nearest: `{key}`)"
+            else:
+                shown = f"`{key}={FLAG_VALUES[flag]}`" if flag in FLAG_VALUES else f"`{key}`"
+            assert f"| `--{flag}` | {shown} |" in section, flag
+        for flag in notes:
+            assert f"| `--{flag}` |" in section, flag
+    for key in ("train.model.control_modes", "train.data.control_mode_column", "train.validation.control_modes"):
+        assert f"| `{key}` |" in text.split("### What ctrlnet adds", 1)[1].split("## Every key", 1)[0], key
 
 
 # --- YAML + --set ------------------------------------------------------------------------------
@@ -419,6 +568,29 @@ def test_unknown_key_that_is_an_sdxl_flag_points_to_its_key(tmp_path):
     assert "diffusers' --image_interpolation_mode is train.data.interpolation" in msg
     msg = _error(tmp_path, overrides=["train.data.crops_coords_top_left_h=0"])
     assert "diffusers' --crops_coords_top_left_h is train.data.crops_coords_top_left" in msg
+
+
+def test_unknown_key_that_is_an_sd3_or_flux_flag_points_to_its_key(tmp_path):
+    msg = _error(tmp_path, overrides=["train.num_double_layers=2"])
+    assert "diffusers' --num_double_layers is train.model.controlnet_layers" in msg
+    msg = _error(tmp_path, "train:\n  model:\n    weighting_scheme: mode\n")
+    assert "train.model.weighting_scheme" in msg
+    assert "diffusers' --weighting_scheme is train.loop.weighting_scheme" in msg
+    msg = _error(tmp_path, overrides=["train.model.num_single_layers=0"])
+    assert "diffusers' --num_single_layers is train.model.controlnet_single_layers" in msg
+    msg = _error(tmp_path, overrides=["train.optim.use_adafactor=true"])
+    assert "diffusers' --use_adafactor is train.optim.optimizer=adafactor" in msg
+    msg = _error(tmp_path, overrides=["train.save_weight_dtype=bf16"])
+    assert "diffusers' --save_weight_dtype is train.checkpoint.final_dtype" in msg
+    msg = _error(tmp_path, overrides=["train.data.jsonl_for_train=./rows.jsonl"])
+    assert "diffusers' --jsonl_for_train is train.data.dataset" in msg
+    msg = _error(tmp_path, overrides=["train.upcast_vae=true"])
+    assert "diffusers' --upcast_vae is train.model.upcast_vae" in msg
+    # a flag with no equivalent names the nearest key without calling it the same thing
+    msg = _error(tmp_path, overrides=["train.data.dataset_preprocess_batch_size=1000"])
+    assert "--dataset_preprocess_batch_size has no equivalent here" in msg and "train.loop.batch_size" in msg
+    msg = _error(tmp_path, overrides=["train.loop.enable_model_cpu_offload=true"])
+    assert "--enable_model_cpu_offload has no equivalent here" in msg
 
 
 def test_bad_set_syntax(tmp_path):

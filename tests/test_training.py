@@ -467,9 +467,79 @@ def test_imagefolder_with_conditioning_paths_trains(tmp_path, make_cfg):
     assert zero_conv_norm(out / "controlnet") > 0
 
 
+def test_a_jsonl_file_of_rows_trains(tmp_path, make_cfg):
+    """train_controlnet_flux.py's --jsonl_for_train: data.dataset names a .jsonl file whose rows hold
+    image paths relative to that file (absolute paths as they are)."""
+    from ctrlnet_trainer.run import train
+    from ctrlnet_trainer.synthetic import fill_example
+
+    folder = tmp_path / "data"
+    (folder / "cond").mkdir(parents=True)
+    (folder / "img").mkdir()
+    lines = []
+    for i in range(8):
+        row = fill_example(i, 32, 0)
+        row["image"].save(folder / "img" / f"{i}.png")
+        row["conditioning_image"].save(folder / "cond" / f"{i}.png")
+        image = f"img/{i}.png" if i % 2 else str(folder / "img" / f"{i}.png")
+        lines.append(json.dumps({"image": image, "conditioning_image": f"cond/{i}.png", "text": row["text"]}))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    result = train(
+        make_cfg(
+            out,
+            model={"cache_dir": str(tmp_path / "cache")},
+            data={"dataset": str(folder / "train.jsonl")},
+            loop={"max_steps": 3},
+        )
+    )
+    assert result.steps == 3
+    assert all(math.isfinite(r["loss"]) for r in metrics_rows(out))
+    assert zero_conv_norm(out / "controlnet") > 0
+
+
+def test_a_data_file_of_another_kind_is_refused_in_one_line(tmp_path):
+    from ctrlnet.config.train import DataConfig
+    from ctrlnet.errors import UserError
+    from ctrlnet_trainer.data.sources import open_source
+
+    rows = tmp_path / "rows.txt"
+    rows.write_text("image,text\n")
+    with pytest.raises(UserError, match=r"a file must be \.parquet, \.jsonl or \.json"):
+        open_source(DataConfig(dataset=str(rows)), str(tmp_path / "cache"), 0)
+
+
+def test_adafactor_is_built_as_the_flux_script_builds_it():
+    """optim.optimizer=adafactor (train_controlnet_flux.py's --use_adafactor): the learning rate as
+    given (the LR schedule scales it), weight decay from optim.weight_decay, no relative step,
+    no parameter scaling, no warmup-init."""
+    from transformers.optimization import Adafactor
+
+    from ctrlnet.config.train import OptimConfig
+    from ctrlnet_trainer.optim import build_lr_scheduler, build_optimizer
+
+    model = torch.nn.Linear(4, 3)
+    cfg = OptimConfig(optimizer="adafactor", weight_decay=0.05, lr_scheduler="linear", lr_warmup_steps=2)
+    opt = build_optimizer(model.parameters(), cfg, 3e-4, torch.device("cpu"))
+    assert isinstance(opt, Adafactor)
+    group = opt.param_groups[0]
+    assert (group["relative_step"], group["scale_parameter"], group["warmup_init"]) == (False, False, False)
+    assert group["weight_decay"] == 0.05
+    sched = build_lr_scheduler(opt, cfg, total_steps=10)
+    before = model.weight.detach().clone()
+    for _ in range(3):
+        model(torch.randn(2, 4)).square().mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert group["lr"] == pytest.approx(3e-4 * 7 / 8)  # the schedule drives Adafactor's lr like AdamW's
+    assert not torch.equal(model.weight, before)
+
+
 VARIANTS = {
     "v_prediction_min_snr": {"model": {"prediction_type": "v_prediction"}, "loop": {"snr_gamma": 5.0}},
     "adamw_8bit": {"optim": {"optimizer": "adamw_8bit"}},
+    "adafactor": {"optim": {"optimizer": "adafactor", "learning_rate": 1e-3}},
     "gradient_checkpointing": {"loop": {"gradient_checkpointing": True}},
     "bf16_on_cpu": {"loop": {"mixed_precision": "bf16"}},
 }

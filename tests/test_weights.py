@@ -96,3 +96,50 @@ def test_write_reads_the_file_back(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "load_file", flipped)
     with pytest.raises(IntegrityError, match="does not hold what was written"):
         weights.write(controlnet, tmp_path / "bad", state)
+
+
+def _tiny_controlnet():
+    from diffusers import ControlNetModel
+
+    return ControlNetModel(
+        block_out_channels=(4, 8),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        conditioning_embedding_out_channels=(4, 4),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)]
+)
+def test_write_in_the_final_dtype_loads_with_diffusers(tmp_path, name, dtype):
+    """checkpoint.final_dtype (train_controlnet_flux.py's --save_weight_dtype): the final model's
+    file holds that dtype, and diffusers' ControlNetModel.from_pretrained loads it as it is."""
+    from diffusers import ControlNetModel
+    from safetensors import safe_open
+
+    controlnet = _tiny_controlnet()
+    state = {k: v.detach().clone() for k, v in controlnet.state_dict().items()}
+    folder = weights.write(controlnet, tmp_path / name, state, dtype=name)
+    with safe_open(str(folder / weights.WEIGHTS_FILE), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {dtype}
+    assert all(v.dtype == torch.float32 for v in state.values())  # the caller's copy is not cast in place
+    loaded = ControlNetModel.from_pretrained(folder, torch_dtype=dtype)
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == dtype and torch.equal(v, state[k].to(dtype)), k
+    assert next(ControlNetModel.from_pretrained(folder).parameters()).dtype in (dtype, torch.float32)
+
+
+def test_a_weight_beyond_fp16_is_refused_not_written_as_inf(tmp_path):
+    controlnet = _tiny_controlnet()
+    state = {k: v.detach().clone() for k, v in controlnet.state_dict().items()}
+    first = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+    state[first].view(-1)[0] = 1e6  # finite in fp32 and bf16, inf in fp16
+    with pytest.raises(IntegrityError, match=rf"do not fit fp16 \({first}"):
+        weights.write(controlnet, tmp_path / "fp16", state, dtype="fp16")
+    assert not (tmp_path / "fp16" / weights.WEIGHTS_FILE).exists()
+    weights.write(controlnet, tmp_path / "bf16", state, dtype="bf16")

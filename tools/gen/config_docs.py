@@ -1,4 +1,4 @@
-"""docs/config.md, generated from the config models and the diffusers flag table.
+"""docs/config.md, generated from the config models and the diffusers flag tables.
 
 Each key's documentation is its field docstring in cli/ctrlnet/config/train.py / cluster.py.
 """
@@ -11,7 +11,18 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, EXTRAS, FLAG_VALUES, NOTES, SDXL_FLAGS
+from ctrlnet.config.diffusers_flags import (
+    DIFFUSERS_FLAGS,
+    EXTRAS,
+    FLAG_VALUES,
+    FLUX_FLAGS,
+    FLUX_NOTES,
+    NEAREST,
+    NOTES,
+    SD3_FLAGS,
+    SD3_NOTES,
+    SDXL_FLAGS,
+)
 from ctrlnet.config.job import JobConfig
 from ctrlnet.config.loading import resolve_key, submodel
 
@@ -171,13 +182,43 @@ def description(field: FieldInfo) -> str:
 # --- the document ------------------------------------------------------------------------------
 
 
-def _flag_row(flag: str, key: str) -> str:
+def key_cell(flag: str, key: str) -> str:
+    """The ctrlnet-key cell of a flag's row: the key (with the value a switch stands for), or the
+    nearest key of a flag that has no equivalent."""
+    if flag in NEAREST:
+        return f"none (nearest: `{key}`)"
+    return f"`{key}={FLAG_VALUES[flag]}`" if flag in FLAG_VALUES else f"`{key}`"
+
+
+def _flag_row(flag: str, key: str, script_notes: dict[str, str] | None = None) -> str:
     field = field_at(key)
-    shown = f"{key}={FLAG_VALUES[flag]}" if flag in FLAG_VALUES else key
     meaning = description(field)
-    if flag in NOTES:
-        meaning = f"{meaning} *{_cell(NOTES[flag])}*"
-    return f"| `--{flag}` | `{shown}` | {default_text(field)} | {meaning} |"
+    for note in (NOTES.get(flag), (script_notes or {}).get(flag)):
+        if note:
+            meaning = f"{meaning} *{_cell(note)}*"
+    return f"| `--{flag}` | {key_cell(flag, key)} | {default_text(field)} | {meaning} |"
+
+
+def _shared_key(flag: str) -> str:
+    return DIFFUSERS_FLAGS.get(flag) or SDXL_FLAGS[flag]
+
+
+def _script_section(script: str, intro: list[str], own: dict[str, str], notes: dict[str, str]) -> list[str]:
+    """A flow-matching script's section: its own flags, then the shared flags it treats differently."""
+    lines = ["", f"### From `{script}`", "", *intro, "", "| diffusers flag | ctrlnet key | default | meaning |"]
+    lines.append("|---|---|---|---|")
+    lines += [_flag_row(flag, key, notes) for flag, key in own.items()]
+    shared = [flag for flag in notes if flag not in own]
+    if shared:
+        lines += [
+            "",
+            f"Flags of the scripts above that `{script}` lacks, or gives another default or meaning:",
+            "",
+            "| diffusers flag | ctrlnet key | in this script |",
+            "|---|---|---|",
+        ]
+        lines += [f"| `--{flag}` | {key_cell(flag, _shared_key(flag))} | {_cell(notes[flag])} |" for flag in shared]
+    return lines
 
 
 def _flags_table() -> list[str]:
@@ -203,11 +244,33 @@ def _flags_table() -> list[str]:
         "|---|---|---|---|",
     ]
     lines += [_flag_row(flag, key) for flag, key in SDXL_FLAGS.items()]
+    lines += _script_section(
+        "train_controlnet_sd3.py",
+        [
+            "diffusers' `examples/controlnet/train_controlnet_sd3.py` takes the flags of `train_controlnet.py`",
+            "(less `--tokenizer_name` and `--enable_xformers_memory_efficient_attention`) plus these nine.",
+            "An SD3/SD3.5 base is all it takes here (`train.model.family: auto` reads it); the flow-matching",
+            "keys (`train.loop.weighting_scheme` and the rest) apply to SD3 and Flux.1 alike. A flag with no",
+            "equivalent here shows `none` and the nearest key; its note says what ctrlnet does instead.",
+        ],
+        SD3_FLAGS,
+        SD3_NOTES,
+    )
+    lines += _script_section(
+        "train_controlnet_flux.py",
+        [
+            "diffusers' `examples/controlnet/train_controlnet_flux.py` takes the flags of `train_controlnet.py`",
+            "(less `--train_data_dir`) and the five of `train_controlnet_sdxl.py`, plus these eleven. A Flux.1",
+            "base is all it takes here.",
+        ],
+        FLUX_FLAGS,
+        FLUX_NOTES,
+    )
     lines += [
         "",
         "### What ctrlnet adds",
         "",
-        "Keys the reference script lacks, or where ctrlnet does what the script gets wrong.",
+        "Keys the reference scripts lack, or where ctrlnet does what the scripts get wrong.",
         "",
         "| ctrlnet key | what it gives you |",
         "|---|---|",

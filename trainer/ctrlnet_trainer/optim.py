@@ -14,6 +14,8 @@ log = get_logger(__name__)
 
 
 def build_optimizer(params, cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adafactor":
+        return _adafactor(params, cfg, lr)
     kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
     if cfg.optimizer == "adamw_8bit":
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -24,6 +26,26 @@ def build_optimizer(params, cfg: OptimConfig, lr: float, device: torch.device) -
     # The fused kernel is one launch for all parameters; it exists for CUDA (and recent CPU builds).
     fused = device.type == "cuda"
     return torch.optim.AdamW(params, fused=fused, **kwargs)
+
+
+def _adafactor(params, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """transformers' Adafactor as train_controlnet_flux.py's --use_adafactor builds it: the learning
+    rate as given (so the LR schedule drives it, like AdamW's), no relative step, no scaling by the
+    parameters' RMS, no warmup-init, and the configured weight decay."""
+    try:
+        from transformers.optimization import Adafactor
+    except ImportError as e:
+        raise UserError(
+            f"optim.optimizer=adafactor needs transformers' Adafactor ({e}): pip install transformers, or use adamw"
+        ) from None
+    return Adafactor(
+        params,
+        lr=lr,
+        relative_step=False,
+        scale_parameter=False,
+        warmup_init=False,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 def scaled_lr(cfg: OptimConfig, batch_size: int, accumulation: int, processes: int) -> float:

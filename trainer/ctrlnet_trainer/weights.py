@@ -73,12 +73,19 @@ def gather(accelerator, prepared: torch.nn.Module, *, is_main: bool, sharded: bo
     )
 
 
-def write(controlnet: torch.nn.Module, folder: str | Path, state: dict[str, torch.Tensor]) -> Path:
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""checkpoint.final_dtype's values -> the dtype the final ControlNet's weights are written in."""
+
+
+def write(controlnet: torch.nn.Module, folder: str | Path, state: dict[str, torch.Tensor], dtype: str = "fp32") -> Path:
     """Write `state` as `controlnet`'s diffusers folder (config.json + safetensors) and read the
     weights file back: IntegrityError if the file does not hold exactly `state`. (diffusers'
-    save_pretrained ignores a `state_dict` argument, so the file is written here.)"""
+    save_pretrained ignores a `state_dict` argument, so the file is written here.) `dtype` (a
+    checkpoint.final_dtype value): the floating-point tensors are cast to it first (the final
+    model); checkpoints keep the default, the fp32 master weights as they are."""
     from safetensors.torch import load_file, save_file
 
+    state = cast(state, dtype)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     controlnet.save_config(folder)
@@ -91,6 +98,22 @@ def write(controlnet: torch.nn.Module, folder: str | Path, state: dict[str, torc
             f"{path} does not hold what was written ({names(differs) or 'other keys'}): check the disk"
         )
     return folder
+
+
+def cast(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """`state` with its floating-point tensors in `dtype` (fp32, fp16 or bf16); integer buffers
+    as they are. A weight that becomes infinite (beyond fp16's 65504) is an IntegrityError naming it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    to = DTYPES[dtype]
+    out = {k: v.to(to) if v.is_floating_point() and v.dtype != to else v for k, v in state.items()}
+    overflow = sorted(set(_nonfinite(out)) - set(_nonfinite(state)))
+    if overflow:
+        raise IntegrityError(
+            f"the ControlNet's weights do not fit {dtype} ({names(overflow)} become infinite): "
+            "nothing was written; set checkpoint.final_dtype to bf16 or fp32 (the checkpoints hold the fp32 weights)"
+        )
+    return out
 
 
 def nonfinite_in_file(path: str | Path) -> list[str]:

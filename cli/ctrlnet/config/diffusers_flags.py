@@ -1,8 +1,10 @@
-"""diffusers' `examples/controlnet/train_controlnet.py` and `train_controlnet_sdxl.py` flags ->
-ctrlnet config keys.
+"""diffusers' `examples/controlnet/train_controlnet.py`, `train_controlnet_sdxl.py`,
+`train_controlnet_sd3.py` and `train_controlnet_flux.py` flags -> ctrlnet config keys.
 
-The SDXL script takes every flag of the SD script plus five of its own (SDXL_FLAGS); ctrlnet trains
-both families with one config, the family read from the base (`train.model.family: auto`).
+The SDXL script takes every flag of the SD script plus five of its own (SDXL_FLAGS); the SD3 and
+Flux.1 scripts take most of them plus their own (SD3_FLAGS, FLUX_FLAGS), and give a few shared
+flags another default or meaning (SD3_NOTES, FLUX_NOTES). ctrlnet trains every family with one
+config, the family read from the base (`train.model.family: auto`).
 
 Pure data (no imports): docs/config.md is generated from it, the loader uses it to point a user
 who types a reference flag name as a key to the right key, and tests check every key is real.
@@ -83,12 +85,50 @@ SDXL_FLAGS: dict[str, str] = {
     "enable_npu_flash_attention": "train.loop.attention",
 }
 
+# The nine flags train_controlnet_sd3.py has that neither table above has -> the key under `train.`.
+# (It lacks tokenizer_name, the xformers switch and the five SDXL flags.)
+SD3_FLAGS: dict[str, str] = {
+    "upcast_vae": "train.model.upcast_vae",
+    "max_sequence_length": "train.model.max_sequence_length",
+    "num_extra_conditioning_channels": "train.model.controlnet",
+    "weighting_scheme": "train.loop.weighting_scheme",
+    "logit_mean": "train.loop.logit_mean",
+    "logit_std": "train.loop.logit_std",
+    "mode_scale": "train.loop.mode_scale",
+    "precondition_outputs": "train.loop.precondition_outputs",
+    "dataset_preprocess_batch_size": "train.loop.batch_size",
+}
+
+# The eleven flags train_controlnet_flux.py has that neither the SD nor the SDXL table has -> the key
+# under `train.`. (It also takes the SDXL flags but --pretrained_vae_model_name_or_path and
+# --crops_coords_top_left_h/_w are never read; it lacks --train_data_dir.)
+FLUX_FLAGS: dict[str, str] = {
+    "num_double_layers": "train.model.controlnet_layers",
+    "num_single_layers": "train.model.controlnet_single_layers",
+    "guidance_scale": "train.model.guidance_scale",
+    "jsonl_for_train": "train.data.dataset",
+    "use_adafactor": "train.optim.optimizer",
+    "save_weight_dtype": "train.checkpoint.final_dtype",
+    "weighting_scheme": "train.loop.weighting_scheme",
+    "logit_mean": "train.loop.logit_mean",
+    "logit_std": "train.loop.logit_std",
+    "mode_scale": "train.loop.mode_scale",
+    "enable_model_cpu_offload": "train.distributed.offload_optimizer",
+}
+
+# Flags that have no equivalent here: each maps to the nearest key, and its note says why and what
+# ctrlnet does instead (the loader's hint says so rather than calling the key the flag's).
+NEAREST: frozenset[str] = frozenset(
+    {"num_extra_conditioning_channels", "dataset_preprocess_batch_size", "enable_model_cpu_offload"}
+)
+
 # The value a switch-like flag stands for, where it is not simply `true` on a bool key (for
 # --enable_npu_flash_attention, the nearest ctrlnet has: see its note).
 FLAG_VALUES: dict[str, str] = {
     "use_8bit_adam": "adamw_8bit",
     "enable_xformers_memory_efficient_attention": "xformers",
     "enable_npu_flash_attention": "sdpa",
+    "use_adafactor": "adafactor",
 }
 
 # Flags whose mapping needs a word.
@@ -122,11 +162,85 @@ NOTES: dict[str, str] = {
     "default) for SDXL. torchvision's `nearest_exact`, `box` and `hamming` are not offered.",
     "enable_npu_flash_attention": "ctrlnet targets CUDA and CPU: no Ascend NPU support. `sdpa` (the default), "
     "PyTorch's fused attention, is the fused-attention choice.",
+    # train_controlnet_sd3.py's and train_controlnet_flux.py's own flags
+    "upcast_vae": "Needs `train.loop.mixed_precision` fp16 or bf16 to change anything.",
+    "max_sequence_length": "train_controlnet_sd3.py defaults to 77, while StableDiffusion3ControlNetPipeline "
+    "encodes 256 T5 tokens: the ControlNet trained on 77 is sampled on embeddings it never saw. Unset here = "
+    "the family pipeline's own (SD3 256, Flux.1 512), the same in training and validation.",
+    "num_extra_conditioning_channels": "No key of its own: the stock StableDiffusion3ControlNetPipeline feeds the "
+    "ControlNet the 16 latent channels of the conditioning image only, so a ControlNet with extra conditioning "
+    "channels cannot be sampled by it (nor validated). To train one (e.g. an inpainting ControlNet), start from it "
+    "with `train.model.controlnet`: its own config keeps its channels.",
+    "weighting_scheme": "Same choices and default (`logit_normal`) as the scripts; `none` (uniform, "
+    "unweighted) is train_controlnet_flux.py's extra choice, offered for SD3 too.",
+    "precondition_outputs": "train_controlnet_sd3.py's default 1 is an int; here a bool, and unset = on for SD3 "
+    "(the SD3 script's default), off for Flux.1 (train_controlnet_flux.py has no such flag and never "
+    "preconditions).",
+    "dataset_preprocess_batch_size": "No key of its own: train_controlnet_sd3.py encodes every prompt of the "
+    "dataset before training (`datasets.map`, 1000 rows per batch) and keeps all the embeddings; ctrlnet has "
+    "no such pass for SD3: it encodes each training batch's prompts with that batch, so the text encoders see "
+    "`train.loop.batch_size` prompts per forward and there is no separate preprocessing batch to size. Leave "
+    "it out (do not raise `train.loop.batch_size` for it).",
+    "num_double_layers": "Same default (4) for Flux.1; for SD3 the same key sets the joint blocks.",
+    "num_single_layers": "Same default (4).",
+    "guidance_scale": "Same default (3.5). Only a base with a guidance embedding (Flux.1-dev) takes it, as in "
+    "the script; also the validation pipeline's guidance.",
+    "jsonl_for_train": "One key for `--dataset_name` and `--jsonl_for_train`: point `train.data.dataset` at "
+    "the .jsonl (or .json) file. Image paths in it are resolved against the file's folder (absolute paths and "
+    "URLs as they are); the script opens them relative to the working directory.",
+    "use_adafactor": "A value of `train.optim.optimizer`, not a switch: transformers' Adafactor built as the "
+    "script builds it (`learning_rate` as given, `weight_decay`, no relative step or parameter scaling).",
+    "save_weight_dtype": "Only the final `controlnet/` is written in it, as a plain "
+    "`diffusion_pytorch_model.safetensors` (the script names fp16/bf16 files as a variant, "
+    "`diffusion_pytorch_model.fp16.safetensors`); checkpoints keep the fp32 master weights.",
+    "enable_model_cpu_offload": "No key of its own: the script puts its pipeline's models (text encoders, VAE, "
+    "transformer, ControlNet) under accelerate's CPU-offload hooks, but ctrlnet's validation samples with the "
+    "very models being trained, on the training device, and offloading them would move the ControlNet under "
+    "training off it. The nearest memory saver that moves something to the CPU is DeepSpeed's optimizer-state "
+    "offload (this key, with `train.distributed.strategy: deepspeed`); `train.loop.mixed_precision` (frozen "
+    "models in fp16/bf16), `train.loop.gradient_checkpointing` and `train.optim.optimizer: adafactor` save GPU "
+    "memory too.",
+}
+
+# Where train_controlnet_sd3.py gives a flag it shares with the tables above another default or
+# meaning (shown with that script's section of docs/config.md).
+SD3_NOTES: dict[str, str] = {
+    "conditioning_image_column": "train_controlnet_sd3.py VAE-encodes the conditioning image from [0, 1] (it "
+    "never normalises it), while StableDiffusion3ControlNetPipeline encodes it from [-1, 1]: a ControlNet "
+    "trained by the script is sampled on latents it never saw. ctrlnet feeds each family's ControlNet exactly "
+    "what its pipeline feeds it.",
+    "tokenizer_name": "train_controlnet_sd3.py has no such flag (its three tokenizers come from the base).",
+    "enable_xformers_memory_efficient_attention": "train_controlnet_sd3.py has no such flag.",
+}
+
+# Where train_controlnet_flux.py gives a flag it shares with the tables above another default or meaning.
+FLUX_NOTES: dict[str, str] = {
+    "conditioning_image_column": "train_controlnet_flux.py normalises the conditioning image to [-1, 1] "
+    "before VAE-encoding it, as FluxControlNetPipeline does (train_controlnet_sd3.py does not); ctrlnet feeds "
+    "each family's ControlNet exactly what its pipeline feeds it.",
+    "tracker_project_name": "train_controlnet_flux.py defaults to `flux_train_controlnet`; ctrlnet keeps "
+    "`train_controlnet` for every family.",
+    "num_validation_images": "train_controlnet_flux.py defaults to 2; ctrlnet keeps 4 for every family.",
+    "pretrained_vae_model_name_or_path": "train_controlnet_flux.py accepts it but never reads it.",
+    "crops_coords_top_left_h": "train_controlnet_flux.py accepts it but never reads it (an SDXL UNet input: "
+    "Flux.1 has none).",
+    "crops_coords_top_left_w": "As `--crops_coords_top_left_h`: accepted, never read.",
+    "image_interpolation_mode": "train_controlnet_flux.py defaults to lanczos, for the image and the "
+    "conditioning image alike: `train.data.interpolation: lanczos` resizes the same way.",
+    "weighting_scheme": "train_controlnet_flux.py samples the timesteps by it but never weights the loss, so "
+    "its `cosmap` and `sigma_sqrt` train like `none`; ctrlnet weights the loss by them as "
+    "train_controlnet_sd3.py does, for both families.",
+    "train_data_dir": "train_controlnet_flux.py has no such flag (it reads a hub dataset or `--jsonl_for_train`).",
 }
 
 # Keys ctrlnet adds that the reference lacks, or where it does what the reference gets wrong.
 EXTRAS: dict[str, str] = {
-    "train.model.family": "SD 1.x/2.x and SDXL in one trainer (the reference needs a second script for SDXL).",
+    "train.model.family": "SD 1.x/2.x, SDXL, SD3/SD3.5 and Flux.1 in one trainer (the reference needs a script "
+    "per family).",
+    "train.model.control_modes": "Flux.1 union ControlNets (one ControlNet, several condition types, each row "
+    "tagged with its type): train_controlnet_flux.py trains a plain ControlNet only.",
+    "train.data.control_mode_column": "The column naming each row's condition type, for a union ControlNet.",
+    "train.validation.control_modes": "The condition type of each validation image, for a union ControlNet.",
     "train.model.prediction_type": "Override the training target (epsilon / v_prediction); the reference always uses the scheduler's.",
     "train.data.split": "Which split to train on; the reference hard-codes `train`.",
     "train.data.streaming": "Streaming datasets, which the guide promises and the PyTorch script lacks.",

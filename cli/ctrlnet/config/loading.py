@@ -16,15 +16,15 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from ctrlnet.config.credentials import CREDENTIAL_ERROR, credential_kind, secret_env_name, shown
-from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, SDXL_FLAGS
+from ctrlnet.config.diffusers_flags import DIFFUSERS_FLAGS, FLAG_VALUES, FLUX_FLAGS, NEAREST, SD3_FLAGS, SDXL_FLAGS
 from ctrlnet.config.job import JobConfig
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
 
 M = TypeVar("M", bound=BaseModel)
 
-# Every flag of diffusers' train_controlnet.py and train_controlnet_sdxl.py -> its key, for hints.
-_REFERENCE_FLAGS = {**DIFFUSERS_FLAGS, **SDXL_FLAGS}
+# Every flag of diffusers' train_controlnet.py, _sdxl.py, _sd3.py and _flux.py -> its key, for hints.
+_REFERENCE_FLAGS = {**DIFFUSERS_FLAGS, **SDXL_FLAGS, **SD3_FLAGS, **FLUX_FLAGS}
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -220,9 +220,20 @@ def _hint(model: type[BaseModel], path: list[str], part: str) -> str:
     if not path and model is TrainConfig and part in JobConfig.model_fields:
         return f" (this file holds the train section alone: drop the `{part}:` level)"
     if part in _REFERENCE_FLAGS:
-        return f" (diffusers' --{part} is {_REFERENCE_FLAGS[part]})"
+        return f" ({_flag_hint(part)})"
     close = difflib.get_close_matches(part, list(model.model_fields), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _flag_hint(flag: str) -> str:
+    """Which key does what diffusers' --flag did: the key (with the value a switch stands for), or,
+    for a flag with no equivalent, the nearest key and where the difference is explained."""
+    key = _REFERENCE_FLAGS[flag]
+    if flag in NEAREST:
+        return f"diffusers' --{flag} has no equivalent here; the nearest key is {key}: see docs/config.md"
+    if flag in FLAG_VALUES:
+        return f"diffusers' --{flag} is {key}={FLAG_VALUES[flag]}"
+    return f"diffusers' --{flag} is {key}"
 
 
 def _unknown_key(model: type[BaseModel], path: list[str], part: str) -> str:

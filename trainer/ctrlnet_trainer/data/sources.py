@@ -1,7 +1,8 @@
 """Where training rows come from: a hub dataset name, a local parquet file or folder, an
 imagefolder with metadata.jsonl (whose conditioning column may hold file paths: the case the
-reference breaks on), an fsspec URL to parquet, or (no dataset configured) the synthetic fill50k
-look-alike. `training_rows` is the rows a map-style run trains on (also what precompute encodes)."""
+reference breaks on), a .jsonl / .json file of rows (train_controlnet_flux.py's --jsonl_for_train;
+paths in it relative to the file), an fsspec URL to parquet or JSON lines, or (no dataset
+configured) the synthetic fill50k look-alike. `training_rows` is the rows a map-style run trains on (also what precompute encodes)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,19 @@ def _parquet_files(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*.parquet"))
 
 
+JSON_SUFFIXES = (".jsonl", ".json")
+"""A dataset file of these is read with datasets' `json` loader (one row per line, or a JSON list)."""
+
+
+def _file_format(name: str) -> str | None:
+    """datasets' loader for a single data file, by its suffix."""
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(JSON_SUFFIXES):
+        return "json"
+    return None
+
+
 def open_source(cfg: DataConfig, cache_dir: str | None, seed: int) -> Source:
     if cfg.dataset is None:
         return Source(SyntheticFillSource(cfg.synthetic_rows, cfg.resolution, seed, cfg.synthetic_colours), None)
@@ -61,16 +75,20 @@ def open_source(cfg: DataConfig, cache_dir: str | None, seed: int) -> Source:
     src = cfg.dataset
     try:
         if is_remote(src):
-            files = src if src.endswith(".parquet") else src.rstrip("/") + "/**/*.parquet"
-            rows = datasets.load_dataset("parquet", data_files=files, split="train", **common)
+            kind = _file_format(src)
+            files = src if kind else src.rstrip("/") + "/**/*.parquet"
+            rows = datasets.load_dataset(kind or "parquet", data_files=files, split="train", **common)
             return Source(rows, src.rsplit("/", 1)[0], cfg.streaming)
         path = Path(local_path(src))
         if path.is_file():
-            if path.suffix != ".parquet":
+            kind = _file_format(path.name)
+            if kind is None:
                 raise UserError(
-                    f"data.dataset {src!r}: a file must be .parquet; for images use a folder with metadata.jsonl"
+                    f"data.dataset {src!r}: a file must be .parquet, .jsonl or .json; for images use a folder "
+                    "with metadata.jsonl"
                 )
-            rows = datasets.load_dataset("parquet", data_files=str(path), split="train", **common)
+            # Relative image paths in the rows are resolved against the file's folder.
+            rows = datasets.load_dataset(kind, data_files=str(path), split="train", **common)
             return Source(rows, str(path.parent), cfg.streaming)
         if path.is_dir():
             if (path / "metadata.jsonl").exists() or (path / "metadata.csv").exists():
