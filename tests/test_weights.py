@@ -143,3 +143,20 @@ def test_a_weight_beyond_fp16_is_refused_not_written_as_inf(tmp_path):
         weights.write(controlnet, tmp_path / "fp16", state, dtype="fp16")
     assert not (tmp_path / "fp16" / weights.WEIGHTS_FILE).exists()
     weights.write(controlnet, tmp_path / "bf16", state, dtype="bf16")
+
+
+def test_a_run_writes_its_final_controlnet_in_checkpoint_final_dtype(tmp_path, make_cfg):
+    """checkpoint.final_dtype (train_controlnet_flux.py's --save_weight_dtype) reaches the final
+    model of a run: bf16 tensors in controlnet/, which stock diffusers loads; checkpoints keep fp32."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    from ctrlnet_trainer.run import train
+
+    cfg = make_cfg(tmp_path / "run", loop={"max_steps": 1}, checkpoint={"final_dtype": "bf16", "every_steps": 1})
+    result = train(cfg)
+    final = load_file(str(tmp_path / "run" / "controlnet" / weights.WEIGHTS_FILE))
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    assert ControlNetModel.from_pretrained(result.controlnet, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    saved = next((tmp_path / "run" / "checkpoints").glob("step-*/controlnet/" + weights.WEIGHTS_FILE))
+    assert {t.dtype for t in load_file(str(saved)).values()} == {torch.float32}

@@ -294,7 +294,8 @@ class Trainer:
         state_dict = weights.gather(acc, self.controlnet, is_main=self.ranks.is_main, sharded=self.sharded)
         repo = None
         if self.ranks.is_main:
-            weights.write(acc.unwrap_model(self.controlnet), output.local(FINAL_MODEL_DIR), state_dict)
+            final = output.local(FINAL_MODEL_DIR)
+            weights.write(acc.unwrap_model(self.controlnet), final, state_dict, dtype=self.cfg.checkpoint.final_dtype)
             output.publish(FINAL_MODEL_DIR)
         with speed.eager():
             self._validate(self.step, last=True)
