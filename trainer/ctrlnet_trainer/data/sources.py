@@ -123,9 +123,10 @@ def check_columns(source: Source, cfg: DataConfig) -> None:
     names = list(getattr(source.rows, "column_names", None) or [])
     if not names:
         return  # some streaming sources only know their columns after the first row
-    for key in ("image_column", "conditioning_image_column", "caption_column"):
+    keys = ("image_column", "conditioning_image_column", "caption_column", "control_mode_column")
+    for key in keys:
         column = getattr(cfg, key)
-        if column not in names:
+        if column is not None and column not in names:
             raise UserError(
                 f"data.{key} {column!r} is not a column of {cfg.dataset!r}; its columns are: "
                 f"{', '.join(names)} (set --set train.data.{key}=NAME)"

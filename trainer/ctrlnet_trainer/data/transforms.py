@@ -171,8 +171,17 @@ class Examples:
     (Family.example_inputs: input_ids; SDXL adds input_ids_2 and time_ids).
     Indexed by (row, epoch) so a row's random caption choice is fixed per epoch (resumable)."""
 
-    def __init__(self, source: Source, cfg: DataConfig, family: Family, text: dict[str, Any], seed: int):
+    def __init__(
+        self,
+        source: Source,
+        cfg: DataConfig,
+        family: Family,
+        text: dict[str, Any],
+        seed: int,
+        control_modes: list[str] | None = None,
+    ):
         self.rows, self.root, self.cfg, self.seed = source.rows, source.root, cfg, seed
+        self.control_modes = list(control_modes or [])  # a union ControlNet's condition types
         # The tokenizers only: examples are made in DataLoader workers, which need no text encoder.
         self.family, self.text = family, {k: v for k, v in text.items() if k.startswith("tokenizer")}
         self.resample = resample_filter(cfg.interpolation, family)
@@ -180,7 +189,7 @@ class Examples:
     @classmethod
     def of(cls, source: Source, cfg: DataConfig, models, seed: int) -> Examples:
         """The examples the loaded `models` train on (their family's tokenizers and transforms)."""
-        return cls(source, cfg, models.family, models.text, seed)
+        return cls(source, cfg, models.family, models.text, seed, getattr(models, "control_modes", None))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -212,9 +221,30 @@ class Examples:
             caption = rng.choice(list(caption)) if len(caption) else ""
         elif not isinstance(caption, str):
             raise UserError(f"data.caption_column {c.caption_column!r} must hold strings or lists of strings")
-        return {
+        example = {
             "pixel_values": to_tensor(image).mul_(2.0).sub_(1.0),
             "conditioning_pixel_values": to_tensor(cond),
             # the target image's crop: SDXL's size/crop conditioning describes the image it denoises
             **self.family.example_inputs(self.text, caption, crops[0], size, c),
         }
+        if c.control_mode_column:
+            example["control_mode"] = torch.tensor(self.control_mode(row, where))
+        return example
+
+    def control_mode(self, row: dict[str, Any], where: str) -> int:
+        """A union ControlNet's condition type of `row`: its id in model.control_modes, from
+        data.control_mode_column holding the type's name or id."""
+        column, modes = self.cfg.control_mode_column, self.control_modes
+        value = row.get(column)
+        if isinstance(value, str) and value in modes:
+            return modes.index(value)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(modes):
+            return int(value)
+        if column not in row:
+            raise UserError(
+                f"data.control_mode_column {column!r} is not a column of data.dataset: name its column of condition types"
+            )
+        raise UserError(
+            f"data.dataset {self.cfg.dataset!r}, {where}: data.control_mode_column {column!r} holds {value!r}, "
+            f"not one of model.control_modes ({', '.join(modes)}) or its id 0..{len(modes) - 1}"
+        )
