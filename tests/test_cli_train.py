@@ -427,3 +427,25 @@ def test_nproc_bad_input_is_one_error_line_last(ctrlnet, tmp_path):
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_train_without_a_base_for_a_transformer_family_trains_its_tiny_base(ctrlnet_here, tmp_path):
+    """`ctrlnet train --set train.model.family=sd3` with no -f and no --base: the demo's base is
+    SD-shaped, so the run takes the tiny SD3 base built in code, says so, and writes an SD3 ControlNet."""
+    out = tmp_path / "run"
+    proc = ctrlnet_here(
+        "train",
+        "--output",
+        str(out),
+        "--max-steps",
+        "1",
+        "--set",
+        "train.model.family=sd3",
+        "--set",
+        "train.validation.num_inference_steps=1",
+        "--set",
+        "train.validation.adherence_rows=0",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tiny random-init base of that family" in proc.stdout
+    assert json.loads((out / "controlnet" / "config.json").read_text())["_class_name"] == "SD3ControlNetModel"

@@ -35,6 +35,12 @@ def _demo_preset() -> str:
 def _demo_notice(train) -> str | None:
     """What a run without -f takes from the embedded demo, or None when it takes nothing."""
     demo, synthetic = train.model.base == DEMO_BASE, train.data.dataset is None
+    if train.model.base is None and train.model.family not in ("auto", "sd"):
+        what = "" if synthetic else ", on your data"
+        return (
+            f"no -f or --base given with model.family {train.model.family}: training a tiny random-init base of that "
+            f"family built in code{what} (give --base for a real one)"
+        )
     if demo and synthetic:
         return "no -f given: training the embedded demo (a tiny 64 px base shipped pretrained, synthetic circle data)"
     if demo:
@@ -104,6 +110,12 @@ def train(
     )
     overrides = [f"{SHORTCUTS[k]}={v}" for k, v in values.items() if v is not None]
     cfg = load_job_config(file or _demo_preset(), [*overrides, *(set_ or [])])
+    if file is None and cfg.train.model.base == DEMO_BASE and cfg.train.model.family not in ("auto", "sd"):
+        # The demo's pretrained base is SD-shaped: a run asking for another family without a
+        # base gets that family's tiny base built in code instead of a layout error.
+        cfg = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"model": cfg.train.model.model_copy(update={"base": None})})}
+        )
     if file is None:
         # After loading (a bad flag is one error line, with no notice before it), and about
         # what actually runs: --base/--data (or --set) replace parts of the demo.
@@ -167,12 +179,20 @@ def model_init(
     out: Annotated[str, typer.Option(help="Folder to write the diffusers layout into.")],
     arch: Annotated[
         str,
-        typer.Option(help="tiny or tiny-sdxl (CPU tests), sd15 or sdxl (full-size shapes, for GPU benchmarks)."),
+        typer.Option(
+            help="tiny, tiny-sdxl, tiny-sd3, tiny-flux or tiny-flux-schnell (CPU tests); sd15, sdxl, "
+            "sd3.5-medium or flux-dev (full-size shapes, for GPU benchmarks: flux-dev is ~17 B parameters, "
+            "~68 GB in fp32)."
+        ),
     ] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace what --out already holds.")] = False,
 ) -> None:
-    """Write a random-init SD1.5- or SDXL-shaped base in the diffusers layout (SDXL adds text_encoder_2, tokenizer_2)."""
+    """Write a random-init SD1.5-, SDXL-, SD3/SD3.5- or Flux.1-shaped base in the diffusers layout.
+
+    SDXL adds text_encoder_2/tokenizer_2; SD3 has a transformer/ and three text encoders (two CLIPs,
+    T5), Flux.1 a transformer/, CLIP and T5. sd3.5-medium and flux-dev have the real models' shapes.
+    """
     with needs("train"):
         train_extra()
         from ctrlnet_trainer.models import tiny  # imports torch/diffusers when it builds
