@@ -449,3 +449,25 @@ def test_train_without_a_base_for_a_transformer_family_trains_its_tiny_base(ctrl
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tiny random-init base of that family" in proc.stdout
     assert json.loads((out / "controlnet" / "config.json").read_text())["_class_name"] == "SD3ControlNetModel"
+
+
+def test_generate_with_a_union_controlnet_needs_its_condition_type(ctrlnet_here, tmp_path, tiny_flux_dir):
+    """A union ControlNet (Flux.1, model.control_modes) samples one condition type per call:
+    `generate` without --control-mode, or with an id it does not have, is one line; with one, it writes."""
+    from types import SimpleNamespace
+
+    from ctrlnet_trainer.models.families import family_named
+    from ctrlnet_trainer.models.tiny import build_base
+
+    flux = family_named("flux")
+    union = flux.new_controlnet(build_base("tiny-flux").unet, SimpleNamespace(control_modes=["canny", "depth"]))
+    union.save_pretrained(tmp_path / "union")
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "cond.png")
+    args = ("generate", "--base", tiny_flux_dir, "--controlnet", tmp_path / "union", "--image", tmp_path / "cond.png")
+    args = (*args, "--prompt", "a circle", "--out", tmp_path / "out", "--steps", "1")
+    assert_user_error(ctrlnet_here(*args), "union ControlNet of 2 condition types", "--control-mode")
+    assert_user_error(ctrlnet_here(*args, "--control-mode", "2"), "ids 0..1")
+    assert not (tmp_path / "out").exists()
+    proc = ctrlnet_here(*args, "--control-mode", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["0000-00.png"]

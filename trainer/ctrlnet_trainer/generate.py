@@ -102,6 +102,7 @@ def generate(
     seed: int = 0,
     device: str = "auto",
     height: int | None = None,
+    control_mode: int | None = None,
 ) -> list[Path]:
     if seed < 0:
         raise UserError(f"--seed {seed} is negative: give a seed of 0 or more")
@@ -128,6 +129,15 @@ def generate(
         ) from None
     if why := family.controlnet_mismatch(cn, parts.unet):
         raise UserError(f"--controlnet was trained for another base ({why}): give the base it was trained on")
+    modes = getattr(cn.config, "num_mode", None) or 0  # a union ControlNet's condition types
+    if modes and control_mode is None:
+        raise UserError(
+            f"--controlnet is a union ControlNet of {modes} condition types: give --control-mode, the id of "
+            "--image's type (its index in the run's model.control_modes)"
+        )
+    if control_mode is not None and (not modes or control_mode >= modes):
+        what = f"has {modes} condition types (ids 0..{modes - 1})" if modes else "is not a union ControlNet"
+        raise UserError(f"--control-mode {control_mode}: --controlnet {what}")
     pipe = family.pipeline({**parts.pipeline_parts(), "scheduler": family.sampler(parts.noise_scheduler.config)}, cn)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -136,7 +146,7 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed)
     images = pipe(
         prompt=[prompt] * num_images,
-        **family.pipeline_inputs(parts, cond),
+        **family.pipeline_inputs(parts, cond, control_mode),
         height=size,
         width=cond.width // multiple * multiple if not height else size,
         num_inference_steps=steps,

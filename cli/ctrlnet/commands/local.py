@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ctrlnet.commands.options import ConfigFile, Overrides
-from ctrlnet.config.bounds import MAX_IMAGES, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_ROWS
+from ctrlnet.config.bounds import MAX_CONTROL_MODES, MAX_IMAGES, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_ROWS
 from ctrlnet.config.train import DEMO_BASE
 from ctrlnet.errors import UserError
 from ctrlnet.extras import check_installed, needs
@@ -225,8 +225,16 @@ def generate(
             "circle it drew with the outline's disk."
         ),
     ] = False,
+    control_mode: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=MAX_CONTROL_MODES - 1,
+            help="A union ControlNet (Flux.1): the condition type of --image, its id in the run's model.control_modes.",
+        ),
+    ] = None,
 ) -> None:
-    """Generate images with the base's ControlNet pipeline (SD1.x/2.x or SDXL, read from the base)."""
+    """Generate images with the base's ControlNet pipeline (SD1.x/2.x, SDXL, SD3/SD3.5 or Flux.1, read from the base)."""
     with needs("train"):
         train_extra("torch")  # diffusers once the inputs pass
         from ctrlnet_trainer.generate import generate as generate_images
@@ -242,6 +250,7 @@ def generate(
         steps=steps,
         seed=seed,
         device=device,
+        control_mode=control_mode,
     )
     for path in paths:
         typer.echo(f"wrote {path}")
