@@ -5,7 +5,7 @@ the end if the last step was not one of those."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from PIL import Image
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
 from ctrlnet_trainer.data import open_image, resample_filter, resize_center_crop
+from ctrlnet_trainer.models.family import Family
 from ctrlnet_trainer.models.parts import Models
 from ctrlnet_trainer.storage import Prefix
 
@@ -71,28 +72,45 @@ def _validation_image(where: str) -> Image.Image:
 
 @dataclass
 class EncodedPrompts:
-    """The validation prompts' text embeddings, made once: a run that trains from a precomputed
-    cache (cache/reader.py) has no text encoder on its device, so the pipeline gets embeddings."""
+    """The validation prompts' text tensors, made once: a run that trains from a precomputed cache
+    (cache/reader.py) has no text encoder on its device, so the pipeline gets embeddings, under the
+    names the family's pipeline takes (Family.embedded_prompt_inputs: SD's prompt_embeds and
+    negative_prompt_embeds; SD3's and Flux.1's pooled ones too)."""
 
-    by_prompt: dict[str, torch.Tensor]  # prompt -> [L, D]
+    by_prompt: dict[str, torch.Tensor]  # prompt -> [L, D]: the Conditioning's hidden states
     empty: torch.Tensor  # the negative prompt "" of classifier-free guidance
+    added: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # prompt -> the family's text_added
+    empty_added: dict[str, torch.Tensor] = field(default_factory=dict)
+    family: Family | None = None  # whose pipeline takes them (None: SD's inputs)
 
     @classmethod
     @torch.no_grad()
     def encode(cls, models: Models, prompts: list[str]) -> EncodedPrompts:
-        """The hidden states the family's text encoders make of `prompts` and "" (a cacheable
-        family's: one tensor per prompt, as the cache holds them)."""
+        """The Conditioning the family's text encoders make of `prompts` and "": its hidden states
+        and its `added` tensors made from text (Family.text_added), one per prompt, as the cache
+        holds them."""
         unique = sorted(set(prompts))
         ids = models.family.token_ids(models.text, [*unique, ""])
         ids = {key: t.to(models.text_encoder.device) for key, t in ids.items()}
-        hidden = models.family.condition(models.text, ids, {}).hidden.cpu()
-        return cls(dict(zip(unique, hidden[:-1], strict=True)), hidden[-1])
+        cond = models.family.condition(models.text, ids, {})
+        hidden = cond.hidden.cpu()
+        added = {key: cond.added[key].cpu() for key in models.family.text_added}
+        per_prompt = {p: {key: t[k] for key, t in added.items()} for k, p in enumerate(unique)}
+        empty_added = {key: t[-1] for key, t in added.items()}
+        return cls(dict(zip(unique, hidden[:-1], strict=True)), hidden[-1], per_prompt, empty_added, models.family)
 
     def pipeline_batch(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> dict:
         """What replaces `prompt=prompts` in the pipeline call."""
+        n = len(prompts)
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # one tensor repeated per prompt
+            return t.to(device, dtype)[None].expand(n, *t.shape).contiguous()
+
         hidden = torch.stack([self.by_prompt[p] for p in prompts]).to(device, dtype)
-        empty = self.empty.to(device, dtype)[None].expand(len(prompts), -1, -1).contiguous()
-        return {"prompt_embeds": hidden, "negative_prompt_embeds": empty}
+        added = {key: torch.stack([self.added[p][key] for p in prompts]).to(device, dtype) for key in self.empty_added}
+        negative_added = {key: rows(t) for key, t in self.empty_added.items()}
+        family = self.family if self.family is not None else Family()
+        return family.embedded_prompt_inputs(hidden, added, rows(self.empty), negative_added)
 
 
 def grid(rows: list[list[Image.Image]]) -> Image.Image:

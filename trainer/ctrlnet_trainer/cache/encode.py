@@ -14,6 +14,9 @@ from ctrlnet_trainer import data
 
 log = get_logger(__name__)
 
+TEXT = "text"
+"""A shard's hidden states; the family's other text tensors are under `text.<key>`."""
+
 ENCODE_BATCH = 16
 """Rows per VAE / text-encoder forward: fills a GPU at 512 px without approaching its memory."""
 
@@ -54,6 +57,7 @@ class RowDecoder(torch.utils.data.Dataset):
 
     def __init__(self, source: data.Source, cfg: TrainConfig, family):
         self.rows, self.root, self.cfg = source.rows, source.root, cfg.data
+        self.modes = list(cfg.model.control_modes)
         self.resample = data.resample_filter(cfg.data.interpolation, family)
 
     def __len__(self) -> int:
@@ -82,13 +86,32 @@ class RowDecoder(torch.utils.data.Dataset):
             captions = [str(t) for t in list(captions)] or [""]  # an empty list trains on "" (data.Examples)
         else:
             raise UserError(f"data.caption_column {c.caption_column!r} must hold strings or lists of strings")
-        return {
+        decoded = {
             "index": i,
             "bad": None,
             "pixel_values": data.to_tensor(image).mul_(2.0).sub_(1.0),
             "conditioning": _uint8_chw(cond),  # the loader's float(x) / 255 is data.to_tensor's exactly
             "captions": captions,
         }
+        if c.control_mode_column:  # a union ControlNet: the row's condition type id (data, not text)
+            decoded["control_mode"] = control_mode_id(row[c.control_mode_column], self.modes, where)
+        return decoded
+
+
+def control_mode_id(value, modes: list[str], where: str) -> int:
+    """A row's data.control_mode_column value (one of model.control_modes, or its index) as its id."""
+    if isinstance(value, str) and value in modes:
+        return modes.index(value)
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        index = -1
+    if 0 <= index < len(modes) and not isinstance(value, bool):
+        return index
+    raise UserError(
+        f"{where}, data.control_mode_column: {value!r} is not one of model.control_modes {modes} "
+        f"nor an index 0-{len(modes) - 1}: fix the row, or add its condition type to model.control_modes"
+    )
 
 
 def _uint8_chw(img) -> torch.Tensor:
@@ -134,15 +157,31 @@ class RowEncoder:
         # Shapes of a row, for unreadable rows (zeros) even when no row of a shard could be read.
         self.latent_shape = self.family.latent_shape(self.vae.config, cfg.resolution, cfg.resolution)
         self.cond_shape = (3, cfg.resolution, cfg.resolution)
+        self.modes = bool(cfg.control_mode_column)
 
     @torch.no_grad()
-    def embed(self, captions: list[str]) -> torch.Tensor:
-        out = []
+    def embed(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """`text`: the Conditioning's hidden states of `captions`, and `text.<key>` for each of the
+        family's `text_added` tensors (SD3, Flux.1: `text.pooled_projections`)."""
+        out: dict[str, list[torch.Tensor]] = {}
         for at in range(0, len(captions), ENCODE_BATCH):
             ids = self.family.token_ids(self.text, captions[at : at + ENCODE_BATCH])
             ids = {key: t.to(self.device) for key, t in ids.items()}
-            out.append(self.family.condition(self.text, ids, {}).hidden.cpu())  # what the step computes
-        return torch.cat(out)
+            cond = self.family.condition(self.text, ids, {})  # what the step computes
+            out.setdefault(TEXT, []).append(cond.hidden.cpu())
+            for key in self.family.text_added:
+                out.setdefault(f"{TEXT}.{key}", []).append(cond.added[key].cpu())
+        return {name: torch.cat(parts) for name, parts in out.items()}
+
+    def _posteriors(self, pixels: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, logvar) of the VAE posteriors of `pixels` (in [-1, 1]), ENCODE_BATCH at a time."""
+        means, logvars = [], []
+        for at in range(0, len(pixels), ENCODE_BATCH):
+            batch = torch.stack(pixels[at : at + ENCODE_BATCH])
+            posterior = self.vae.encode(batch.to(self.device, dtype=dtype)).latent_dist
+            means.append(posterior.mean.cpu())
+            logvars.append(posterior.logvar.cpu())  # already clamped to [-30, 20], as training's std uses it
+        return torch.cat(means), torch.cat(logvars)
 
     @torch.no_grad()
     def encode_shard(self, rows: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -153,34 +192,35 @@ class RowEncoder:
             raise UserError(f"{first}: fix or remove it, or set train.data.skip_bad_rows=true to skip unreadable rows")
         for why in bad.values():
             log.warning(f"cached as unreadable: {why}", extra=ALL_RANKS)
-        means, logvars = [], []
-        for at in range(0, len(good), ENCODE_BATCH):
-            pixels = torch.stack([r["pixel_values"] for r in good[at : at + ENCODE_BATCH]])
-            posterior = self.vae.encode(pixels.to(self.device, dtype=self.dtype)).latent_dist
-            means.append(posterior.mean.cpu())
-            logvars.append(posterior.logvar.cpu())  # already clamped to [-30, 20], as training's std uses it
+        tensors: dict[str, torch.Tensor] = {}
+        if good:
+            mean, logvar = self._posteriors([r["pixel_values"] for r in good], self.dtype)
+            tensors |= {"latent_mean": mean, "latent_logvar": logvar}
+            if self.family.latent_control:  # the condition as the ControlNet pipeline encodes it
+                control = [r["conditioning"].float().div_(255.0).mul_(2.0).sub_(1.0) for r in good]
+                mean, logvar = self._posteriors(control, self.vae.dtype)
+                tensors |= {"control_mean": mean, "control_logvar": logvar}
         captions = [c for r in good for c in r["captions"]]
-        text = self.embed(captions) if captions else self.embed([""])[:0]
-        return self._assemble(rows, good, means, logvars, text), bad
+        text = self.embed(captions) if captions else {k: t[:0] for k, t in self.embed([""]).items()}
+        return self._assemble(rows, good, tensors, text), bad
 
-    def _assemble(self, rows, good, means, logvars, text) -> dict[str, torch.Tensor]:
+    def _assemble(self, rows, good, encoded: dict[str, torch.Tensor], text: dict) -> dict[str, torch.Tensor]:
         """Stack per row in row order; an unreadable row gets zeros and no caption."""
         zero = torch.zeros(self.latent_shape, dtype=self.dtype)
-        mean = torch.cat(means) if means else zero[None]
-        logvar = torch.cat(logvars) if logvars else zero[None]
-        at, offsets, means_out, logvars_out, conds = 0, [0], [], [], []
+        names = ["latent_mean", "latent_logvar"] + (["control_mean", "control_logvar"] * self.family.latent_control)
+        at, offsets, conds, modes = 0, [0], [], []
+        stacked: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         position = {id(r): k for k, r in enumerate(good)}
         for r in rows:
             k = position.get(id(r))
-            means_out.append(zero if k is None else mean[k])
-            logvars_out.append(zero if k is None else logvar[k])
+            for name in names:
+                stacked[name].append(zero if k is None else encoded[name][k])
             conds.append(torch.zeros(self.cond_shape, dtype=torch.uint8) if k is None else r["conditioning"])
+            modes.append(0 if k is None else r.get("control_mode", 0))
             at += 0 if k is None else len(r["captions"])
             offsets.append(at)
-        return {
-            "latent_mean": torch.stack(means_out),
-            "latent_logvar": torch.stack(logvars_out),
-            "text": text,
-            "text_offsets": torch.tensor(offsets, dtype=torch.int64),
-            "conditioning": torch.stack(conds),
-        }
+        out = {name: torch.stack(parts) for name, parts in stacked.items()}
+        out |= {**text, "text_offsets": torch.tensor(offsets, dtype=torch.int64), "conditioning": torch.stack(conds)}
+        if self.modes:
+            out["control_mode"] = torch.tensor(modes, dtype=torch.int64)
+        return out

@@ -104,6 +104,7 @@ def _precompute(cfg: TrainConfig, shard_rows: int | None, stop) -> PrecomputeRes
         scaling_factor=base.vae.config.scaling_factor,
         max_length=base.tokenizer.model_max_length,
         dtype=dtype,
+        fields=base.family.cache_fields(base.text),
     )
     plan = layout.shard_plan(rows, shard_rows)
     done = _finished(prefix, fingerprint)
@@ -185,7 +186,7 @@ def _write_empty_prompt(prefix: Prefix, encoder: RowEncoder) -> None:
     entry = layout.read_json(prefix, layout.EMPTY_PROMPT_RECORD)
     if entry is not None and layout.has_file(prefix, entry):
         return
-    entry = layout.save_atomically(prefix, {"text": encoder.embed([""])}, {}, layout.EMPTY_PROMPT)
+    entry = layout.save_atomically(prefix, encoder.embed([""]), {}, layout.EMPTY_PROMPT)
     layout.write_json(prefix, entry, layout.EMPTY_PROMPT_RECORD)
 
 

@@ -3,7 +3,7 @@ with `data.cache` set (reader.py). A folder or an object-storage prefix, through
 
     fingerprint.json                    what the cache is made from; written first, so a second
                                         precompute of another config into the same place stops
-    empty_prompt.safetensors            the text embedding of "" (data.proportion_empty_prompts), once;
+    empty_prompt.safetensors            the text tensors of "" (data.proportion_empty_prompts), once;
     empty_prompt.json                   its record, written after it
     shards/shard-00000.safetensors      rows [first_row, first_row + rows), tensors below
     shards/shard-00000.json             the shard's record (rows, bytes, sha256, fingerprint id),
@@ -13,12 +13,24 @@ with `data.cache` set (reader.py). A folder or an object-storage prefix, through
 
 A shard of n rows whose captions number m in all:
 
-    latent_mean, latent_logvar  [n, 4, H/8, W/8]  weight dtype: the VAE posterior (logvar clamped as
+    latent_mean, latent_logvar  [n, C, H/8, W/8]  weight dtype: the VAE posterior (logvar clamped as
                                                   diffusers' DiagonalGaussianDistribution does)
-    text                        [m, 77, D]        weight dtype: the text encoder's last hidden states
+    text                        [m, L, D]         weight dtype: the family's Conditioning.hidden (SD:
+                                                  the text encoder's last hidden states, [m, 77, D];
+                                                  SD3: CLIP+T5 joined, [m, 77 + T5 length, 4096];
+                                                  Flux.1: T5's, [m, T5 length, 4096])
+    text.<key>                  [m, ...]          weight dtype: each Conditioning.added tensor made from
+                                                  text (Family.text_added; SD3, Flux.1:
+                                                  text.pooled_projections [m, 2048] / [m, 768])
     text_offsets                [n + 1] int64     row j's captions are text[offsets[j]:offsets[j + 1]]
     conditioning                [n, 3, H, W]      uint8: the conditioning image after resize + crop
                                                   (lossless, 4x smaller than the float the loader makes)
+    control_mean, control_logvar                  latent_control families (SD3, Flux.1): the VAE
+                                [n, C, H/8, W/8]  posterior of the conditioning image in [-1, 1], as
+                                                  the ControlNet pipeline encodes it (its sample,
+                                                  shift and scale are applied per step)
+    control_mode                [n] int64         with data.control_mode_column: the row's condition
+                                                  type id (a union ControlNet)
 
 and in its metadata `bad_rows`: {row: why} for rows that could not be read (data.skip_bad_rows;
 their tensors are zeros and they have no caption).
@@ -27,6 +39,9 @@ Shard size (the default --shard-rows): per row of SD1.5 at 512 px in fp32, the l
 logvar are 2 x 4 x 64 x 64 x 4 B = 128 KiB, one caption's embedding 77 x 768 x 4 B = 231 KiB and
 the conditioning image 3 x 512 x 512 B = 768 KiB: ~1.1 MiB, so 256 rows are ~280 MiB (bf16: ~240
 MiB) — big enough that object-storage requests are few, small enough to redo after a crash.
+SD3 and Flux.1 rows are larger, mostly text: one caption of Flux.1 at T5 length 512 is
+512 x 4096 x 2 B = 4 MiB in bf16 (SD3 at 256: 333 x 4096 x 2 B = 2.6 MiB), the two 16-channel
+posteriors at 512 px 4 x 16 x 64 x 64 x 2 B = 512 KiB: give such caches fewer --shard-rows.
 """
 
 from __future__ import annotations
@@ -105,15 +120,17 @@ def build_fingerprint(
     scaling_factor: float,
     max_length: int,
     dtype: torch.dtype,
+    fields: dict | None = None,
 ) -> dict:
     """What a cache's values depend on, as comparable JSON. A cached run recomputes it from its own
-    config and refuses a cache whose fingerprint differs in any field."""
+    config and refuses a cache whose fingerprint differs in any field. `fields`: the family's own
+    (Family.cache_fields: SD3's and Flux.1's family and T5 length), last."""
     m, d = cfg.model, cfg.data
     # The seed picks the rows (max_train_samples' shuffle), makes the synthetic rows and the
     # in-code base; otherwise it plays no part in the cache and runs with any seed may share it.
     seed_matters = d.dataset is None or d.max_train_samples is not None
     return {
-        "base": base_identity(m.base, m.revision, m.cache_dir, seed),
+        "base": base_identity(m.base, m.revision, m.cache_dir, seed, family=family),
         "tokenizer": None
         if m.tokenizer is None
         else base_identity(m.tokenizer, m.revision, m.cache_dir, seed, "model.tokenizer"),
@@ -135,22 +152,32 @@ def build_fingerprint(
         "rows": rows,
         "max_train_samples": d.max_train_samples,
         "seed": seed if seed_matters else None,
+        # a union ControlNet's per-row condition type is cached too
+        **({"control_modes": [d.control_mode_column, *m.control_modes]} if d.control_mode_column else {}),
+        **(fields or {}),
     }
 
 
 def base_identity(
-    where: str | None, revision: str | None, cache_dir: str | None, seed: int, key: str = "model.base"
+    where: str | None,
+    revision: str | None,
+    cache_dir: str | None,
+    seed: int,
+    key: str = "model.base",
+    family: Family | None = None,
 ) -> str:
-    """The base (or tokenizer) as content: the in-code tiny base by its seed; a folder (or a
-    bucket's local copy) by the sha256 of its VAE, text encoder and tokenizer files; a hub id by
-    the commit its cached snapshot resolved to."""
+    """The base (or tokenizer) as content: the in-code tiny base by its arch and seed; a folder (or
+    a bucket's local copy) by the sha256 of its VAE, text encoder and tokenizer files (all of the
+    family's: SD3's three, Flux.1's two); a hub id by the commit its cached snapshot resolved to."""
     from ctrlnet_trainer.models.load import resolve_location
 
     if where is None:
-        return f"builtin tiny, seed {seed}"
+        return f"builtin {family.tiny_arch if family else 'tiny'}, seed {seed}"
     local = resolve_location(where, key, cache_dir, revision)
     if Path(local).is_dir():
-        parts = tuple(p for p in ("vae", "text_encoder", "tokenizer") if (Path(local) / p).is_dir())
+        first = ("vae", "text_encoder", "tokenizer")  # SD1.x/2.x's, in the order its caches were named by
+        rest = [c for c in (family.components if family else {}) if c.startswith(("text_encoder_", "tokenizer_"))]
+        parts = tuple(p for p in (*first, *rest) if (Path(local) / p).is_dir())
         return folder_digest(local, parts or (".",))  # a tokenizer folder holds its files at the top
     return f"hub {where}@{_hub_commit(where, revision, cache_dir)}"
 

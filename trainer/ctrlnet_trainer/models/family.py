@@ -15,7 +15,13 @@ A family says
                               (`vae_dtype`), the default resize filter (`default_interpolation`)
     its pipelines             one builder, `pipeline(parts, controlnet)`: validation, `ctrlnet
                               generate` and the bases `ctrlnet model init` writes all use it
-    what the cache supports   `cacheable`: the precompute cache holds one text encoder's states
+    what the cache supports   `cacheable`: the precompute cache (cache/) can hold its inputs: the
+                              text conditioning's `hidden` and the `added` tensors that come from
+                              text (`text_added`), per caption; what else names the cache
+                              (`cache_fields`); the Conditioning rebuilt from them and the batch
+                              (`text_conditioning`), the ControlNet's input from the condition's
+                              cached posterior (`control_from_posterior`), and the validation
+                              pipeline's inputs from encoded prompts (`embedded_prompt_inputs`)
 
 Today: `SD` (SD1.x/2.x, models/sd.py), `SDXL` (models/sdxl.py, an SD with a second text
 encoder, pooled text and size/crop time ids), and the flow-matching families `SD3` (models/sd3.py:
@@ -64,6 +70,7 @@ class Family:
     text_components: ClassVar[tuple[str, ...]]  # the text encoders' folders, in order
     default_interpolation: ClassVar[str]  # data.interpolation's `auto`
     cacheable: ClassVar[bool]  # the precompute cache can hold its inputs
+    text_added: ClassVar[tuple[str, ...]] = ()  # Conditioning.added's keys made from text alone (cached)
     tiny_arch: ClassVar[str]  # the in-code test base of this family (models/tiny.py)
     pipeline_classes: ClassVar[tuple[str, str]]  # diffusers' (base pipeline, ControlNet pipeline)
     pipeline_options: ClassVar[dict[str, Any]]  # what they are built with besides the parts
@@ -142,6 +149,34 @@ class Family:
         as the family's ControlNet pipeline prepares it: the pixels themselves here; VAE latents
         for a `latent_control` family (`eps`: the draws' standard-normal sample of their posterior)."""
         return pixels
+
+    def text_conditioning(self, hidden: torch.Tensor, added: dict[str, torch.Tensor], batch: dict) -> Conditioning:
+        """The Conditioning `condition` makes, from its text-made parts (`hidden` and `added`,
+        under `text_added`'s keys: what the cache holds) and the batch (what comes from data)."""
+        return Conditioning(hidden, added or None)
+
+    def control_from_posterior(
+        self, models, vae_config, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`control_input` when the condition's VAE posterior is already known (the cache's `mean`
+        and `std`; `vae_config`: the VAE's config, the VAE itself may be gone): the pixels here."""
+        return pixels
+
+    def cache_fields(self, text: dict[str, Any]) -> dict[str, Any]:
+        """What besides the base, dtype and data a cache of this family depends on (fingerprint
+        fields): none for SD1.x/2.x, whose caches predate the field."""
+        return {}
+
+    def embedded_prompt_inputs(
+        self,
+        hidden: torch.Tensor,
+        added: dict[str, torch.Tensor],
+        negative: torch.Tensor,
+        negative_added: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """What replaces `prompt=` in the ControlNet pipeline's call for prompts already encoded
+        (validation.EncodedPrompts: batched `hidden` and `added`, and those of the negative "")."""
+        return {"prompt_embeds": hidden, "negative_prompt_embeds": negative}
 
     # ---------------------------------------------------------------- objective
     def objective(self, cfg, scheduler, prediction_type: str | None):

@@ -35,7 +35,8 @@ class FlowFamily(Family):
     denoiser = "transformer"
     latent_control = True
     pixel_multiple = 16  # 2x2 patches of the 8x latents
-    cacheable = False
+    cacheable = True  # hidden and pooled text per caption, the condition's posterior (cache/)
+    text_added = ("pooled_projections",)
     transformer_class: ClassVar[str]  # the diffusers class of `transformer/`
     t5: ClassVar[str]  # the T5 tokenizer's component name
     default_max_sequence_length: ClassVar[int]  # the ControlNet pipeline's default
@@ -95,16 +96,40 @@ class FlowFamily(Family):
         """The condition as the family's ControlNet pipeline prepares it: normalised to [-1, 1]
         (its image processor), encoded by the VAE, shifted and scaled; the posterior sample is
         drawn with the example's own `eps`, as the latents are."""
-        from ctrlnet_trainer.step import sample_latents
-
         vae = models.vae
         posterior = vae.encode((pixels * 2.0 - 1.0).to(vae.dtype)).latent_dist
-        eps = torch.zeros_like(posterior.mean) if eps is None else eps
-        shift = self.control_shift(vae, unwrapped(models.controlnet))
-        return sample_latents(posterior.mean, posterior.std, eps, vae.config.scaling_factor, shift)
+        return self.control_latents(models, vae.config, posterior.mean, posterior.std, eps)
+
+    def control_latents(self, models, vae_config, mean, std, eps: torch.Tensor | None) -> torch.Tensor:
+        """The condition's latents from its posterior: online (control_input) and cached
+        (control_from_posterior) alike."""
+        from types import SimpleNamespace
+
+        from ctrlnet_trainer.step import sample_latents
+
+        eps = torch.zeros_like(mean) if eps is None else eps
+        shift = self.control_shift(SimpleNamespace(config=vae_config), unwrapped(models.controlnet))
+        return sample_latents(mean, std, eps, vae_config.scaling_factor, shift)
+
+    def control_from_posterior(self, models, vae_config, pixels, mean, std, eps) -> torch.Tensor:
+        return self.control_latents(models, vae_config, mean, std, eps)
 
     def control_shift(self, vae, controlnet) -> float:
         return vae.config.shift_factor or 0.0
+
+    def cache_fields(self, text: dict[str, Any]) -> dict[str, Any]:
+        """The family (its builtin tiny base has the same identity as SD's) and the T5 length."""
+        return {"family": self.name, "max_sequence_length": self.max_sequence_length(text)}
+
+    def embedded_prompt_inputs(self, hidden, added, negative, negative_added) -> dict[str, torch.Tensor]:
+        """StableDiffusion3ControlNetPipeline's: the joined embeds and the pooled ones, and the
+        negative ones of classifier-free guidance."""
+        return {
+            "prompt_embeds": hidden,
+            "pooled_prompt_embeds": added["pooled_projections"],
+            "negative_prompt_embeds": negative,
+            "negative_pooled_prompt_embeds": negative_added["pooled_projections"],
+        }
 
     # ---------------------------------------------------------------- objective
     def objective(self, cfg, scheduler, prediction_type: str | None):

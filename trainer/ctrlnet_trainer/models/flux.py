@@ -168,8 +168,11 @@ class Flux(FlowFamily):
     def condition(self, text: dict[str, Any], ids: dict[str, torch.Tensor], batch: dict) -> Conditioning:
         pooled = text["text_encoder"](ids["input_ids"], output_hidden_states=False).pooler_output
         hidden = text["text_encoder_2"](ids["input_ids_2"])[0]
-        added = {"pooled_projections": pooled.to(hidden.dtype)}
-        if "control_mode" in batch:  # a union ControlNet: each row's condition type
+        return self.text_conditioning(hidden, {"pooled_projections": pooled.to(hidden.dtype)}, batch)
+
+    def text_conditioning(self, hidden: torch.Tensor, added: dict[str, torch.Tensor], batch: dict) -> Conditioning:
+        added = dict(added)
+        if "control_mode" in batch:  # a union ControlNet: each row's condition type (data, not text)
             added["control_mode"] = batch["control_mode"].to(hidden.device).reshape(-1, 1)
         return Conditioning(hidden, added)
 
@@ -177,6 +180,16 @@ class Flux(FlowFamily):
         if unwrapped(models.controlnet).input_hint_block is not None:  # XLabs' design: pixels, normalised
             return (pixels * 2.0 - 1.0).to(models.vae.dtype)
         return super().control_input(models, pixels, eps)
+
+    def control_from_posterior(self, models, vae_config, pixels, mean, std, eps) -> torch.Tensor:
+        if unwrapped(models.controlnet).input_hint_block is not None:  # as control_input: the pixels
+            return pixels * 2.0 - 1.0
+        return super().control_from_posterior(models, vae_config, pixels, mean, std, eps)
+
+    def embedded_prompt_inputs(self, hidden, added, negative, negative_added) -> dict[str, torch.Tensor]:
+        """FluxControlNetPipeline's: no negative (it takes one for true CFG only, which validation
+        does not use)."""
+        return {"prompt_embeds": hidden, "pooled_prompt_embeds": added["pooled_projections"]}
 
     # ---------------------------------------------------------------- objective
     def predict(self, models, controlnet, noisy, timesteps, text: Conditioning, conditioning) -> torch.Tensor:
