@@ -535,12 +535,6 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SD3.predict casts the timestep to the latents' dtype (timesteps.to(noisy.dtype)): under bf16 the "
-    "ControlNet and the transformer train on 564.0 where StableDiffusion3ControlNetPipeline (and "
-    "train_controlnet_sd3.py) give the scheduler's float32 562.5",
-)
 def test_sd3_timesteps_reach_the_controlnet_as_the_pipeline_gives_them_under_bf16(tiny_sd3_dir, tmp_path, make_cfg):
     from ctrlnet_trainer.models import load_models
     from ctrlnet_trainer.models.family import Conditioning

@@ -116,7 +116,7 @@ class SD3(FlowFamily):
     def predict(self, models, controlnet, noisy, timesteps, text: Conditioning, conditioning) -> torch.Tensor:
         config = unwrapped(controlnet).config
         pooled = text.added["pooled_projections"]
-        t = timesteps.to(noisy.dtype)
+        t = timesteps  # float32, as the pipeline gives it (bf16 would round 562.5 to 564)
         blocks = controlnet(
             hidden_states=noisy,
             timestep=t,
