@@ -146,3 +146,56 @@ def test_a_cache_of_another_family_or_t5_length_is_refused(cache_dir, sections, 
     assert layout.base_identity(None, None, None, 5, family=by_name(family)) != layout.base_identity(
         None, None, None, 5, family=by_name(other)
     )
+
+
+def test_a_union_controlnets_condition_types_are_cached(tiny_flux_dir, tmp_path):
+    """data.control_mode_column: each row's condition type (a name of model.control_modes or its
+    index) is cached per row and reaches the Conditioning from the batch, not from text."""
+    import json
+
+    from ctrlnet_trainer import models as model_lib
+    from ctrlnet_trainer.cache.job import precompute
+    from ctrlnet_trainer.cache.reader import CachedExamples, CacheReader, read_manifest
+    from ctrlnet_trainer.data import collate
+    from ctrlnet_trainer.run import train
+    from ctrlnet_trainer.step import draw
+    from ctrlnet_trainer.storage import Prefix
+    from ctrlnet_trainer.synthetic import fill_example
+
+    modes = ["canny", "depth"]
+    lines = []
+    for i in range(4):
+        row = fill_example(i, 32, 0)
+        row["image"].save(tmp_path / f"{i}.png")
+        row["conditioning_image"].save(tmp_path / f"{i}-cond.png")
+        mode = modes[i % 2] if i < 2 else i % 2  # by name, or by index
+        lines.append({"image": f"{i}.png", "conditioning_image": f"{i}-cond.png", "text": row["text"], "mode": mode})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cache = tmp_path / "cache"
+    sections = {
+        "model": {"base": str(tiny_flux_dir), "max_sequence_length": T5_LENGTH, "control_modes": modes},
+        "data": {
+            "dataset": str(tmp_path / "rows.jsonl"),
+            "control_mode_column": "mode",
+            "resolution": 32,
+            "cache": str(cache),
+        },
+        "loop": {"seed": 5, "batch_size": 4, "max_steps": 1},
+    }
+    precompute(small_config(tmp_path / "unused", **sections))
+    reader = CacheReader(Prefix(str(cache)), read_manifest(str(cache)))
+    batch = collate([CachedExamples(reader, 5)[(i, 0)] for i in range(4)])
+    assert batch["control_mode"].tolist() == [0, 1, 0, 1]
+
+    from ctrlnet_trainer.accel import Ranks
+    from ctrlnet_trainer.cache.reader import CachedRun
+
+    cfg = small_config(tmp_path / "run", **sections)
+    models = model_lib.load_models(cfg, 5)
+    run = CachedRun.open(cfg, 5, models, torch.float32, Ranks(0, 1, 0), SimpleNamespace(wait_for_everyone=lambda: None))
+    encoder = run.encoder(torch.float32, torch.device("cpu"))
+    draws = draw(batch["sample_id"], 5, encoder.latent_shape(batch), 1000, 0.0, models=models)
+    _, text, _ = encoder.encode(batch, draws)
+    assert text.added["control_mode"].tolist() == [[0], [1], [0], [1]]
+
+    assert train(small_config(tmp_path / "trained", **sections)).steps == 1  # a union ControlNet trains from it
