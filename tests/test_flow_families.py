@@ -558,3 +558,22 @@ def test_sd3_timesteps_reach_the_controlnet_as_the_pipeline_gives_them_under_bf1
         models.family.predict(models, models.controlnet, latents, t, text, latents)
     handle.remove()
     assert seen[0].float().item() == t.item()
+
+
+@pytest.mark.parametrize(("family", "denoiser"), [("sd", False), ("sdxl", True), ("sd3", True), ("flux", True)])
+def test_gradient_checkpointing_covers_the_frozen_denoiser_the_backward_runs_through(
+    make_cfg, tmp_path, family, denoiser
+):
+    """loop.gradient_checkpointing recomputes the ControlNet's activations, and the frozen
+    denoiser's where the reference scripts do (SDXL, Flux.1) and SD3 (its transformer is as large):
+    Flux.1-dev's 12 B transformer at 1024 px would otherwise keep tens of GB of activations."""
+    from ctrlnet_trainer.models import load_models, prepare_for_training
+
+    resolution = 32 if family in ("sd", "sdxl") else 64
+    cfg = make_cfg(
+        tmp_path, model={"family": family}, data={"resolution": resolution}, loop={"gradient_checkpointing": True}
+    )
+    models = load_models(cfg, 0)
+    prepare_for_training(models, cfg, torch.device("cpu"), torch.float32)
+    assert models.controlnet.is_gradient_checkpointing
+    assert models.unet.is_gradient_checkpointing is denoiser

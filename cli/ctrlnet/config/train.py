@@ -200,7 +200,9 @@ class LoopConfig(Section):
     gradient_accumulation_steps: int = Field(default=1, gt=0, le=MAX_BATCH_SIZE)
     """Micro-batches per optimizer step (at most 65,536)."""
     gradient_checkpointing: bool = False
-    """Recompute ControlNet activations in the backward pass (less memory, ~20% slower)."""
+    """Recompute activations in the backward pass (less memory, ~20% slower): the ControlNet's and,
+    for SDXL, SD3 and Flux.1, the frozen denoiser's, which the backward runs through (as
+    train_controlnet_sdxl.py and train_controlnet_flux.py do)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Frozen models in this dtype, ControlNet master weights in fp32 under autocast."""
     allow_tf32: bool = False

@@ -77,6 +77,10 @@ class Family:
     denoiser: ClassVar[str] = "unet"  # the denoiser's component folder (and pipeline argument)
     latent_control: ClassVar[bool] = False  # the ControlNet takes the condition as VAE latents
     pixel_multiple: ClassVar[int] = 8  # image sides are multiples of this (the VAE's 8x)
+    # loop.gradient_checkpointing recomputes the frozen denoiser's activations too: the backward
+    # runs through it to reach the ControlNet's residuals (train_controlnet_sdxl.py and _flux.py
+    # checkpoint theirs; train_controlnet.py does not, for SD's small UNet).
+    checkpoint_denoiser: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- recognition
     def claims_pipeline(self, class_name: str) -> bool:

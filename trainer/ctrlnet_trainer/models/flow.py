@@ -34,6 +34,7 @@ def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
 class FlowFamily(Family):
     denoiser = "transformer"
     latent_control = True
+    checkpoint_denoiser = True
     pixel_multiple = 16  # 2x2 patches of the 8x latents
     cacheable = True  # hidden and pooled text per caption, the condition's posterior (cache/)
     text_added = ("pooled_projections",)

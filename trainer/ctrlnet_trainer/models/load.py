@@ -290,6 +290,8 @@ def prepare_for_training(models: Models, cfg: TrainConfig, device: torch.device,
     models.controlnet.train()
     if cfg.loop.gradient_checkpointing:
         models.controlnet.enable_gradient_checkpointing()
+        if models.family.checkpoint_denoiser:
+            models.unet.enable_gradient_checkpointing()
     if cfg.loop.attention == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise UserError(

@@ -30,6 +30,7 @@ class SDXL(SD):
     text_components = ("text_encoder", "text_encoder_2")
     default_interpolation = "lanczos"  # train_controlnet_sdxl.py's
     cacheable = False  # the cache holds one encoder's states: no pooled text, no time ids
+    checkpoint_denoiser = True
     tiny_arch = "tiny-sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline")
     # No invisible watermark: it would alter the samples being judged.
