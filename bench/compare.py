@@ -4,7 +4,8 @@ One invocation, one machine, one GPU: a random-weight base (`ctrlnet model init`
 data (`ctrlnet data synth-fill`), the precompute of the cached tiers (timed once, on its own), then
 each tier of bench/tiers/ through `ctrlnet train -f`, then the reference through bench/ref_runner.py.
 An SDXL arch (sdxl, tiny-sdxl) runs the SDXL tiers (online encoding: no precompute) beside
-diffusers' train_controlnet_sdxl.py.
+diffusers' train_controlnet_sdxl.py; a flow arch its family's tier beside train_controlnet_flux.py
+(flux-dev, alias `flux`; tiny-flux) or train_controlnet_sd3.py (sd3.5-medium, alias `sd3`; tiny-sd3).
 Prints a table and one `COMPARE_RESULT {json}` line: samples/s, MFU (counted FLOPs per sample over
 the GPU's dense bf16 peak), peak memory, warm-up and compile time, and each row's ratios to the
 reference. docs/benchmarks.md explains every column and holds the results.
@@ -13,6 +14,8 @@ reference. docs/benchmarks.md explains every column and holds the results.
     python bench/compare.py --cpu --arch tiny --steps 3       # CPU smoke on the tiny base (no speed claim)
     python bench/compare.py --arch sdxl                       # GPU: SDXL tiers + train_controlnet_sdxl.py, 1024 px
     python bench/compare.py --cpu --arch tiny-sdxl --steps 2  # CPU smoke of the SDXL side
+    python bench/compare.py --arch flux                       # GPU: flux-dev tier + train_controlnet_flux.py, 1024 px
+    python bench/compare.py --arch sd3                        # GPU: sd3.5-medium tier + train_controlnet_sd3.py, 1024 px
 """
 
 from __future__ import annotations
@@ -33,10 +36,24 @@ sys.path.insert(0, str(ROOT))  # run as a script: make the `bench` package impor
 
 from bench import flops, ours, reference  # noqa: E402
 from bench.steps import Failed  # noqa: E402
-from ctrlnet_trainer.models.tiny import ARCHS, family_of  # noqa: E402  (no torch at import)
+from ctrlnet_trainer.models.tiny import ARCHS, FLOW_ARCHS, family_of  # noqa: E402  (no torch at import)
 
-GPU_TIERS = {"sd": "fastest,fastest@32,6gb,zero-offload", "sdxl": "sdxl-fastest,sdxl-24gb"}
-CPU_TIERS = {"sd": ",".join(ours.TIERS), "sdxl": ",".join(ours.SDXL_TIERS)}
+# The flow families' tiers (bench/tiers/<name>.yaml), one per family. ours.py lists the SD and SDXL
+# tiers (and Tier.parse knows those only): parse_tier takes these names too, and their CPU
+# overrides are added to ours' table here. They need none (compile and channels_last are off in the
+# files) but the ControlNet depth, which the tiny CPU bases cannot give: tiny-flux has 2 double and
+# 2 single blocks (the reference is given the same, reference.family_args), tiny-sd3 4 joint blocks
+# where the sd3 tier asks for 12 (what train_controlnet_sd3.py builds; its reference is skipped).
+FLOW_TIERS = {"flux": "flux-dev", "sd3": "sd3.5-medium"}
+ours.CPU_OVERRIDES.setdefault(
+    "flux-dev", {"train.model.controlnet_layers": "2", "train.model.controlnet_single_layers": "2"}
+)
+ours.CPU_OVERRIDES.setdefault("sd3.5-medium", {"train.model.controlnet_layers": "3"})
+ALIASES = {"flux": "flux-dev", "sd3": "sd3.5-medium"}  # --arch flux / sd3: the full-size bases
+ARCH_CHOICES = sorted([*ARCHS, *FLOW_ARCHS, *ALIASES])
+
+GPU_TIERS = {"sd": "fastest,fastest@32,6gb,zero-offload", "sdxl": "sdxl-fastest,sdxl-24gb", **FLOW_TIERS}
+CPU_TIERS = {"sd": ",".join(ours.TIERS), "sdxl": ",".join(ours.SDXL_TIERS), **FLOW_TIERS}
 CPU_DEFAULTS = {"arch": "tiny", "resolution": 64, "batch_size": 8, "precision": "no", "steps": 3}
 GPU_DEFAULTS = {
     "sd": {"arch": "sd15", "resolution": 512, "batch_size": 16, "precision": "bf16", "steps": 40},
@@ -47,7 +64,15 @@ GPU_DEFAULTS = {
     # sample (estimated on the meta device with flash attention's memory), ~55-60 GiB at batch 4;
     # batch 8 (80 GiB or more) would not fit an 80 GB H100. 30 steps: an SDXL sample is ~7x the FLOPs.
     "sdxl": {"arch": "sdxl", "resolution": 1024, "batch_size": 4, "precision": "bf16", "steps": 30},
+    # Flux.1-dev at 1024 px, batch 1, both sides with 8-bit Adam and gradient checkpointing (the
+    # reference's README command; ~55 GB of weights and optimizer state before activations: run it
+    # on an H200, or expect ours at the edge of an 80 GB H100, bench/tiers/flux-dev.yaml).
+    "flux": {"arch": "flux-dev", "resolution": 1024, "batch_size": 1, "precision": "bf16", "steps": 20},
+    # SD3.5-medium at 1024 px, batch 2: a 12-block ControlNet on both sides (the script's only depth).
+    "sd3": {"arch": "sd3.5-medium", "resolution": 1024, "batch_size": 2, "precision": "bf16", "steps": 30},
 }
+# The reference flags a family's tier stands for (the same memory switches on both sides).
+REF_EXTRA = {"flux": ["--use_8bit_adam", "--gradient_checkpointing"], "sd3": []}
 REF_WORKERS = 8  # the reference's loader workers on a GPU (ours: each tier file's data.num_workers)
 
 
@@ -60,22 +85,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tiers",
         default=None,
         help=f"comma-separated, TIER or TIER@BATCH (default: {GPU_TIERS['sd']}; SDXL: {GPU_TIERS['sdxl']}; "
-        "--cpu: the family's tiers)",
+        f"Flux.1: {GPU_TIERS['flux']}; SD3: {GPU_TIERS['sd3']}; --cpu: the family's tiers)",
     )
     p.add_argument("--only", choices=["ours", "reference"], default=None, help="run one side only")
     p.add_argument(
         "--reference",
         type=Path,
         default=None,
-        help="the diffusers script (default: .ref/train_controlnet.py; SDXL: .ref/train_controlnet_sdxl.py)",
+        help="the diffusers script (default: .ref/train_controlnet.py; SDXL: .ref/train_controlnet_sdxl.py; "
+        "Flux.1: .ref/train_controlnet_flux.py; SD3: .ref/train_controlnet_sd3.py)",
     )
     p.add_argument(
-        "--arch", choices=sorted(ARCHS), default=None, help="base architecture (random weights; default sd15)"
+        "--arch",
+        choices=ARCH_CHOICES,
+        default=None,
+        help="base architecture (random weights; default sd15); `flux` is flux-dev (FLUX.1-dev's shapes) and "
+        "`sd3` is sd3.5-medium (SD3.5-medium's); tiny-flux and tiny-sd3 are their CPU-sized bases",
     )
-    p.add_argument("--resolution", type=int, default=None, help="pixels, every run (default 512, SDXL 1024; --cpu: 64)")
-    p.add_argument("--batch-size", type=int, default=None, help="the reference's batch (default 16, SDXL 4; --cpu: 8)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="pixels, every run (default 512, SDXL/Flux.1/SD3 1024; --cpu: 64)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="the reference's batch (default 16, SDXL 4, Flux.1 1, SD3 2; --cpu: 8)",
+    )
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None, help="the reference's mixed precision")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40, SDXL 30; --cpu: 3)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per run (default 40, SDXL 30, Flux.1 20, SD3 30; --cpu: 3)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -87,6 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="folder for base, data, caches, runs and logs")
     p.add_argument("--torchvision-shim", action="store_true", help="run the reference with bench/cpu_shim's transforms")
     a = p.parse_args(argv)
+    a.arch = ALIASES.get(a.arch, a.arch)
     a.family = family_of(a.arch or (CPU_DEFAULTS if a.cpu else GPU_DEFAULTS["sd"])["arch"])
     for key, value in (CPU_DEFAULTS if a.cpu else GPU_DEFAULTS[a.family]).items():
         if getattr(a, key) is None:
@@ -99,14 +142,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--jobs above 1 is for the CPU smoke run: GPU runs take the GPU one at a time")
     a.jobs = a.jobs or (2 if a.cpu else 1)
     try:
-        a.tier_list = [
-            ours.Tier.parse(t) for t in (a.tiers or (CPU_TIERS if a.cpu else GPU_TIERS)[a.family]).split(",")
-        ]
+        a.tier_list = [parse_tier(t) for t in (a.tiers or (CPU_TIERS if a.cpu else GPU_TIERS)[a.family]).split(",")]
         for tier in a.tier_list if a.only != "reference" else []:
             ours.check_family(tier, a.family)
+            check_flow_family(tier, a.family)
     except ValueError as e:
         p.error(str(e))
     return a
+
+
+def parse_tier(spec: str) -> ours.Tier:
+    """ours.Tier.parse, and the flow tiers (FLOW_TIERS) it does not list."""
+    name, _, batch = spec.strip().partition("@")
+    if name not in FLOW_TIERS.values():
+        try:
+            return ours.Tier.parse(spec)
+        except ValueError as e:
+            raise ValueError(f"{e} or {', '.join(FLOW_TIERS.values())}") from None
+    if batch and not (batch.isdigit() and int(batch) > 0):
+        raise ValueError(f"tier {spec!r}: the batch after @ must be a positive number")
+    return ours.Tier(name, int(batch) if batch else None)
+
+
+def check_flow_family(tier: ours.Tier, family: str) -> None:
+    """A flow tier trains its own family's base, and an SD/SDXL tier no flow base."""
+    tier_family = ours.file_config(tier).model.family
+    flow = family in FLOW_TIERS
+    if (flow or tier_family in FLOW_TIERS) and tier_family != family:
+        bases = f"{tier_family} bases" if tier_family in FLOW_TIERS else "SD/SDXL bases"
+        use = FLOW_TIERS[family] if flow else ", ".join(ours.TIERS + ours.SDXL_TIERS)
+        raise ValueError(f"tier {tier.name} is for {bases}, the arch is {family}: use {use}")
 
 
 def environment(cpu: bool) -> dict:
@@ -214,6 +279,7 @@ def run_reference(a, setup: ours.Setup, base: Path, data: Path) -> dict:
         shim=a.torchvision_shim or (a.cpu and not reference.torchvision_importable()),
         env=setup.env,
         family=a.family,
+        extra=REF_EXTRA.get(a.family, []) if not a.cpu else [],
     )
 
 
@@ -228,9 +294,20 @@ def count_flops(result: dict, base: Path) -> None:
             continue
         key = (row["resolution"], row["batch_size"], not row["cached"], row.get("text_per_step", not row["cached"]))
         if key not in counted:
-            models = models or flops.meta_models(base)
+            models = models or (
+                flops.meta_models(base, controlnet_layers=12) if _sd3_12(base) else flops.meta_models(base)
+            )
             counted[key] = flops.flops_per_sample(models, key[1], key[0], encode=key[2], text=key[3])
         row["flops_per_sample"] = counted[key]
+
+
+def _sd3_12(base: Path) -> bool:
+    """An SD3 base the sd3 tier (and the reference) give a 12-block ControlNet: 13 joint blocks or more."""
+    config = Path(base) / "transformer" / "config.json"
+    if not config.is_file():
+        return False
+    spec = json.loads(config.read_text())
+    return spec.get("_class_name") == "SD3Transformer2DModel" and spec.get("num_layers", 0) > 12
 
 
 def finish(result: dict, peak: float | None) -> None:
@@ -299,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     result["reference_script"] = str(a.reference)
     peak = a.peak_tflops or (None if a.cpu else flops.peak_tflops(result["env"].get("device")))
     result["peak_tflops"] = peak
+    if a.only != "ours" and a.family == "sd3" and not _sd3_12(base):
+        why = f"{a.reference.name} builds a 12-block ControlNet: the {a.arch} base has 12 joint blocks or fewer"
+        if not a.cpu:
+            sys.exit(f"error: {why}; use --arch sd3.5-medium, or pass --only ours")
+        result["reference_skipped"] = why
+        print(f"reference skipped: {why}", file=sys.stderr, flush=True)
+        a.only = "ours"
     if a.only != "ours" and not a.reference.is_file():
         why = f"no reference script at {a.reference} (bench/README.md: how to fetch it)"
         if not a.cpu:

@@ -13,7 +13,17 @@ machine and no memory. The count is of model FLOPs: gradient checkpointing's rec
 not counted (MFU, not hardware FLOPs utilisation); matmuls, convolutions and attention are counted,
 elementwise work is not.
 
+The flow families (SD3/SD3.5, Flux.1: a base with transformer/) are counted the same way, on the
+meta device too, through the family's own training step (models/sd3.py, models/flux.py `predict`):
+the ControlNet forward and backward and the frozen transformer forward and backward, plus, when the
+step runs them, the VAE encoder of the image AND of the condition (their ControlNets take the
+condition as VAE latents) and the text encoders (SD3: both CLIPs and T5 at the pipeline's 256
+tokens; Flux.1: CLIP-L and T5 at 512). Their ControlNet is a new one of the family's default depth
+(SD3: `controlnet_layers`, 12 for the benchmark's sd3 tier; Flux.1: 4 double + 4 single blocks).
+
     python bench/flops.py --arch sdxl --batch 4 --resolution 1024   # no base written: built on meta
+    python bench/flops.py --arch flux-dev --batch 1 --resolution 1024
+    python bench/flops.py --arch sd3.5-medium --batch 1 --resolution 1024 --controlnet-layers 12
 """
 
 from __future__ import annotations
@@ -56,10 +66,71 @@ class MetaModels:
     text_encoder_2: object | None  # SDXL's second encoder (with projection); None for SD1.x/2.x
 
 
-def meta_models(base: str | Path) -> MetaModels:
+@dataclass
+class FlowMetaModels:
+    """A flow base's models on the meta device, and its family (the step is the family's own)."""
+
+    family: object
+    unet: object  # the transformer
+    controlnet: object
+    vae: object
+    text: dict  # text_encoder, text_encoder_2 (, text_encoder_3) by component name
+    guidance_scale: float = 3.5  # model.guidance_scale's default: Flux.1-dev's guidance embedding input
+
+
+def _flow_family(base: str | Path):
+    """The flow family of an arch name or a base folder (its transformer/config.json), else None."""
+    import json
+
+    from ctrlnet_trainer.models.families import family_named
+    from ctrlnet_trainer.models.tiny import FLOW_ARCHS
+
+    if not Path(base).is_dir():
+        return family_named(FLOW_ARCHS[str(base)]["family"]) if str(base) in FLOW_ARCHS else None
+    config = Path(base) / "transformer" / "config.json"
+    if not config.is_file():
+        return None
+    name = json.loads(config.read_text()).get("_class_name")
+    return family_named({"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}[name])
+
+
+def _flow_meta_models(base: str | Path, family, controlnet_layers: int | None) -> FlowMetaModels:
+    import diffusers
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL
+
+    from ctrlnet_trainer.models.tiny import FLOW_ARCHS, build_base
+
+    cfg = type("ModelCfg", (), {"controlnet_layers": controlnet_layers, "controlnet_single_layers": None})()
+    with torch.device("meta"):
+        if not Path(base).is_dir() and str(base) in FLOW_ARCHS:
+            p = build_base(str(base))
+            transformer, vae = p.unet, p.vae
+            text = {k: v for k, v in p.text.items() if k.startswith("text_encoder")}
+        else:
+            base = str(base)
+            cls = getattr(diffusers, family.transformer_class)
+            transformer = cls.from_config(cls.load_config(base, subfolder="transformer"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base, subfolder="vae"))
+            text = {}
+            for name in family.text_components:
+                config = transformers.AutoConfig.from_pretrained(base, subfolder=name)
+                text[name] = getattr(transformers, config.architectures[0])(config)
+        controlnet = family.new_controlnet(transformer, cfg)
+    for frozen in (transformer, vae, *text.values()):
+        frozen.requires_grad_(False)
+    return FlowMetaModels(family, transformer, controlnet, vae, text)
+
+
+def meta_models(base: str | Path, controlnet_layers: int | None = None) -> MetaModels | FlowMetaModels:
     """The base's models on the meta device: `base` is a diffusers folder (its config files are
     read; the weights are not) or an architecture name of ctrlnet_trainer.models.tiny.ARCHS (built
-    from its spec, nothing written: the sdxl base would be ~14 GB)."""
+    from its spec, nothing written: the sdxl base would be ~14 GB). A flow base (an arch of
+    FLOW_ARCHS, or a folder with transformer/) gives FlowMetaModels, its ControlNet of
+    `controlnet_layers` blocks (SD3; unset: the family's default)."""
+    if (family := _flow_family(base)) is not None:
+        return _flow_meta_models(base, family, controlnet_layers)
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -96,8 +167,10 @@ def flops_per_sample(
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    m = base if isinstance(base, MetaModels) else meta_models(base)
+    m = base if isinstance(base, MetaModels | FlowMetaModels) else meta_models(base)
     text = encode if text is None else text
+    if isinstance(m, FlowMetaModels):
+        return _flow_flops_per_sample(m, batch, resolution, encode=encode, text=text)
     unet, sdxl = m.unet, m.text_encoder_2 is not None
     latent = resolution // 2 ** (len(m.vae.config.block_out_channels) - 1)
     tokens = m.text_encoder.config.max_position_embeddings
@@ -144,22 +217,70 @@ def flops_per_sample(
     return counter.get_total_flops() / batch
 
 
+def _flow_flops_per_sample(m: FlowMetaModels, batch: int, resolution: int, *, encode: bool, text: bool) -> float:
+    """flops_per_sample of a flow base: the family's training step (`predict`), on the meta device."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ctrlnet_trainer.models.family import Conditioning
+
+    family, transformer, meta = m.family, m.unet, {"device": "meta"}
+    sd3 = family.name == "sd3"
+    latent = resolution // 2 ** (len(m.vae.config.block_out_channels) - 1)
+    length = family.default_max_sequence_length  # the pipeline's T5 length, ours by default
+    clip_length = 77
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.no_grad():
+            if encode:  # the image and the condition, both through the VAE encoder
+                pixels = torch.empty(batch, 3, resolution, resolution, **meta)
+                latents = m.vae.encode(pixels).latent_dist.sample()
+                control = family.control_input(m, pixels, None)
+            else:
+                latents = torch.empty(batch, m.vae.config.latent_channels, latent, latent, **meta)
+                control = torch.empty_like(latents)
+            if text:
+                ids = {"input_ids": torch.zeros(batch, clip_length, dtype=torch.long, **meta)}
+                if sd3:
+                    ids["input_ids_2"] = ids["input_ids"]
+                    ids["input_ids_3"] = torch.zeros(batch, length, dtype=torch.long, **meta)
+                else:
+                    ids["input_ids_2"] = torch.zeros(batch, length, dtype=torch.long, **meta)
+                cond = family.condition(m.text, ids, {})
+            else:
+                tokens = clip_length + length if sd3 else length  # SD3: the CLIP tokens before T5's
+                hidden = torch.empty(batch, tokens, transformer.config.joint_attention_dim, **meta)
+                pooled = torch.empty(batch, transformer.config.pooled_projection_dim, **meta)
+                cond = Conditioning(hidden, {"pooled_projections": pooled})
+        timesteps = torch.full((batch,), 500.0, **meta)
+        pred = family.predict(m, m.controlnet, latents, timesteps, cond, control)
+        F.mse_loss(pred, torch.empty_like(pred)).backward()
+    return counter.get_total_flops() / batch
+
+
 def main(argv: list[str] | None = None) -> None:
-    from ctrlnet_trainer.models.tiny import ARCHS
+    from ctrlnet_trainer.models.tiny import ARCHS, FLOW_ARCHS
 
     p = argparse.ArgumentParser(description="TFLOP per training sample, counted on the meta device")
-    p.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
+    p.add_argument("--arch", choices=sorted([*ARCHS, *FLOW_ARCHS]), default="sd15")
     p.add_argument("--base", type=Path, default=None, help="a base folder instead of --arch (its configs)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--resolution", type=int, default=None, help="pixels (default: 1024 for SDXL, else 512)")
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: 1024 for SDXL/SD3/Flux.1, else 512)")
+    p.add_argument(
+        "--controlnet-layers",
+        type=int,
+        default=None,
+        help="SD3: the ControlNet's joint blocks (default: the family's, 12 at most; the benchmark's sd3 tier: 12)",
+    )
     a = p.parse_args(argv)
-    m = meta_models(a.base or a.arch)
-    sdxl = m.text_encoder_2 is not None
-    resolution = a.resolution or (1024 if sdxl else 512)
+    m = meta_models(a.base or a.arch, controlnet_layers=a.controlnet_layers)
+    big = isinstance(m, FlowMetaModels) or m.text_encoder_2 is not None
+    resolution = a.resolution or (1024 if big else 512)
     print(f"{a.base or a.arch}, batch {a.batch}, {resolution} px: TFLOP per sample")
     for what, encode, text in [
-        ("ControlNet + UNet, forward + backward (a cached step)", False, False),
-        ("+ VAE encoder (train_controlnet_sdxl.py: its prompts encoded before training)", True, False),
+        ("ControlNet + UNet/transformer, forward + backward (a cached step)", False, False),
+        ("+ VAE encoder (train_controlnet_sdxl/flux/sd3.py: prompts encoded before training)", True, False),
         ("+ VAE encoder + text encoder(s) (an online step; train_controlnet.py)", True, True),
     ]:
         print(f"  {flops_per_sample(m, a.batch, resolution, encode=encode, text=text) / 1e12:.4g}  {what}")

@@ -9,7 +9,18 @@ it cannot run unchanged: the map stores the prompt embeddings as fp32 and the sc
 its UNet, which is in the mixed-precision dtype and outside autocast, so its first cross-attention
 fails ("expected m1 and m2 to have the same dtype"). ref_runner.py --cast-unet-text casts them to
 the UNet's dtype as the UNet is called (diffusers made the same fix in train_controlnet_sd3.py,
-huggingface/diffusers#11051); the row says so."""
+huggingface/diffusers#11051); the row says so.
+
+train_controlnet_flux.py and train_controlnet_sd3.py (the flow families) run unchanged: they encode
+their prompts before training too (and free the text encoders), and cast what they feed their
+transformers themselves. Their flags differ (FAMILY_ARGS): the Flux script reads the data folder as
+--dataset_name (it has no --train_data_dir) and takes its ControlNet's depth as --num_double_layers /
+--num_single_layers, given ours' (4 and 4, at most the base's blocks); the SD3 script has no depth
+flag and always builds 12 joint blocks (SD3ControlNetModel.from_transformer), so it needs a base of
+13 joint blocks or more (sd3.5-medium: 24; tiny-sd3 has 4, and is refused before it starts), and
+is given the pipeline's T5 length, 256, that ours trains with. Both are given the synthetic data's
+column names: their defaults take the columns by position (image, caption, condition), and the
+parquet holds image, conditioning_image, text."""
 
 from __future__ import annotations
 
@@ -23,7 +34,13 @@ from bench.steps import Failed, run, summarize
 HERE = Path(__file__).resolve().parent
 DEFAULT_SCRIPT = HERE.parent / ".ref" / "train_controlnet.py"  # git-ignored
 SDXL_SCRIPT = HERE.parent / ".ref" / "train_controlnet_sdxl.py"
-SCRIPTS = {"sd": DEFAULT_SCRIPT, "sdxl": SDXL_SCRIPT}  # by model family (models.tiny.family_of)
+FLUX_SCRIPT = HERE.parent / ".ref" / "train_controlnet_flux.py"
+SD3_SCRIPT = HERE.parent / ".ref" / "train_controlnet_sd3.py"
+# by model family (models.tiny.family_of)
+SCRIPTS = {"sd": DEFAULT_SCRIPT, "sdxl": SDXL_SCRIPT, "flux": FLUX_SCRIPT, "sd3": SD3_SCRIPT}
+FLOW_DEPTH = 4  # train_controlnet_flux.py's default depth, and ours (models/flux.py DEFAULT_LAYERS)
+SD3_DEPTH = 12  # what train_controlnet_sd3.py always builds
+COLUMNS = ["--image_column=image", "--conditioning_image_column=conditioning_image", "--caption_column=text"]
 CAST_UNET_TEXT = "its UNet's text input cast to the UNet's dtype (bench/ref_runner.py --cast-unet-text)"
 
 
@@ -53,6 +70,7 @@ def run_reference(
     shim: bool,
     env: dict,
     family: str = "sd",
+    extra: list[str] | None = None,
 ) -> dict:
     out = work / "ref"
     shutil.rmtree(out, ignore_errors=True)
@@ -63,7 +81,7 @@ def run_reference(
         *(["--cast-unet-text"] if cast else []),
         str(script),
         f"--pretrained_model_name_or_path={base}",
-        f"--train_data_dir={data}",
+        *family_args(family, base, data),
         f"--output_dir={out}",
         f"--resolution={resolution}",
         f"--train_batch_size={batch}",
@@ -74,6 +92,7 @@ def run_reference(
         "--learning_rate=1e-5",
         "--seed=0",
         "--report_to=tensorboard",
+        *(extra or []),
     ]
     if shim:  # no importable torchvision (the CPU machines): five PIL transforms stand in for it
         cmd.insert(1, str(HERE / "cpu_shim" / "run_with_shim.py"))
@@ -89,11 +108,30 @@ def run_reference(
         "batch_size": batch,
         "resolution": resolution,
         "cached": False,
-        "text_per_step": family != "sdxl",  # the SDXL script encodes its prompts before training
+        "text_per_step": family == "sd",  # the SDXL, Flux and SD3 scripts encode their prompts before training
         **summarize(r["step_s"], batch),
         "peak_memory_gib": _round(r.get("peak_alloc_gib")),
         "wall_s": round(wall, 1),
     }
+
+
+def family_args(family: str, base: Path, data: Path) -> list[str]:
+    """The flags a family's script needs for the data and the ControlNet's shape (module docstring)."""
+    if family in ("sd", "sdxl"):
+        return [f"--train_data_dir={data}"]
+    config = json.loads((Path(base) / "transformer" / "config.json").read_text())
+    if family == "flux":
+        double = min(FLOW_DEPTH, config["num_layers"])
+        single = min(FLOW_DEPTH, config["num_single_layers"])
+        return [f"--dataset_name={data}", *COLUMNS, f"--num_double_layers={double}", f"--num_single_layers={single}"]
+    if family == "sd3":
+        if config["num_layers"] <= SD3_DEPTH:
+            raise Failed(
+                f"train_controlnet_sd3.py builds a {SD3_DEPTH}-block ControlNet, which needs a base of "
+                f"{SD3_DEPTH + 1} joint blocks or more; this one has {config['num_layers']} (use --arch sd3.5-medium)"
+            )
+        return [f"--train_data_dir={data}", *COLUMNS, "--max_sequence_length=256"]
+    raise ValueError(f"no reference script for model family {family!r}")
 
 
 def _round(x: float | None) -> float | None:

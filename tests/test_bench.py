@@ -203,3 +203,109 @@ def test_cpu_smoke_runs_every_tier_and_the_reference_side_by_side(tmp_path):
         assert "no reference script" in result["reference_skipped"]
     assert done.stdout.splitlines()[-2].startswith("precompute (fastest): ")
     assert "samples/s" in done.stdout and "MFU" in done.stdout
+
+
+# ------------------------------------------------------------------ the flow families (SD3.5, Flux.1)
+@pytest.mark.parametrize(("tier", "family"), [("flux-dev", "flux"), ("sd3.5-medium", "sd3")])
+def test_flow_tier_file_is_a_valid_job_config(tier, family):
+    train = load_job_config(ROOT / "bench" / "tiers" / f"{tier}.yaml").train
+    assert train.model.family == family and train.data.cache is None  # the cache holds no flow embeddings yet
+    assert train.data.resolution == 1024 and train.loop.mixed_precision == "bf16"
+    assert train.model.base is None and train.data.dataset is None
+    assert train.model.controlnet_layers == (4 if family == "flux" else 12)  # the reference scripts' depths
+
+
+@pytest.mark.parametrize(
+    ("arch", "full", "family", "script", "batch"),
+    [
+        ("flux", "flux-dev", "flux", "train_controlnet_flux.py", 1),
+        ("flux-dev", "flux-dev", "flux", "train_controlnet_flux.py", 1),
+        ("sd3", "sd3.5-medium", "sd3", "train_controlnet_sd3.py", 2),
+    ],
+)
+def test_flow_arch_picks_its_reference_tier_and_shape(arch, full, family, script, batch):
+    a = compare.parse_args(["--arch", arch])
+    assert (a.arch, a.family, a.resolution, a.batch_size, a.precision) == (full, family, 1024, batch, "bf16")
+    assert a.reference.name == script and [t.name for t in a.tier_list] == [compare.FLOW_TIERS[family]]
+    smoke = compare.parse_args(["--cpu", "--arch", f"tiny-{family}"])
+    assert (smoke.family, smoke.resolution) == (family, 64) and smoke.reference.name == script
+    assert [t.label for t in compare.parse_args(["--arch", arch, "--tiers", f"{full}@2"]).tier_list] == [f"{full}@2"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--arch", "flux", "--tiers", "fastest"], "tier fastest is for SD/SDXL bases, the arch is flux: use flux-dev"),
+        (["--arch", "sd3", "--tiers", "flux-dev"], "tier flux-dev is for flux bases, the arch is sd3"),
+        (["--tiers", "sd3.5-medium"], "tier sd3.5-medium is for sd3 bases, the arch is sd"),
+        (["--arch", "flux", "--tiers", "flux-pro"], "unknown tier 'flux-pro'"),
+    ],
+)
+def test_a_flow_tier_of_another_family_is_refused_in_one_line(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(argv)
+    assert "error: " + says in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _transformer_config(base: Path, **config) -> Path:
+    (base / "transformer").mkdir(parents=True)
+    (base / "transformer" / "config.json").write_text(json.dumps(config))
+    return base
+
+
+@pytest.mark.parametrize(
+    ("family", "config", "flags"),
+    [
+        (
+            "flux",
+            {"num_layers": 19, "num_single_layers": 38},
+            ["--num_double_layers=4", "--num_single_layers=4", "--use_8bit_adam", "--gradient_checkpointing"],
+        ),
+        ("flux", {"num_layers": 2, "num_single_layers": 2}, ["--num_double_layers=2", "--num_single_layers=2"]),
+        ("sd3", {"num_layers": 24}, ["--max_sequence_length=256"]),
+    ],
+)
+def test_the_flow_reference_commands(family, config, flags, tmp_path, monkeypatch):
+    """The Flux script reads the data as --dataset_name with ours' ControlNet depth (at most the base's
+    blocks); the SD3 script as --train_data_dir at the pipeline's T5 length; both name the columns."""
+    seen = {}
+
+    def fake_run(cmd, log, env):
+        seen["cmd"] = cmd
+        return 'REFERENCE_RESULT {"step_s": [1.0, 0.5, 0.5]}\n', 3.0
+
+    monkeypatch.setattr(reference, "run", fake_run)
+    base, data = _transformer_config(tmp_path / "base", **config), tmp_path / "data"
+    extra = compare.REF_EXTRA[family] if config["num_layers"] > 2 else []
+    kw = dict(base=base, data=data, work=tmp_path, batch=1, resolution=1024, steps=3, workers=0, precision="bf16")
+    row = reference.run_reference(reference.SCRIPTS[family], **kw, shim=False, env={}, family=family, extra=extra)
+    cmd = seen["cmd"]
+    assert set(flags) <= set(cmd) and "--cast-unet-text" not in cmd and not row["text_per_step"]
+    assert (f"--dataset_name={data}" if family == "flux" else f"--train_data_dir={data}") in cmd
+    assert {"--image_column=image", "--conditioning_image_column=conditioning_image", "--caption_column=text"} <= set(
+        cmd
+    )
+    for flag in {arg.split("=")[0] for arg in cmd if arg.startswith("--")} - {"--cast-unet-text"}:
+        assert (
+            f'"{flag}"' in (ROOT / ".ref" / reference.SCRIPTS[family].name).read_text()
+            or not (ROOT / ".ref" / reference.SCRIPTS[family].name).is_file()
+        ), f"{flag} is not a flag of the {family} script"
+
+
+def test_the_sd3_reference_needs_13_joint_blocks(tmp_path):
+    base = _transformer_config(tmp_path / "base", num_layers=4)
+    with pytest.raises(Exception, match="12-block ControlNet.*this one has 4"):
+        reference.family_args("sd3", base, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["tiny-flux", "tiny-sd3"])
+def test_flow_flops_count_the_encoders_the_step_runs(arch):
+    """A flow step on the meta device, through the family's own predict: cached < images (the VAE on
+    the image and the condition) < online (the text encoders too)."""
+    models = flops.meta_models(arch)
+    assert isinstance(models, flops.FlowMetaModels)
+    cached = flops.flops_per_sample(models, 2, 64, encode=False)
+    images = flops.flops_per_sample(models, 2, 64, encode=True, text=False)
+    online = flops.flops_per_sample(models, 2, 64, encode=True)
+    assert 0 < cached < images < online
+    assert flops.flops_per_sample(models, 1, 64, encode=False) == pytest.approx(cached)  # per sample

@@ -253,6 +253,86 @@ FLOW_ARCHS["tiny-flux-schnell"] = {
     "transformer": dict(FLOW_ARCHS["tiny-flux"]["transformer"], guidance_embeds=False),
     "scheduler": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),  # schnell's
 }
+
+# The full-size flow bases (random weights, for GPU benchmarks: only shapes and FLOPs matter), each
+# from its hub repo's config files. The text encoders' configs beyond their size (bos/eos/pad ids,
+# the 77-token context) come from the offline tokenizers, as for the tiny ones; the vocabularies are
+# the real ones (CLIP 49408, T5 32128), so embedding sizes, parameter counts and FLOPs match.
+_FLOW_VAE_FULL = dict(  # both families' vae/config.json: SD3's VAE layout with 16 latent channels
+    sample_size=1024,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+_CLIP_L = dict(  # openai/clip-vit-large-patch14's text model (text_encoder/config.json)
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+)
+_CLIP_G = dict(  # laion/CLIP-ViT-bigG-14's text model (SD3's text_encoder_2/config.json)
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+)
+_T5_XXL = dict(  # google/t5-v1_1-xxl's encoder (text_encoder_3/ in SD3, text_encoder_2/ in Flux.1)
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+)
+FLOW_ARCHS["sd3.5-medium"] = {  # stabilityai/stable-diffusion-3.5-medium
+    "family": "sd3",
+    "transformer": dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,  # 768 (CLIP-L) + 1280 (CLIP-G) projections
+        out_channels=16,
+        pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)),  # MMDiT-X: blocks 0..12
+        qk_norm="rms_norm",
+    ),
+    "vae": dict(_FLOW_VAE_FULL, shift_factor=0.0609, scaling_factor=1.5305),
+    "clip": [dict(_CLIP_L, projection_dim=768), dict(_CLIP_G, projection_dim=1280)],
+    "t5": _T5_XXL,
+    "scheduler": dict(num_train_timesteps=1000, shift=3.0),
+}
+FLOW_ARCHS["flux-dev"] = {  # black-forest-labs/FLUX.1-dev
+    "family": "flux",
+    "transformer": dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    "vae": dict(_FLOW_VAE_FULL, shift_factor=0.1159, scaling_factor=0.3611),
+    "clip": [_CLIP_L],
+    "t5": _T5_XXL,
+    "scheduler": FLOW_ARCHS["tiny-flux"]["scheduler"],  # FLUX.1-dev's scheduler_config.json, dynamic shifting
+}
 T5_MAX_LENGTH = 512  # T5's context; a run sets its own (model.max_sequence_length)
 
 
@@ -345,13 +425,15 @@ def _build_flow_base(arch: str, seed: int) -> Base:
         # SD3: both CLIPs with projections (pooled = their text_embeds); Flux.1: one, its pooler output.
         clip_class = CLIPTextModelWithProjection if family.name == "sd3" else CLIPTextModel
         clips = [clip_class(_text_config(c, tok, arch)) for c, tok in zip(spec["clip"], clip_tokenizers, strict=True)]
+        t5_spec = {"vocab_size": len(t5_tokenizer), **spec["t5"]}  # a full-size arch: the real vocabulary
+        if t5_spec["vocab_size"] < len(t5_tokenizer):
+            raise ValueError(f"{arch}: T5 vocab_size < tokenizer size {len(t5_tokenizer)}")
         t5 = T5EncoderModel(
             T5Config(
-                vocab_size=len(t5_tokenizer),
                 feed_forward_proj="gated-gelu",  # T5 v1.1 (T5-XXL)'s
                 pad_token_id=t5_tokenizer.pad_token_id,
                 eos_token_id=t5_tokenizer.eos_token_id,
-                **spec["t5"],
+                **t5_spec,
             )
         )
     names = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3")]
