@@ -64,9 +64,9 @@ GPU_DEFAULTS = {
     # sample (estimated on the meta device with flash attention's memory), ~55-60 GiB at batch 4;
     # batch 8 (80 GiB or more) would not fit an 80 GB H100. 30 steps: an SDXL sample is ~7x the FLOPs.
     "sdxl": {"arch": "sdxl", "resolution": 1024, "batch_size": 4, "precision": "bf16", "steps": 30},
-    # Flux.1-dev at 1024 px, batch 1, both sides with 8-bit Adam and gradient checkpointing (the
-    # reference's README command; ~55 GB of weights and optimizer state before activations: run it
-    # on an H200, or expect ours at the edge of an 80 GB H100, bench/tiers/flux-dev.yaml).
+    # Flux.1-dev at 1024 px, batch 1, both sides with 8-bit Adam and gradient checkpointing of the
+    # ControlNet and the transformer (the reference's README command; ~55 GB of weights and
+    # optimizer state before activations, estimated: bench/tiers/flux-dev.yaml).
     "flux": {"arch": "flux-dev", "resolution": 1024, "batch_size": 1, "precision": "bf16", "steps": 20},
     # SD3.5-medium at 1024 px, batch 2: a 12-block ControlNet on both sides (the script's only depth).
     "sd3": {"arch": "sd3.5-medium", "resolution": 1024, "batch_size": 2, "precision": "bf16", "steps": 30},
