@@ -588,7 +588,7 @@ def test_unknown_key_that_is_an_sd3_or_flux_flag_points_to_its_key(tmp_path):
     assert "diffusers' --upcast_vae is train.model.upcast_vae" in msg
     # a flag with no equivalent names the nearest key without calling it the same thing
     msg = _error(tmp_path, overrides=["train.data.dataset_preprocess_batch_size=1000"])
-    assert "--dataset_preprocess_batch_size has no equivalent here" in msg and "train.loop.batch_size" in msg
+    assert "--dataset_preprocess_batch_size has no equivalent here" in msg and "train.data.cache" in msg
     msg = _error(tmp_path, overrides=["train.loop.enable_model_cpu_offload=true"])
     assert "--enable_model_cpu_offload has no equivalent here" in msg
 

@@ -96,7 +96,7 @@ SD3_FLAGS: dict[str, str] = {
     "logit_std": "train.loop.logit_std",
     "mode_scale": "train.loop.mode_scale",
     "precondition_outputs": "train.loop.precondition_outputs",
-    "dataset_preprocess_batch_size": "train.loop.batch_size",
+    "dataset_preprocess_batch_size": "train.data.cache",
 }
 
 # The eleven flags train_controlnet_flux.py has that neither the SD nor the SDXL table has -> the key
@@ -177,10 +177,10 @@ NOTES: dict[str, str] = {
     "(the SD3 script's default), off for Flux.1 (train_controlnet_flux.py has no such flag and never "
     "preconditions).",
     "dataset_preprocess_batch_size": "No key of its own: train_controlnet_sd3.py encodes every prompt of the "
-    "dataset before training (`datasets.map`, 1000 rows per batch) and keeps all the embeddings; ctrlnet has "
-    "no such pass for SD3: it encodes each training batch's prompts with that batch, so the text encoders see "
-    "`train.loop.batch_size` prompts per forward and there is no separate preprocessing batch to size. Leave "
-    "it out (do not raise `train.loop.batch_size` for it).",
+    "dataset before training (`datasets.map`, 1000 rows per batch) and keeps the embeddings in memory; "
+    "ctrlnet's counterpart is `ctrlnet precompute` into `train.data.cache` (prompts, pooled text and both VAE "
+    "posteriors once, written in shards of `--shard-rows` rows), or encoding each batch's prompts with that "
+    "batch when no cache is set. The encoders' own batch is fixed (16 rows), so there is nothing to size.",
     "num_double_layers": "Same default (4) for Flux.1; for SD3 the same key sets the joint blocks.",
     "num_single_layers": "Same default (4).",
     "guidance_scale": "Same default (3.5). Only a base with a guidance embedding (Flux.1-dev) takes it, as in "
