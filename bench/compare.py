@@ -38,17 +38,8 @@ from bench import flops, ours, reference  # noqa: E402
 from bench.steps import Failed  # noqa: E402
 from ctrlnet_trainer.models.tiny import ARCHS, FLOW_ARCHS, family_of  # noqa: E402  (no torch at import)
 
-# The flow families' tiers (bench/tiers/<name>.yaml), one per family. ours.py lists the SD and SDXL
-# tiers (and Tier.parse knows those only): parse_tier takes these names too, and their CPU
-# overrides are added to ours' table here. They need none (compile and channels_last are off in the
-# files) but the ControlNet depth, which the tiny CPU bases cannot give: tiny-flux has 2 double and
-# 2 single blocks (the reference is given the same, reference.family_args), tiny-sd3 4 joint blocks
-# where the sd3 tier asks for 12 (what train_controlnet_sd3.py builds; its reference is skipped).
+# The flow families' tier (bench/tiers/<name>.yaml), one per family (ours.FLOW_TIERS).
 FLOW_TIERS = {"flux": "flux-dev", "sd3": "sd3.5-medium"}
-ours.CPU_OVERRIDES.setdefault(
-    "flux-dev", {"train.model.controlnet_layers": "2", "train.model.controlnet_single_layers": "2"}
-)
-ours.CPU_OVERRIDES.setdefault("sd3.5-medium", {"train.model.controlnet_layers": "3"})
 ALIASES = {"flux": "flux-dev", "sd3": "sd3.5-medium"}  # --arch flux / sd3: the full-size bases
 ARCH_CHOICES = sorted([*ARCHS, *FLOW_ARCHS, *ALIASES])
 
@@ -152,16 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def parse_tier(spec: str) -> ours.Tier:
-    """ours.Tier.parse, and the flow tiers (FLOW_TIERS) it does not list."""
-    name, _, batch = spec.strip().partition("@")
-    if name not in FLOW_TIERS.values():
-        try:
-            return ours.Tier.parse(spec)
-        except ValueError as e:
-            raise ValueError(f"{e} or {', '.join(FLOW_TIERS.values())}") from None
-    if batch and not (batch.isdigit() and int(batch) > 0):
-        raise ValueError(f"tier {spec!r}: the batch after @ must be a positive number")
-    return ours.Tier(name, int(batch) if batch else None)
+    return ours.Tier.parse(spec)
 
 
 def check_flow_family(tier: ours.Tier, family: str) -> None:
