@@ -7,12 +7,13 @@ Where each stage lives (the loop itself reads like the algorithm in trainer.py):
 
     run.py / __main__.py / launch.py   entry points: in-process, one process, the pod's torchrun
     trainer.py     build -> loop (step, log, checkpoint, validate) -> finish
-    models/        the model-family seam (family.py: what differs between SD1.x/2.x, SDXL, next
-                   SD3/Flux), loading bases and ControlNets (load.py), in-code and demo bases
+    models/        the model-family seam (family.py: what differs between SD1.x/2.x, SDXL,
+                   SD3/SD3.5 and Flux.1), their objectives (objective.py: DDPM, flow matching),
+                   loading bases and ControlNets (load.py), in-code and demo bases
     data/          sources.py (where rows come from) -> transforms.py (row -> example, with the
                    family's inputs) -> batches.py (resumable batch streams)
     step.py        one training step: the random draws, online encoding, the ControlNet loss
-    loss.py        targets and Min-SNR weighting of the DDPM objective
+    loss.py        targets and Min-SNR weighting of the DDPM objective (models/objective.py uses it)
     cache/         the precompute cache: layout (format), encode, job (`ctrlnet precompute`),
                    reader (a run with data.cache)
     optim.py       optimizer and LR schedule     accel.py   the Accelerator (DDP / DeepSpeed)

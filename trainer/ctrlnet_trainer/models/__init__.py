@@ -2,10 +2,14 @@
 
 family.py    the Family interface (what differs between model families) and its design note
 sd.py        SD1.x/2.x            sdxl.py   SDXL            families.py  registry, recognition
+flow.py      what SD3 and Flux.1 share: transformer, T5, 16-channel VAE, latent conditions
+sd3.py       SD3/SD3.5            flux.py   Flux.1 (dev, schnell; union control modes)
+objective.py the objectives: DDPM denoising (SD, SDXL) and flow matching (SD3, Flux.1)
 parts.py     Base / Models: what a loaded base and a run's models hold
 load.py      resolve a location (folder, bucket, hub id, builtin), check and load a base and
              the ControlNet, freeze them for training
-tiny.py      random-init bases in code (tests, benchmarks, `ctrlnet model init`)
+tiny.py      random-init bases in code (tests, benchmarks, `ctrlnet model init`), from the tiny
+             CPU ones to the real architectures (sd15, sdxl, sd3.5-medium, flux-dev)
 demo.py      the pretrained 64 px demo base shipped in the package (builtin:demo)
 hub_ids.py   a hub id checked quickly before a loader retries an unreachable hub
 """

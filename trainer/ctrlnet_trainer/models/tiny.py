@@ -1,9 +1,10 @@
 """Random-init bases, built in code (no downloads, no hub).
 
 `tiny`, `tiny-sdxl`, `tiny-sd3` and `tiny-flux` (`tiny-flux-schnell`: without the guidance
-embedding) train in seconds on a CPU at 32-64 px and are what the tests use; `sd15` and `sdxl`
-are the real SD1.5 and SDXL-base architectures (random weights) for GPU benchmarks, where only
-shapes and FLOPs matter. `write_base` saves any of them in the diffusers folder layout,
+embedding) train in seconds on a CPU at 32-64 px and are what the tests use; `sd15`, `sdxl`,
+`sd3.5-medium` and `flux-dev` are the real architectures (random weights; their parameter counts
+are checked on the meta device in tests/test_flow_archs.py) for GPU benchmarks, where only shapes
+and FLOPs matter. `write_base` saves any of them in the diffusers folder layout,
 so the trainer loads it exactly as it would load a real checkpoint.
 """
 
