@@ -9,8 +9,9 @@ A family says
     its inputs                what an example adds for it (`example_inputs`: token ids, SDXL's
                               time ids), the prompt-dropping "" (`empty_inputs`), and what its
                               text encoders make of a batch (`condition` -> Conditioning)
-    its objective             timestep sampling (`sample_timestep`), noising (`noisy`), the forward
-                              through ControlNet and denoiser (`predict`), the target (`target`)
+    its objective             the run's objective (`objective` -> models/objective.py: the timestep
+                              draw, noising, loss), the forward through ControlNet and denoiser
+                              (`predict`), what the ControlNet takes of the condition (`control_input`)
     its latents and images    latent shape (`latent_shape`), the VAE's dtype under fp16
                               (`vae_dtype`), the default resize filter (`default_interpolation`)
     its pipelines             one builder, `pipeline(parts, controlnet)`: validation, `ctrlnet
