@@ -252,14 +252,6 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 ZERO3_FAMILIES = ["sd3", "flux"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer bug: models/flow.py unwrapped() stops at the first wrapper with a `config` "
-    "attribute, and a DeepSpeed engine has one (its DeepSpeed config, a dict), so under "
-    "distributed.strategy deepspeed the flow families read engine.config as the ControlNet's: "
-    "Flux predict fails with AttributeError: 'dict' object has no attribute 'guidance_embeds' "
-    "(flux.py guidance()); SD3 predict reads .joint_attention_dim / .force_zeros_for_pooled_projection",
-)
 @pytest.mark.parametrize("zero_family", ZERO3_FAMILIES)
 def test_flow_zero3_on_two_processes_saves_the_trained_weights_and_resumes_bitwise(
     zero_family, request, tmp_path, make_cfg

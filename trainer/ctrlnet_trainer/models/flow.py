@@ -25,9 +25,15 @@ def tokenize(tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
 
 
 def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    """The diffusers model inside DDP / a DeepSpeed engine (whose config says what it takes)."""
-    while not hasattr(module, "config") and hasattr(module, "module"):
-        module = module.module
+    """The diffusers model inside DDP, a DeepSpeed engine or torch.compile (its config says what it
+    takes). Not "the first thing with a `config`": a DeepSpeed engine has one too, DeepSpeed's dict."""
+    from diffusers import ModelMixin
+
+    while not isinstance(module, ModelMixin):
+        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+        if inner is None:
+            break
+        module = inner
     return module
 
 
