@@ -4,9 +4,6 @@ pipeline and `ctrlnet generate`, resumes exactly (one process, and ZeRO-3 on two
 samples through the family's pipeline from the in-memory models."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import yaml
 from PIL import Image
 
 from testkit.cli import run_in_process
-from testkit.training import controlnet_weights, max_weight_diff, metrics_rows
+from testkit.training import max_weight_diff, metrics_rows
 
 pytestmark = pytest.mark.slow
 
@@ -237,18 +234,6 @@ def test_flow_resume_is_exact(family, request, short_runs, make_cfg):
 
 
 # ------------------------------------------------------------------ ZeRO-3 on two processes
-def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    return subprocess.run(
-        [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-
-
 ZERO3_FAMILIES = ["sd3", "flux"]
 
 
@@ -260,9 +245,8 @@ def test_flow_zero3_on_two_processes_saves_the_trained_weights_and_resumes_bitwi
     masters DeepSpeed's own shards hold, the final weights are the last checkpoint's, and a resumed
     run ends bitwise where the straight one did."""
     pytest.importorskip("deepspeed")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from testkit.training import small_config_dict
+    from testkit.zero3 import run_resume_and_check_zero3
 
     sections = {
         "model": {"base": str(base_dir(request, zero_family))},
@@ -274,34 +258,5 @@ def test_flow_zero3_on_two_processes_saves_the_trained_weights_and_resumes_bitwi
     }
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(small_config_dict(tmp_path / "run", **sections)))
-    result = _torchrun(2, "-m", "ctrlnet_trainer", "--config", str(config))
-    assert result.returncode == 0, result.stderr[-3000:]
-    resumed = _torchrun(
-        2,
-        "-m",
-        "ctrlnet_trainer",
-        "--config",
-        str(config),
-        "--set",
-        f"output={tmp_path / 'resumed'}",
-        "--set",
-        f"checkpoint.resume={tmp_path / 'run/checkpoints/step-00000002'}",
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    for run in ("run", "resumed"):
-        for step in (2, 4) if run == "run" else (4,):
-            checkpoint = tmp_path / run / f"checkpoints/step-0000000{step}"
-            saved = controlnet_weights(checkpoint / "controlnet")
-            assert all(t.numel() > 0 and torch.isfinite(t).all() for t in saved.values()), checkpoint
-            masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
-            assert saved.keys() == masters.keys()
-            differ = [k for k in saved if not torch.equal(saved[k], masters[k])]
-            assert not differ, f"{checkpoint}: saved ControlNet differs from the trained weights in {differ[:3]}"
-        final = controlnet_weights(tmp_path / run / "controlnet")
-        last = controlnet_weights(tmp_path / run / "checkpoints/step-00000004/controlnet")
-        assert all(torch.equal(final[k], last[k]) for k in last)
-        controlnet_class(zero_family).from_pretrained(tmp_path / run / "controlnet")
-    assert max_weight_diff(tmp_path / "run/controlnet", tmp_path / "resumed/controlnet") == 0.0
+    run_resume_and_check_zero3(tmp_path, config, controlnet_class(zero_family).from_pretrained)
     assert max_weight_diff(tmp_path / "run/checkpoints/step-00000002/controlnet", tmp_path / "run/controlnet") > 0
-    assert (tmp_path / "run/samples/step-4.png").exists()  # validation from the gathered ControlNet

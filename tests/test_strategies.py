@@ -5,9 +5,6 @@ on CPU, or is refused before training starts with one line."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import typing
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from ctrlnet.config.loading import validate
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
 from testkit.training import max_weight_diff, merge, small_config_dict
+from testkit.zero3 import torchrun
 
 TINY = {
     "data": {"synthetic_rows": 16, "resolution": 32},
@@ -126,18 +124,6 @@ for stage, offload, family in combos:
 """
 
 
-def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    return subprocess.run(
-        [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-
-
 def test_deepspeed_every_stage_and_offload_trains_checkpoints_and_resumes_exactly(tmp_path):
     """One process, one torchrun: ZeRO-1/2/3, optimizer offload on and off (the ZeRO-3 checkpoint
     used to crash: stage3_gather_16bit_weights_on_model_save was not set); two of them train the
@@ -150,7 +136,7 @@ def test_deepspeed_every_stage_and_offload_trains_checkpoints_and_resumes_exactl
         for stage in (1, 2, 3)
         for offload in (False, True)
     ]
-    result = _torchrun(1, str(tmp_path / "driver.py"), str(tmp_path), json.dumps(TINY), json.dumps(combos))
+    result = torchrun(1, str(tmp_path / "driver.py"), str(tmp_path), json.dumps(TINY), json.dumps(combos))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert [[r["stage"], r["offload"], r["family"]] for r in rows] == combos
@@ -167,14 +153,12 @@ def test_zero3_on_two_processes_saves_the_trained_weights_and_resumes_bitwise(tm
     random on gloo (a gather read before it arrived: NaN, 1e38; ctrlnet_trainer.weights), and
     with offload the resumed run was an ulp off (CPU Adam's bias correction: optim.py)."""
     pytest.importorskip("deepspeed")
-    import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    import yaml
     from diffusers import ControlNetModel
 
-    from testkit.training import controlnet_weights
+    from testkit.zero3 import run_resume_and_check_zero3
 
     config = tmp_path / "train.yaml"
-    import yaml
 
     sections = merge(
         TINY,
@@ -185,33 +169,4 @@ def test_zero3_on_two_processes_saves_the_trained_weights_and_resumes_bitwise(tm
         },
     )
     config.write_text(yaml.safe_dump(small_config_dict(tmp_path / "run", **sections)))
-    result = _torchrun(2, "-m", "ctrlnet_trainer", "--config", str(config))
-    assert result.returncode == 0, result.stderr[-3000:]
-    resumed = _torchrun(
-        2,
-        "-m",
-        "ctrlnet_trainer",
-        "--config",
-        str(config),
-        "--set",
-        f"output={tmp_path / 'resumed'}",
-        "--set",
-        f"checkpoint.resume={tmp_path / 'run/checkpoints/step-00000002'}",
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    for run in ("run", "resumed"):
-        for step in (2, 4) if run == "run" else (4,):
-            checkpoint = tmp_path / run / f"checkpoints/step-0000000{step}"
-            saved = controlnet_weights(checkpoint / "controlnet")
-            assert all(t.numel() > 0 and torch.isfinite(t).all() for t in saved.values()), checkpoint
-            masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
-            assert saved.keys() == masters.keys()
-            differ = [k for k in saved if not torch.equal(saved[k], masters[k])]
-            assert not differ, f"{checkpoint}: saved ControlNet differs from the trained weights in {differ[:3]}"
-        final = controlnet_weights(tmp_path / run / "controlnet")
-        last = controlnet_weights(tmp_path / run / "checkpoints/step-00000004/controlnet")
-        assert all(torch.equal(final[k], last[k]) for k in last)
-        ControlNetModel.from_pretrained(tmp_path / run / "controlnet")
-    assert max_weight_diff(tmp_path / "run/controlnet", tmp_path / "resumed/controlnet") == 0.0
-    assert (tmp_path / "run/samples/step-4.png").exists()
+    run_resume_and_check_zero3(tmp_path, config, ControlNetModel.from_pretrained)
