@@ -251,5 +251,7 @@ def test_the_precompute_cache_refuses_sdxl_in_one_line(tiny_sdxl_dir, tmp_path):
     from ctrlnet_trainer.cache.encode import load_encoders
 
     cfg = TrainConfig.model_validate({"model": {"base": str(tiny_sdxl_dir)}, "data": {"cache": str(tmp_path / "c")}})
-    with pytest.raises(UserError, match="SDXL model, and the precompute cache holds SD1.x/2.x"):
+    with pytest.raises(
+        UserError, match="SDXL model, and the precompute cache holds the inputs of SD1.x/2.x, SD3/SD3.5 and Flux.1 only"
+    ):
         load_encoders(cfg, 0)

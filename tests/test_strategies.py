@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel
 
 from ctrlnet.config.loading import validate
-from ctrlnet.config.train import TrainConfig
+from ctrlnet.config.train import FLOW_FAMILIES, TrainConfig
 from ctrlnet.errors import UserError
 from testkit.training import max_weight_diff, merge, small_config_dict
 from testkit.zero3 import torchrun
@@ -67,18 +67,41 @@ def _train_and_resume(tmp_path: Path, sections: dict) -> float:
     return max_weight_diff(tmp_path / "a/controlnet", tmp_path / "b/controlnet")
 
 
+# Enums that mean something for some model families only: a DDPM family's prediction target (the
+# config refuses it with SD3/Flux.1), flow matching's timestep density (inert for SD/SDXL). A run
+# keeps only those of its family, and each of their values trains with a family it applies to.
+FAMILY_SPECIFIC = {"model.prediction_type": ("auto", "sd"), "loop.weighting_scheme": FLOW_FAMILIES}
+
+
 def runnable_combinations() -> list[dict[str, object]]:
     """A covering set of runs: run i takes the i-th runnable value of every enum (cycling), so each
-    value trains in some run and the matrix costs as many runs as the longest enum has values."""
+    value trains in some run and the matrix costs about as many runs as the longest enum has
+    values; a family-specific value a run had to drop gets a run of its own, on its family."""
     values: dict[str, list] = {}
     for key, value in enum_values():
         if key not in DISTRIBUTED and (key, value) not in REFUSED_ON_CPU.keys() | SLOW_ON_CPU:
             values.setdefault(key, []).append(value)
     runs = max(len(v) for v in values.values())
-    return [{key: vals[i % len(vals)] for key, vals in values.items()} for i in range(runs)]
+    matrix = [{key: vals[i % len(vals)] for key, vals in values.items()} for i in range(runs)]
+    for run in matrix:
+        for key, families in FAMILY_SPECIFIC.items():
+            if run["model.family"] not in families:
+                del run[key]
+    for key, families in FAMILY_SPECIFIC.items():
+        for value in values[key]:
+            if not any(run.get(key) == value for run in matrix):
+                matrix.append({**matrix[0], "model.family": families[-1], key: value})
+                for other, others in FAMILY_SPECIFIC.items():
+                    if other != key and families[-1] not in others:
+                        matrix[-1].pop(other, None)
+    return matrix
 
 
-@pytest.mark.parametrize("combination", runnable_combinations(), ids=lambda c: str(c.get("optim.lr_scheduler")))
+def _label(c: dict) -> str:
+    return f"{c.get('optim.lr_scheduler')}-{c.get('model.family')}-{c.get('loop.weighting_scheme', c.get('model.prediction_type'))}"
+
+
+@pytest.mark.parametrize("combination", runnable_combinations(), ids=_label)
 def test_every_enum_value_trains_checkpoints_and_resumes_exactly(combination, tmp_path):
     if combination.get("optim.optimizer") == "adamw_8bit":
         pytest.importorskip("bitsandbytes")
@@ -102,6 +125,10 @@ def test_the_enum_table_covers_every_value():
     values = set(enum_values())
     assert set(REFUSED_ON_CPU) <= values and SLOW_ON_CPU <= values
     assert {k for k, _ in values} >= DISTRIBUTED
+    ran = {(key, value) for run in runnable_combinations() for key, value in run.items()}
+    assert values - ran <= set(REFUSED_ON_CPU) | SLOW_ON_CPU | {(k, v) for k, v in values if k in DISTRIBUTED}
+    for run in runnable_combinations():  # a family-specific value runs on a family it applies to
+        assert all(run["model.family"] in fams for key, fams in FAMILY_SPECIFIC.items() if key in run)
 
 
 DRIVER = r"""
