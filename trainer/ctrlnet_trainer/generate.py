@@ -9,6 +9,7 @@ taken in the folder (another prompt, an earlier run) gets the next free number i
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 
@@ -91,6 +92,19 @@ def free_names(folder: Path, stems: list[str]) -> list[Path]:
         n += 1
 
 
+def check_control_mode(modes: int, control_mode: int | None) -> None:
+    """A union ControlNet (`modes` condition types) needs --control-mode, one of its ids; another
+    ControlNet takes none."""
+    if modes and control_mode is None:
+        raise UserError(
+            f"--controlnet is a union ControlNet of {modes} condition types: give --control-mode, the id of "
+            "--image's type (its index in the run's model.control_modes)"
+        )
+    if control_mode is not None and (not modes or control_mode >= modes):
+        what = f"has {modes} condition types (ids 0..{modes - 1})" if modes else "is not a union ControlNet"
+        raise UserError(f"--control-mode {control_mode}: --controlnet {what}")
+
+
 def generate(
     base: str,
     controlnet: str,
@@ -119,6 +133,9 @@ def generate(
     dtype = half if device.startswith("cuda") else torch.float32
     check_base_layout(base_path, "--base", base, family)
     cn_path = resolve_location(controlnet, "--controlnet", None)
+    config = Path(cn_path) / "config.json"
+    if config.is_file():  # before loading the models (Flux.1's are tens of GB): the condition type
+        check_control_mode(json.loads(config.read_text()).get("num_mode") or 0, control_mode)
     try:
         cn = family.load_controlnet(cn_path, None, torch_dtype=dtype)
         parts = load_parts(base_path, family, dtype=dtype)
@@ -129,15 +146,7 @@ def generate(
         ) from None
     if why := family.controlnet_mismatch(cn, parts.unet):
         raise UserError(f"--controlnet was trained for another base ({why}): give the base it was trained on")
-    modes = getattr(cn.config, "num_mode", None) or 0  # a union ControlNet's condition types
-    if modes and control_mode is None:
-        raise UserError(
-            f"--controlnet is a union ControlNet of {modes} condition types: give --control-mode, the id of "
-            "--image's type (its index in the run's model.control_modes)"
-        )
-    if control_mode is not None and (not modes or control_mode >= modes):
-        what = f"has {modes} condition types (ids 0..{modes - 1})" if modes else "is not a union ControlNet"
-        raise UserError(f"--control-mode {control_mode}: --controlnet {what}")
+    check_control_mode(getattr(cn.config, "num_mode", None) or 0, control_mode)
     pipe = family.pipeline({**parts.pipeline_parts(), "scheduler": family.sampler(parts.noise_scheduler.config)}, cn)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
