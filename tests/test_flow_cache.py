@@ -199,3 +199,21 @@ def test_a_union_controlnets_condition_types_are_cached(tiny_flux_dir, tmp_path)
     assert text.added["control_mode"].tolist() == [[0], [1], [0], [1]]
 
     assert train(small_config(tmp_path / "trained", **sections)).steps == 1  # a union ControlNet trains from it
+
+
+def test_the_precompute_runs_the_vae_as_training_does_under_upcast_vae(make_cfg, tmp_path):
+    """model.upcast_vae keeps the VAE in fp32 under bf16 in the precompute as in training (the cached
+    latents are the ones a run computes), and names itself in the cache's fingerprint."""
+    from ctrlnet_trainer.cache.encode import load_encoders, prepare_encoders
+    from ctrlnet_trainer.cache.layout import build_fingerprint
+
+    prints = []
+    for upcast in (False, True):
+        cfg = make_cfg(tmp_path, model={"family": "flux", "upcast_vae": upcast}, data={"resolution": 32})
+        base = load_encoders(cfg, 0)
+        prepare_encoders(cfg, torch.device("cpu"), torch.bfloat16, base)
+        assert base.vae.dtype == (torch.float32 if upcast else torch.bfloat16)
+        prints.append(
+            build_fingerprint(cfg, 0, base.family, rows=4, scaling_factor=1.0, max_length=8, dtype=torch.bfloat16)
+        )
+    assert "upcast_vae" not in prints[0] and prints[1]["upcast_vae"] is True

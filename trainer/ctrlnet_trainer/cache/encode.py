@@ -37,10 +37,11 @@ def prepare_encoders(cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
     """The encoders as a training run holds them for step.OnlineEncoder (models.prepare_for_training,
     speed.apply_speed_settings, the TF32 switch), so the cached values are the ones it computes."""
     from ctrlnet_trainer import speed
+    from ctrlnet_trainer.models.load import vae_dtype
 
     for module in (*base.text_encoders(), base.vae):
         module.requires_grad_(False).eval().to(device)
-        wanted = base.family.vae_dtype(module, dtype) if module is base.vae else dtype
+        wanted = vae_dtype(base, dtype, cfg.model.upcast_vae) if module is base.vae else dtype
         if wanted != torch.float32:
             module.to(dtype=wanted)
     if speed.channels_last(cfg, device):

@@ -137,6 +137,7 @@ def build_fingerprint(
         "variant": m.variant,
         "vae": None if m.vae is None else base_identity(m.vae, None, m.cache_dir, seed, "model.vae"),
         "dtype": str(dtype).removeprefix("torch."),
+        **({"upcast_vae": True} if m.upcast_vae else {}),  # the VAE in fp32 (absent: caches made before the key)
         "scaling_factor": float(scaling_factor),
         "max_length": int(max_length),
         "resolution": d.resolution,

@@ -95,9 +95,6 @@ class FlowFamily(Family):
                 return f"{key} {mine}, the {self.label} base's transformer has {theirs}"
         return None
 
-    def vae_dtype(self, vae, weight_dtype: torch.dtype) -> torch.dtype:
-        return weight_dtype
-
     # ---------------------------------------------------------------- inputs
     def control_input(self, models, pixels: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
         """The condition as the family's ControlNet pipeline prepares it: normalised to [-1, 1]
@@ -110,19 +107,17 @@ class FlowFamily(Family):
     def control_latents(self, models, vae_config, mean, std, eps: torch.Tensor | None) -> torch.Tensor:
         """The condition's latents from its posterior: online (control_input) and cached
         (control_from_posterior) alike."""
-        from types import SimpleNamespace
-
         from ctrlnet_trainer.step import sample_latents
 
         eps = torch.zeros_like(mean) if eps is None else eps
-        shift = self.control_shift(SimpleNamespace(config=vae_config), unwrapped(models.controlnet))
+        shift = self.control_shift(vae_config, unwrapped(models.controlnet))
         return sample_latents(mean, std, eps, vae_config.scaling_factor, shift)
 
     def control_from_posterior(self, models, vae_config, pixels, mean, std, eps) -> torch.Tensor:
         return self.control_latents(models, vae_config, mean, std, eps)
 
-    def control_shift(self, vae, controlnet) -> float:
-        return vae.config.shift_factor or 0.0
+    def control_shift(self, vae_config, controlnet) -> float:
+        return vae_config.shift_factor or 0.0
 
     def cache_fields(self, text: dict[str, Any]) -> dict[str, Any]:
         """The family (its builtin tiny base has the same identity as SD's) and the T5 length."""

@@ -269,9 +269,10 @@ def load_parts(where: str, family: Family, *, with_unet: bool = True, model=None
     return Base(family, text, vae, unet, scheduler)
 
 
-def vae_dtype(models: Base, weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the VAE runs in under `weight_dtype` (the family's rule: SDXL's own VAE stays fp32 under fp16)."""
-    return models.family.vae_dtype(models.vae, weight_dtype)
+def vae_dtype(models: Base, weight_dtype: torch.dtype, upcast: bool = False) -> torch.dtype:
+    """The dtype the VAE runs in under `weight_dtype`: fp32 with model.upcast_vae (`upcast`), else
+    the family's rule (SDXL's own VAE stays fp32 under fp16). Training and the precompute alike."""
+    return torch.float32 if upcast else models.family.vae_dtype(models.vae, weight_dtype)
 
 
 def prepare_for_training(models: Models, cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> None:
@@ -284,7 +285,7 @@ def prepare_for_training(models: Models, cfg: TrainConfig, device: torch.device,
         module.to(device)
         dtype = weight_dtype
         if module is models.vae:
-            dtype = torch.float32 if cfg.model.upcast_vae else vae_dtype(models, weight_dtype)
+            dtype = vae_dtype(models, weight_dtype, cfg.model.upcast_vae)
         if dtype != torch.float32:
             module.to(dtype=dtype)
     models.controlnet.train()

@@ -108,9 +108,9 @@ class SD3(FlowFamily):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return Conditioning(torch.cat([clip, t5], dim=-2), {"pooled_projections": torch.cat(pooled, dim=-1)})
 
-    def control_shift(self, vae, controlnet) -> float:
+    def control_shift(self, vae_config, controlnet) -> float:
         # StableDiffusion3ControlNetPipeline: no shift for a force_zeros (InstantX) ControlNet.
-        return 0.0 if controlnet.config.force_zeros_for_pooled_projection else (vae.config.shift_factor or 0.0)
+        return 0.0 if controlnet.config.force_zeros_for_pooled_projection else (vae_config.shift_factor or 0.0)
 
     # ---------------------------------------------------------------- objective
     def predict(self, models, controlnet, noisy, timesteps, text: Conditioning, conditioning) -> torch.Tensor:
