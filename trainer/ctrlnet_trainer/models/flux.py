@@ -149,14 +149,16 @@ class Flux(FlowFamily):
     def check_union(self, controlnet, modes: list[str]) -> None:
         """A starting ControlNet's number of condition types is model.control_modes'."""
         have = controlnet.config.num_mode or 0
-        if have != len(modes):
-            what = f"a union ControlNet of {have} condition types" if have else "not a union ControlNet"
+        if have == len(modes):
+            return
+        if not have:
             raise UserError(
-                f"model.controlnet is {what}, and model.control_modes names {len(modes)}: name its {have} types "
-                "in its id order"
-                if have
-                else f"model.controlnet is {what}: unset model.control_modes, or start a new union ControlNet"
+                "model.controlnet is not a union ControlNet: unset model.control_modes, or start a new union ControlNet"
             )
+        raise UserError(
+            f"model.controlnet is a union ControlNet of {have} condition types, and model.control_modes names "
+            f"{len(modes)}: name its {have} types in its id order"
+        )
 
     # ---------------------------------------------------------------- inputs
     def token_ids(self, text: dict[str, Any], captions: list[str]) -> dict[str, torch.Tensor]:
