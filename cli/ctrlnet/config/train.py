@@ -27,6 +27,7 @@ from ctrlnet.config.bounds import (
     SEED_RANGE,
 )
 from ctrlnet.config.credentials import credential_kind, refuse_credentials
+from ctrlnet.config.prepare import AnnotatorName, AnnotatorsConfig, PrepareConfig
 from ctrlnet.config.section import Section
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -308,6 +309,12 @@ class ValidationConfig(Section):
     control_modes: list[str] = Field(default_factory=list, max_length=MAX_IMAGES)
     """Union ControlNet (model.control_modes): the condition type of each validation image, or
     one for all."""
+    fidelity: list[AnnotatorName] | None = None
+    """Control fidelity at each validation, per annotator named: each generated image is
+    re-annotated (with `train.annotators`' parameters) and scored against its own condition
+    (canny: edge F1 within `tolerance_px`; depth: Spearman rank correlation; segmentation: mIoU)
+    and against another pair's (chance), to metrics.jsonl, the tracker and the plot. Unset:
+    `prepare.annotator` when `prepare.source` is set (the data ctrlnet prepared), else none; []: off."""
     at_start: bool = False
     """Also validate before the first step: the samples (and, on the synthetic data, the condition
     adherence) of the untrained ControlNet, whose zero convolutions leave the base alone: the
@@ -385,6 +392,14 @@ class TrainConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    annotators: AnnotatorsConfig = Field(default_factory=AnnotatorsConfig)
+
+    def fidelity_annotators(self) -> list[str]:
+        """The annotators validation scores control fidelity with (validation.fidelity, resolved)."""
+        if self.validation.fidelity is not None:
+            return list(dict.fromkeys(self.validation.fidelity))
+        return [self.prepare.annotator] if self.prepare.source else []
 
     @model_validator(mode="before")
     @classmethod
