@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from ctrlnet import log
-from ctrlnet.commands import cluster_cmd, config_cmd, k8s, local, precompute_cmd
+from ctrlnet.commands import cluster_cmd, config_cmd, k8s, local, precompute_cmd, prepare_cmd
 from ctrlnet.errors import UserError
 
 # click's exception base, as the Typer in use raises it (Typer 0.29 vendors click as typer._click).
@@ -65,7 +65,7 @@ def verbosity(
 
 
 # The order `ctrlnet --help` lists them in: commands first, in this order, then the groups.
-for module in (config_cmd, local, precompute_cmd, k8s, cluster_cmd):
+for module in (config_cmd, local, prepare_cmd, precompute_cmd, k8s, cluster_cmd):
     module.register(app)
 
 

@@ -23,6 +23,11 @@ PRECOMPUTE_MODULE = "ctrlnet_trainer.precompute"
 """The latent/text-embedding cache job (`ctrlnet precompute`): the same command line as
 TRAINER_MODULE, started by the same launcher; each process encodes its own shards."""
 
+PREPARE_MODULE = "ctrlnet_trainer.prepare"
+"""The dataset preparation job (`ctrlnet prepare`): annotates `train.prepare.source` into
+`train.data.dataset`; the same command line as TRAINER_MODULE, started by the same launcher; each
+process annotates its own shards."""
+
 TRAINER_UID = 10001
 """UID and GID of the trainer image's `ctrlnet` user (docker/Dockerfile) and the chart's default
 runAsUser / runAsGroup / fsGroup: at least 10000, so it collides with no user of the node."""
@@ -65,3 +70,6 @@ FINAL_MODEL_DIR = "controlnet"
 CACHE_MANIFEST = "cache.json"
 """Written last by a precompute, once every shard exists: rows, shards, fingerprint. A cache
 without it does not exist; `ctrlnet precompute --nproc` reports from it."""
+PREPARE_MANIFEST = "prepared.json"
+"""Written last by `ctrlnet prepare` at the top of `train.data.dataset`, once every shard exists
+(ctrlnet_trainer.prepare.layout): rows, skipped rows, the annotator and its parameters."""

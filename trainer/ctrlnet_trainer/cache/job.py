@@ -14,26 +14,22 @@ the store).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ctrlnet.config.progress import format_line
 from ctrlnet.config.train import TrainConfig
 from ctrlnet.errors import UserError
 from ctrlnet.log import ALL_RANKS, capture_library_warnings, get_logger
 from ctrlnet_trainer import data
 from ctrlnet_trainer.cache import layout
 from ctrlnet_trainer.cache.encode import RowEncoder, decoded_shards, load_encoders, prepare_encoders
+from ctrlnet_trainer.shards import Progress, group_exists, ranks, wait_for_all
 from ctrlnet_trainer.storage import Prefix
 
 log = get_logger(__name__)
-
-POLL_S = 2.0
-"""How often rank 0 looks for the other processes' shards when no process group can wait for them."""
 
 
 @dataclass
@@ -43,19 +39,6 @@ class PrecomputeResult:
     shards: int
     encoded: int  # shards this process encoded in this call (0: all were already there)
     seconds: float
-
-
-@dataclass
-class _Ranks:
-    rank: int
-    world: int
-    local_rank: int
-
-
-def _ranks() -> _Ranks:
-    """From torchrun's environment: no process group is needed to split the shards."""
-    env = os.environ
-    return _Ranks(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
 
 
 # ---------------------------------------------------------------- the job
@@ -81,9 +64,9 @@ def _precompute(cfg: TrainConfig, shard_rows: int | None, stop) -> PrecomputeRes
     if not cfg.data.cache:
         raise UserError("data.cache is not set: give the folder or URL to write the cache to (--set data.cache=PATH)")
     shard_rows = shard_rows or layout.DEFAULT_SHARD_ROWS
-    ranks = _ranks()
+    here = ranks()
     use_cuda = accel.check_device_options(cfg)
-    device = torch.device(f"cuda:{ranks.local_rank}") if use_cuda else torch.device("cpu")
+    device = torch.device(f"cuda:{here.local_rank}") if use_cuda else torch.device("cpu")
     dtype = accel.DTYPES[cfg.loop.mixed_precision]
     storage.probe(outputs=[cfg.data.cache], inputs=[cfg.model.base, cfg.data.dataset])
     if not storage.is_remote(cfg.data.cache):  # read-only, full, a file in the way: one line before encoding
@@ -117,37 +100,47 @@ def _precompute(cfg: TrainConfig, shard_rows: int | None, stop) -> PrecomputeRes
 
     prepare_encoders(cfg, device, dtype, base)
     encoder = RowEncoder(base, device, dtype, cfg.data)
-    if ranks.rank == 0:
+    if here.rank == 0:
         _write_empty_prompt(prefix, encoder)
     fp_id = layout.fingerprint_id(fingerprint)
-    mine = [s for s in plan if s[0] % ranks.world == ranks.rank]
+    mine = here.mine(plan)
     todo = [s for s in mine if layout.complete_record(prefix, *s, fp_id) is None]
     if len(todo) < len(mine):  # a restart: say what it keeps
         log.info(
-            f"note: rank {ranks.rank}: {len(mine) - len(todo)} of its {len(mine)} shards are already in {prefix.url}; encoding the rest",
+            f"note: rank {here.rank}: {len(mine) - len(todo)} of its {len(mine)} shards are already in {prefix.url}; encoding the rest",
             extra=ALL_RANKS,
         )
-    progress = _Progress(prefix, plan, rows, ranks.rank == 0)
+    progress = Progress(
+        prefix,
+        layout.SHARDS,
+        plan,
+        layout.record_name,
+        rows=rows,
+        enabled=here.rank == 0,
+        job="precompute",
+        output_key="data.cache",
+    )
+    complete = lambda shard: layout.complete_record(prefix, *shard, fp_id)  # noqa: E731
     written = 0
     for index, first, count, example_rows in decoded_shards(source, cfg, base.family, todo):
         tensors, bad = encoder.encode_shard(example_rows)
         entry = layout.save_atomically(
             prefix, tensors, {"bad_rows": _json(bad)}, layout.SHARDS, layout.shard_name(index)
         )
-        record = {"shard": index, "first_row": first, "rows": count, "fingerprint": fp_id, "rank": ranks.rank, **entry}
+        record = {"shard": index, "first_row": first, "rows": count, "fingerprint": fp_id, "rank": here.rank, **entry}
         layout.write_json(prefix, record, layout.SHARDS, layout.record_name(index))  # last: the shard now exists
         progress.shard_done(count)
         written += 1
         if stop.requested and written < len(todo):  # each process stops after its own shard
             raise Preempted(written, None, stop.signum)
 
-    if ranks.rank == 0:
-        records = _wait_for_all(prefix, plan, fp_id, progress)
+    if here.rank == 0:
+        records = wait_for_all(prefix, layout.SHARDS, plan, layout.record_name, complete, progress)
         empty = layout.read_json(prefix, layout.EMPTY_PROMPT_RECORD)
         layout.write_json(prefix, layout.manifest(fingerprint, rows, shard_rows, records, empty), layout.MANIFEST)
-        progress.finish()
-    elif _group_exists():
-        _wait_for_all(prefix, plan, fp_id, None)
+        progress.finish(cache=prefix.url)
+    elif group_exists():
+        wait_for_all(prefix, layout.SHARDS, plan, layout.record_name, complete, None)
     return PrecomputeResult(prefix.url, rows, len(plan), len(todo), time.monotonic() - start)
 
 
@@ -196,90 +189,6 @@ def _json(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-# ---------------------------------------------------------------- waiting, progress
-def _group_exists() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _wait_for_all(prefix: Prefix, plan, fp_id: str, progress: _Progress | None) -> list[dict]:
-    """Every shard's record, once all exist: a barrier when a process group exists, else by looking
-    at the store every POLL_S (the other processes are alive, or torchrun has stopped this one).
-    One listing per look; the records are read once all are there."""
-    if _group_exists():
-        import torch.distributed as dist
-
-        dist.barrier()
-    while True:
-        listed = set(prefix.listdir(layout.SHARDS))
-        missing = sum(layout.record_name(index) not in listed for index, _, _ in plan)
-        if not missing:
-            records = [layout.complete_record(prefix, *shard, fp_id) for shard in plan]
-            if all(records):
-                return records
-            missing = sum(r is None for r in records)  # a record of another layout: its process is redoing it
-        if progress is not None:
-            progress.waiting(missing)
-        time.sleep(POLL_S)
-
-
-class _Progress:
-    """Rank 0's account of all processes' work, counted from the records in the store (one
-    listing per shard it finishes): a bar in a terminal, else progress lines
-    (ctrlnet.config.progress) that `ctrlnet status` shows."""
-
-    def __init__(self, prefix: Prefix, plan, rows: int, enabled: bool):
-        self.prefix, self.plan, self.rows, self.enabled = prefix, plan, rows, enabled
-        self.start, self.encoded, self.said_waiting = time.monotonic(), 0, -1
-        self.bar = None
-        self.lines = enabled and not sys.stdout.isatty()
-        if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=rows, initial=self._rows_done(), desc="precompute rows", dynamic_ncols=True)
-
-    def _rows_done(self) -> int:
-        listed = set(self.prefix.listdir(layout.SHARDS))
-        return sum(n for index, _, n in self.plan if layout.record_name(index) in listed)
-
-    def shard_done(self, rows: int) -> None:
-        if not self.enabled:
-            return
-        self.encoded += rows
-        if self.bar:
-            self.bar.update(rows)
-        if self.lines:
-            done = self._rows_done()
-            # This process's rate times the processes: they encode shards of the same size.
-            rate = self.encoded / max(time.monotonic() - self.start, 1e-9) * int(os.environ.get("WORLD_SIZE", "1"))
-            line = format_line(
-                "step",
-                job="precompute",
-                step=done,
-                total=self.rows,
-                samples_per_s=round(rate, 3),
-                eta_s=round((self.rows - done) / max(rate, 1e-9)),
-            )
-            print(line, flush=True)
-
-    def waiting(self, missing: int) -> None:
-        if self.enabled and missing != self.said_waiting:
-            log.info(
-                f"waiting for {missing} shard(s) of the other processes (on several nodes, data.cache must be "
-                "storage they all write to: object storage or a shared volume)"
-            )
-            self.said_waiting = missing
-
-    def finish(self) -> None:
-        if self.bar:
-            self.bar.update(self.rows - self.bar.n)
-            self.bar.close()
-        if self.lines:
-            line = format_line("done", job="precompute", step=self.rows, total=self.rows, cache=self.prefix.url)
-            print(line, flush=True)
-
-
 # ---------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     from ctrlnet_trainer.__main__ import _destroy_process_group, _report
@@ -307,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     finally:
         _destroy_process_group()
-    if _ranks().rank == 0:
+    if ranks().rank == 0:
         print(
             f"done: {result.rows} rows in {result.shards} shards at {result.cache} ({result.seconds:.1f} s)", flush=True
         )

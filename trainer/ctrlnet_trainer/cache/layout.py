@@ -58,6 +58,7 @@ from ctrlnet.config.contract import CACHE_MANIFEST
 from ctrlnet.config.train import TrainConfig
 from ctrlnet_trainer.data import interpolation_of
 from ctrlnet_trainer.models.family import Family
+from ctrlnet_trainer.shards import shard_plan  # noqa: F401 - the cache's plan, named here too
 from ctrlnet_trainer.storage import Prefix
 
 DEFAULT_SHARD_ROWS = 256
@@ -80,11 +81,6 @@ def shard_name(index: int) -> str:
 
 def record_name(index: int) -> str:
     return f"shard-{index:05d}.json"
-
-
-def shard_plan(rows: int, shard_rows: int) -> list[tuple[int, int, int]]:
-    """(index, first row, rows) of every shard: consecutive, the last one possibly shorter."""
-    return [(i, first, min(shard_rows, rows - first)) for i, first in enumerate(range(0, rows, shard_rows))]
 
 
 # ---------------------------------------------------------------- fingerprint
