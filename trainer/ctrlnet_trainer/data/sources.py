@@ -74,6 +74,7 @@ def open_source(cfg: DataConfig, cache_dir: str | None, seed: int) -> Source:
     common = dict(cache_dir=cache_dir, streaming=cfg.streaming)
     src = cfg.dataset
     try:
+        _refuse_unfinished_prepare(src)
         if is_remote(src):
             kind = _file_format(src)
             files = src if kind else src.rstrip("/") + "/**/*.parquet"
@@ -117,6 +118,20 @@ def open_source(cfg: DataConfig, cache_dir: str | None, seed: int) -> Source:
             f"data.dataset {src!r} could not be loaded ({one_line(e)}): give a local path, a parquet URL, "
             "or a hub dataset name reachable from here"
         ) from None
+
+
+def _refuse_unfinished_prepare(src: str) -> None:
+    """A `ctrlnet prepare` output without its manifest is still being written (or its job died):
+    training on it would see some shards only."""
+    if _file_format(src) or (not is_remote(src) and not Path(local_path(src)).is_dir()):
+        return
+    from ctrlnet_trainer.prepare.layout import unfinished
+
+    if unfinished(src):
+        raise UserError(
+            f"data.dataset {src!r} is a ctrlnet prepare output that has not finished (no prepared.json yet): "
+            "wait for its prepare job, or run the same ctrlnet prepare again to finish it"
+        )
 
 
 def check_columns(source: Source, cfg: DataConfig) -> None:
