@@ -72,6 +72,8 @@ def test_canny_threshold_range_draws_per_row_whatever_the_batch():
     assert all(50 <= low < high <= 250 for low, high in draws)
     assert len(set(draws)) > 10, "the thresholds do not vary per row"
     assert draws != [other_seed.thresholds(row) for row in range(20)], "the seed plays no part"
+    assert canny.identity() == {"name": "canny", "params": params.model_dump(mode="json"), "seed": 1}
+    assert "seed" not in build("canny", CannyParams(), seed=1).identity()  # fixed thresholds: no draw
     assert canny.fidelity_thresholds() == (117, 183)  # the expected lower and higher of two draws
     images = [shapes(seed)[0] for seed in range(3)]
     batch = canny.annotate(images, rows=[5, 11, 17])
@@ -225,6 +227,8 @@ def test_segmentation_annotator_draws_the_class_map_in_the_palette(seg_dir):
     for made, condition in zip(seg.structure(images), out, strict=True):
         assert seg.score(made, seg.condition_structure(condition)) == 1.0
     assert fidelity(seg, images, out)["score"] == 1.0
+    made, condition = seg.structure(images[:1])[0], seg.condition_structure(out[0])
+    assert seg.score(made, np.kron(condition, np.ones((2, 2), dtype=np.int64))) == 1.0  # fit to the generated size
     assert seg.identity()["model"].startswith("sha256:")
     seg.close()
 

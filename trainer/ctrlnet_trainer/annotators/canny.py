@@ -91,3 +91,9 @@ class CannyAnnotator(Annotator):
 
     def score(self, generated: np.ndarray, condition: np.ndarray) -> float:
         return edge_f1(generated, condition, self.params.tolerance_px)
+
+    def identity(self) -> dict:
+        identity = super().identity()
+        if self.params.threshold_range is not None:
+            identity["seed"] = self.seed  # the per-row draws depend on it
+        return identity
