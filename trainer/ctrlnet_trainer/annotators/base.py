@@ -24,6 +24,8 @@ class Annotator:
     name: str = ""
     license: str = ""
     """Of the algorithm or model weights used: the dataset's manifest and docs quote it."""
+    gray: bool = False
+    """Whether its conditions are gray (3 equal channels): prepare stores them as one channel."""
 
     def __init__(self, params, *, device="cpu", seed: int = 0) -> None:
         self.params = params

@@ -49,6 +49,7 @@ def _distance_to(edges: np.ndarray) -> np.ndarray:
 
 class CannyAnnotator(Annotator):
     name = "canny"
+    gray = True
     license = "Apache-2.0"  # OpenCV 4.5+
 
     def thresholds(self, row: int) -> tuple[int, int]:

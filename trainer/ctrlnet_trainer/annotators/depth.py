@@ -45,6 +45,7 @@ def to_gray(depth: np.ndarray) -> np.ndarray:
 
 class DepthAnnotator(ModelAnnotator):
     name = "depth"
+    gray = True
     key = "train.annotators.depth.model"
     task = "depth-estimation"
 

@@ -208,7 +208,10 @@ class _ShardWriter:
             conditions = self.annotator.annotate([r.image for r in decoded], rows=[r.index for r in decoded])
             for r, condition in zip(decoded, conditions, strict=True):
                 columns[d.image_column].append(r.original or layout.encoded(r.image, r.fmt))
-                columns[d.conditioning_image_column].append(layout.encoded(condition, "PNG"))
+                # A gray condition (edges, depth) as a one-channel PNG: a third of the bytes to
+                # compress and store; readers convert it to RGB, the same pixel values.
+                gray = condition.convert("L") if self.annotator.gray else condition
+                columns[d.conditioning_image_column].append(layout.encoded(gray, "PNG"))
                 columns[d.caption_column].append(r.caption)
         index, first, count = shard
         entry = layout.save_shard(self.prefix, columns, self.features, index)

@@ -87,34 +87,50 @@ def streamed_shards(source: Source, shard_rows: int, wanted) -> Iterator[tuple[S
 
 def decode(value: Any, caption: Any, index: int, root: str | None, resolution: int) -> Decoded:
     """Row `index`'s image as RGB, short side resized to `resolution` (Lanczos, as the ControlNet
-    annotators see it); BadImage when it cannot be read."""
-    original = value if isinstance(value, dict) and value.get("bytes") else None
-    image = open_image(value, root)
-    fmt = _format(value)
+    annotators see it); BadImage when it cannot be read. The file is read once: its bytes are
+    what is stored when no resize was needed."""
+    data = _raw_bytes(value, root)
+    image = open_image(data if data is not None else value, root)
+    fmt = _format(data)
     w, h = image.size
+    original = {"bytes": data, "path": None} if data is not None and fmt in ("JPEG", "PNG", "WEBP") else None
     if min(w, h) != resolution:
         scale = resolution / min(w, h)
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
         original = None
-    elif fmt not in ("JPEG", "PNG", "WEBP"):
-        original = None  # stored re-encoded: a format training may not read everywhere
     return Decoded(index, image, original, fmt, "" if caption is None else caption)
 
 
-def _format(value: Any) -> str | None:
-    """The source image's format from its bytes' signature or its file name."""
-    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
-    if data:
-        if data[:3] == b"\xff\xd8\xff":
-            return "JPEG"
-        if data[:8] == b"\x89PNG\r\n\x1a\n":
-            return "PNG"
-        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            return "WEBP"
+def _raw_bytes(value: Any, root: str | None) -> bytes | None:
+    """The encoded image of a dataset value: its bytes, or its file's (a path relative to `root`);
+    None for a decoded image (or a file that cannot be read: open_image says why)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        import fsspec
+
+        url = value if ("://" in value or value.startswith("/") or root is None) else f"{root.rstrip('/')}/{value}"
+        try:
+            with fsspec.open(url, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+    return None
+
+
+def _format(data: bytes | None) -> str | None:
+    """The source image's format from its bytes' signature (JPEG, PNG and WebP are kept as they are)."""
+    if not data:
         return None
-    name = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-    suffix = (name or "").rsplit(".", 1)[-1].lower()
-    return {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}.get(suffix)
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
 
 __all__ = ["BadImage", "Decoded", "caption_is_list", "decode", "map_rows", "open_rows", "streamed_shards"]
