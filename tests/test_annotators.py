@@ -13,6 +13,7 @@ from ctrlnet.config.prepare import CannyParams, DepthParams, SegmentationParams
 from ctrlnet.errors import UserError
 from ctrlnet_trainer.annotators import NAMES, ade20k, build
 from ctrlnet_trainer.fidelity import fidelity
+from testkit.annotator_models import tiny_depth_model, tiny_upernet
 
 SIZE = 96
 
@@ -120,35 +121,7 @@ def test_fidelity_pairs_and_refusals():
 # ---------------------------------------------------------------- depth
 @pytest.fixture(scope="module")
 def depth_dir(tmp_path_factory):
-    import torch
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
-
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=14,
-        image_size=56,
-        out_features=["stage1", "stage2"],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[16, 32],
-        reassemble_factors=[2, 1],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-        patch_size=14,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("annotators") / "depth"
-    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(
-        folder
-    )
-    return folder
+    return tiny_depth_model(tmp_path_factory.mktemp("annotators") / "depth")
 
 
 def test_depth_annotator_draws_gray_full_range_maps(depth_dir):
@@ -188,29 +161,9 @@ def test_spearman():
 
 
 # ---------------------------------------------------------------- segmentation
-def _upernet(folder, num_labels: int = 150):
-    import torch
-    from transformers import ConvNextConfig, SegformerImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
-
-    backbone = ConvNextConfig(
-        hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3", "stage4"]
-    )
-    config = UperNetConfig(
-        backbone_config=backbone,
-        hidden_size=16,
-        auxiliary_in_channels=32,
-        num_labels=num_labels,
-        use_auxiliary_head=False,
-    )
-    torch.manual_seed(0)
-    UperNetForSemanticSegmentation(config).save_pretrained(folder)
-    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def seg_dir(tmp_path_factory):
-    return _upernet(tmp_path_factory.mktemp("annotators") / "seg")
+    return tiny_upernet(tmp_path_factory.mktemp("annotators") / "seg")
 
 
 def test_segmentation_annotator_draws_the_class_map_in_the_palette(seg_dir):
@@ -274,7 +227,7 @@ def test_build_refuses_unknown_and_missing(tmp_path, depth_dir, seg_dir):
         build("depth", DepthParams(model=str(seg_dir)))
     with pytest.raises(UserError, match=r"train\.annotators\.segmentation\.model .* not a semantic-segmentation"):
         build("segmentation", SegmentationParams(model=str(depth_dir)))
-    few = _upernet(tmp_path / "few", num_labels=10)
+    few = tiny_upernet(tmp_path / "few", num_labels=10)
     with pytest.raises(UserError, match="predicts 10 classes, not ADE20K's 150") as e:
         build("segmentation", SegmentationParams(model=str(few)))
     assert "\n" not in str(e.value)

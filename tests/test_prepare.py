@@ -229,3 +229,29 @@ def test_prepare_bad_input_is_one_error_line(photos, tmp_path, monkeypatch, capf
     )
     assert_user_error(ctrlnet("prepare", "-f", job(source=str(photos), annotator="pose")), "annotator")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("annotator", ["depth", "segmentation"])
+def test_model_annotators_prepare_through_tiny_models(annotator, photos, tmp_path):
+    """Depth and segmentation through tiny random models built here: the plumbing (batches across
+    shard boundaries, the model's identity in the fingerprint, the stored condition's mode)."""
+    from ctrlnet_trainer.annotators import ade20k
+    from ctrlnet_trainer.prepare.job import prepare
+    from testkit.annotator_models import tiny_depth_model, tiny_upernet
+
+    model = (tiny_depth_model if annotator == "depth" else tiny_upernet)(tmp_path / "model")
+    cfg = small_config(tmp_path / "unused", **sections(photos, tmp_path / "out", annotator=annotator, max_rows=6))
+    cfg.annotators.params(annotator).model, cfg.annotators.params(annotator).batch_size = str(model), 4
+    result = prepare(cfg)
+    assert (result.rows, result.shards) == (6, 2)
+    manifest = json.loads((tmp_path / "out" / "prepared.json").read_text())
+    assert manifest["annotator"]["model"].startswith("sha256:")
+    palette = {tuple(c) for c in ade20k.PALETTE.tolist()}
+    for row in read_rows(tmp_path / "out"):
+        condition = row["conditioning_image"]
+        assert condition.size == row["image"].size
+        if annotator == "depth":  # gray, stored as one channel, the full 0-255 range
+            assert condition.mode == "L" and np.asarray(condition).max() == 255
+        else:  # every pixel an ADE20K colour
+            colours = np.asarray(condition.convert("RGB")).reshape(-1, 3)
+            assert {tuple(c) for c in np.unique(colours, axis=0).tolist()} <= palette
