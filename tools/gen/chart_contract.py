@@ -17,6 +17,7 @@ DEFINES = {
     "ctrlnet.contract.launchModule": "LAUNCH_MODULE",
     "ctrlnet.contract.trainerModule": "TRAINER_MODULE",
     "ctrlnet.contract.precomputeModule": "PRECOMPUTE_MODULE",
+    "ctrlnet.contract.prepareModule": "PREPARE_MODULE",
     "ctrlnet.contract.hubTokenEnv": "DEFAULT_HUB_TOKEN_ENV",
     "ctrlnet.contract.output": "DEFAULT_OUTPUT",
     "ctrlnet.contract.homeDir": "HOME_DIR",

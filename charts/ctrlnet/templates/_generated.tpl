@@ -16,6 +16,9 @@ Values the chart shares with ctrlnet's code, one named template each. */}}
 {{- /* contract.PRECOMPUTE_MODULE */ -}}
 {{- define "ctrlnet.contract.precomputeModule" -}}ctrlnet_trainer.precompute{{- end -}}
 
+{{- /* contract.PREPARE_MODULE */ -}}
+{{- define "ctrlnet.contract.prepareModule" -}}ctrlnet_trainer.prepare{{- end -}}
+
 {{- /* contract.DEFAULT_HUB_TOKEN_ENV */ -}}
 {{- define "ctrlnet.contract.hubTokenEnv" -}}HF_TOKEN{{- end -}}
 

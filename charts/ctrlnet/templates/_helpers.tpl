@@ -36,13 +36,23 @@ One source per fact:
 {{- max 1 (int .Values.cluster.gpus_per_node) -}}
 {{- end -}}
 
+{{/* What the job's pods run, as their app.kubernetes.io/component label says it (cluster.task):
+`training`, `precompute` or `prepare`. */}}
+{{- define "ctrlnet.component" -}}
+{{- if has .Values.cluster.task (list "precompute" "prepare") -}}
+{{- .Values.cluster.task -}}
+{{- else -}}
+training
+{{- end -}}
+{{- end -}}
+
 {{/* Labels on every object: the app.kubernetes.io set, then cluster.labels (which win). */}}
 {{- define "ctrlnet.labels" -}}
 {{- $l := dict
   "app.kubernetes.io/name" "ctrlnet"
   "app.kubernetes.io/instance" (include "ctrlnet.name" .)
   "app.kubernetes.io/version" .Chart.AppVersion
-  "app.kubernetes.io/component" (ternary "precompute" "training" (eq .Values.cluster.task "precompute"))
+  "app.kubernetes.io/component" (include "ctrlnet.component" .)
   "app.kubernetes.io/part-of" "ctrlnet"
   "app.kubernetes.io/managed-by" .Release.Service
   "helm.sh/chart" (printf "%s-%s" .Chart.Name .Chart.Version)
@@ -80,12 +90,18 @@ PET_NODE_RANK (and PET_NNODES / PET_NPROC_PER_NODE, which these flags match). */
 - {{ include "ctrlnet.contract.configDir" . }}/{{ include "ctrlnet.contract.configFile" . }}
 {{- end -}}
 
-{{/* The module the launcher starts in every process, by cluster.task: the trainer, or the
-precompute job that encodes train.data into train.data.cache (same command line, same pods). */}}
+{{/* The module the launcher starts in every process, by cluster.task: the trainer, the
+precompute job that encodes train.data into train.data.cache, or the prepare job that annotates
+train.prepare.source into train.data.dataset (same command line, same pods). */}}
 {{- define "ctrlnet.module" -}}
+{{- $train := .Values.train | default dict -}}
 {{- if eq .Values.cluster.task "precompute" -}}
-{{- $_ := required "cluster.task is precompute but train.data.cache is not set: give the folder or URL the job writes the cache to" (dig "data" "cache" "" (.Values.train | default dict)) -}}
+{{- $_ := required "cluster.task is precompute but train.data.cache is not set: give the folder or URL the job writes the cache to" (dig "data" "cache" "" $train) -}}
 {{- include "ctrlnet.contract.precomputeModule" . -}}
+{{- else if eq .Values.cluster.task "prepare" -}}
+{{- $_ := required "cluster.task is prepare but train.prepare.source is not set: give the images (+ captions) the job annotates" (dig "prepare" "source" "" $train) -}}
+{{- $_ := required "cluster.task is prepare but train.data.dataset is not set: give the folder or URL the job writes the dataset to" (dig "data" "dataset" "" $train) -}}
+{{- include "ctrlnet.contract.prepareModule" . -}}
 {{- else -}}
 {{- include "ctrlnet.contract.trainerModule" . -}}
 {{- end -}}

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 TERMINAL = ("Succeeded", "Failed")
 RETRYABLE_MIN = 128  # ExitCode restart policy: 128-255 restart the pod, 1-127 fail the job
 PROGRESS_TAIL = 400  # log lines read from the master pod to find the newest progress lines
+ROW_JOBS = ("precompute", "prepare")  # progress lines whose `step` counts rows, not optimizer steps
 
 
 @dataclass
@@ -462,7 +463,7 @@ def _run_lines(s: RunStatus) -> list[str]:
         lines.append(f"  output: {s.output}")
     p = s.progress
     if p:
-        unit = "rows" if p.get("job") == "precompute" else "step"  # a precompute job counts rows encoded
+        unit = "rows" if p.get("job") in ROW_JOBS else "step"  # a precompute / prepare job counts rows
         parts = [f"{unit} {p.get('step')}" + (f"/{p['total']}" if p.get("total") else "")]
         if p.get("loss") is not None:
             parts.append(f"loss {p['loss']:.4f}")
@@ -472,7 +473,7 @@ def _run_lines(s: RunStatus) -> list[str]:
             parts.append(f"ETA {human_duration(p['eta_s'])}")
         source = " (from the output store; the rank-0 log has none yet)" if p.get("source") == "output" else ""
         lines.append("  progress: " + ", ".join(parts) + source)
-        if unit == "step":  # a precompute job has no checkpoints: its shards are its progress
+        if unit == "step":  # a precompute / prepare job has no checkpoints: its shards are its progress
             lines.append(f"  checkpoint: {p.get('checkpoint') or 'none committed yet'}")
     else:
         lines.append("  progress: no progress line yet")
@@ -483,7 +484,7 @@ def summary_line(s: RunStatus) -> str:
     """One line for a log of changes (`status -w` off a terminal)."""
     pods = ", ".join(f"{x.role}={x.phase}" for x in s.pods) or "no pods"
     p = s.progress
-    unit = "rows" if p and p.get("job") == "precompute" else "step"
+    unit = "rows" if p and p.get("job") in ROW_JOBS else "step"
     step = f" {unit} {p.get('step')}/{p.get('total')}" if p else ""
     queue = f" queue {s.queue.state}" if s.queue else ""
     return f"{s.phase}{queue}{step} [{pods}] restarts={s.restarts}"

@@ -15,6 +15,11 @@ holds a run" rule does not apply. Two writers of one cache at once are refused i
 whose cache an unfinished precompute job in the namespace writes (a precompute job, or a training
 run that would read a half-written cache) is refused, naming that job.
 
+A prepare job (`cluster.task: prepare`, `ctrlnet prepare --cluster`) is the same again, named
+`<cluster.name>-prepare-<5 random>`: its output is the dataset it writes, `train.data.dataset`, and
+the one-writer rule holds for that dataset (a second prepare job into it, or a training run or a
+precompute job that would read it half-written, is refused while an unfinished prepare job writes it).
+
 Order: validate (the same checks as `ctrlnet validate`) -> check the cluster serves what the job
 needs -> server-side apply (field manager `ctrlnet`) of the ServiceAccount, ConfigMap, PVC and
 NetworkPolicy, then the job.
@@ -39,13 +44,14 @@ _SUFFIX_LEN = 5
 
 
 PRECOMPUTE_SUFFIX = "-precompute"
+PREPARE_SUFFIX = "-prepare"
 COMPONENT = "app.kubernetes.io/component"
-"""The chart's label saying what a job's pods run: `training`, or `precompute` (cluster.task)."""
+"""The chart's label saying what a job's pods run: `training`, `precompute` or `prepare` (cluster.task)."""
 
 
 def generated_name(base: str, kind: str = "") -> str:
     """`base<kind>-xxxxx`, within the job-name limit and still a DNS-1035 label (`base` is
-    shortened first, so `kind`, e.g. -precompute, always shows)."""
+    shortened first, so `kind`, e.g. -precompute or -prepare, always shows)."""
     stem = base[: MAX_NAME - _SUFFIX_LEN - 1 - len(kind)].rstrip("-") + kind
     return f"{stem}-{''.join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(_SUFFIX_LEN))}"
 
@@ -73,9 +79,15 @@ class Plan:
         return self.cfg.cluster.task == "precompute"
 
     @property
+    def prepare(self) -> bool:
+        return self.cfg.cluster.task == "prepare"
+
+    @property
     def output_key(self) -> str:
         """The config key `output` comes from, for messages."""
-        return "train.data.cache" if self.precompute else "train.output"
+        return {"precompute": "train.data.cache", "prepare": "train.data.dataset"}.get(
+            self.cfg.cluster.task, "train.output"
+        )
 
 
 def check_name(name: str) -> None:
@@ -97,6 +109,9 @@ def plan(file: str | None, overrides: list[str], *, name: str | None, namespace:
     if base.cluster.task == "precompute":  # writes the cache the config names (validated: it is set)
         run_name = name or generated_name(base.cluster.name, PRECOMPUTE_SUFFIX)
         output = base.train.data.cache
+    elif base.cluster.task == "prepare":  # writes the dataset the config names (validated: it is set)
+        run_name = name or generated_name(base.cluster.name, PREPARE_SUFFIX)
+        output = base.train.data.dataset
     else:
         run_name = name or generated_name(base.cluster.name)
         output = run_output(base.train.output, run_name)
@@ -150,14 +165,24 @@ def check_cluster(kube: Kube, p: Plan) -> None:
             f"(created {existing['metadata'].get('creationTimestamp', '?')}): choose another --name, "
             f"or remove it with `ctrlnet delete {p.name} -n {p.namespace}`"
         )
-    if not p.precompute and output_holds_a_run(p.output):
+    if p.cfg.cluster.task == "train" and output_holds_a_run(p.output):
         raise UserError(f"output {p.output} already holds a run: choose another --name (or another train.output root)")
     cache = p.cfg.train.data.cache
-    writer = cache and cache_writer(kube, cache, p.namespace)
+    writer = cache and not p.prepare and cache_writer(kube, cache, p.namespace)
     if writer:
         doing = "writing it too" if p.precompute else "training on a half-written cache"
         raise ClusterError(
             f"precompute job {writer} in namespace {p.namespace} is still writing cache {cache}: two jobs "
+            f"would be {doing}; wait for it (`ctrlnet status {writer} -n {p.namespace} -w`) or delete it"
+        )
+    dataset = p.cfg.train.data.dataset
+    writer = dataset and dataset_writer(kube, dataset, p.namespace)
+    if writer:
+        doing = {"prepare": "writing it too", "precompute": "encoding a half-written dataset"}.get(
+            p.cfg.cluster.task, "training on a half-written dataset"
+        )
+        raise ClusterError(
+            f"prepare job {writer} in namespace {p.namespace} is still writing dataset {dataset}: two jobs "
             f"would be {doing}; wait for it (`ctrlnet status {writer} -n {p.namespace} -w`) or delete it"
         )
 
@@ -173,13 +198,24 @@ def no_network_policy(kube: Kube) -> str:
 def cache_writer(kube: Kube, cache: str, namespace: str) -> str | None:
     """The unfinished precompute job in `namespace` that writes `cache`, if any (a finished one has
     left it complete, or resumable by a new job)."""
+    return _writer(kube, "precompute", cache, namespace)
+
+
+def dataset_writer(kube: Kube, dataset: str, namespace: str) -> str | None:
+    """The unfinished prepare job in `namespace` that writes `dataset`, if any (a finished one has
+    left it complete, or resumable by a new job)."""
+    return _writer(kube, "prepare", dataset, namespace)
+
+
+def _writer(kube: Kube, component: str, output: str, namespace: str) -> str | None:
+    """The unfinished job of `component` (its pods' label) in `namespace` whose output is `output`."""
     from ctrlnet.cluster.status import TERMINAL, job_phase
 
-    want = cache.rstrip("/")
+    want = output.rstrip("/")
     for backend in BACKENDS.values():
         if not kube.served(backend.resource):
             continue
-        for job in kube.list(backend.resource.kind, namespace, labels=f"{tool_selector()},{COMPONENT}=precompute"):
+        for job in kube.list(backend.resource.kind, namespace, labels=f"{tool_selector()},{COMPONENT}={component}"):
             run = Run(job, backend)
             if (run.output or "").rstrip("/") == want and job_phase(job, backend.name)[0] not in TERMINAL:
                 return run.name
@@ -207,6 +243,8 @@ def output_warning(p: Plan) -> str | None:
         return None
     if p.precompute:
         lost = "the cache is lost with the pods (and other pods never see it)"
+    elif p.prepare:
+        lost = "the dataset is lost with the pods (and other pods never see it)"
     else:
         lost = "checkpoints and the model are lost when the pod goes"
     return (

@@ -303,10 +303,11 @@ class ClusterConfig(Section):
     """Namespace of the job; unset: the Helm release namespace (`helm -n`), `default` for `ctrlnet render`."""
     backend: Literal["pytorchjob", "trainjob"] = "pytorchjob"
     """PyTorchJob kubeflow.org/v1 (Training Operator v1.9) or TrainJob trainer.kubeflow.org/v1alpha1 (Kubeflow Trainer v2)."""
-    task: Literal["train", "precompute"] = "train"
-    """What the pods run, under the same launcher: `train` (the trainer) or `precompute` (encode
+    task: Literal["train", "precompute", "prepare"] = "train"
+    """What the pods run, under the same launcher: `train` (the trainer), `precompute` (encode
     `train.data` into `train.data.cache`, each process its own shards; `ctrlnet precompute
-    --cluster` sets it)."""
+    --cluster` sets it) or `prepare` (annotate `train.prepare.source` into `train.data.dataset`,
+    each process its own shards; `ctrlnet prepare --cluster` sets it)."""
     image: str = "ghcr.io/ctrlnet/trainer:0.1.0"
     """Trainer image (docker/Dockerfile). Pin its digest (`repo@sha256:<64 hex>`, or
     `repo:tag@sha256:...`) so every pod and every restart runs the same image: `ctrlnet validate`

@@ -42,3 +42,22 @@ class JobConfig(Section):
                 "--set train.data.cache=s3://bucket/caches/fill50k-sd15-512"
             )
         return self
+
+    @model_validator(mode="after")
+    def _prepare_reads_a_source_and_writes_a_dataset(self) -> "JobConfig":
+        # Any target (the chart refuses it too): pods with nothing to annotate, or nowhere to write it.
+        if self.cluster.task != "prepare":
+            return self
+        if not self.train.prepare.source:
+            raise ValueError(
+                "cluster.task is prepare but train.prepare.source is not set: give the images (+ captions) "
+                "the job annotates (a hub dataset, an imagefolder or parquet folder, or a URL), e.g. "
+                "--set train.prepare.source=s3://bucket/raw/photos"
+            )
+        if not self.train.data.dataset:
+            raise ValueError(
+                "cluster.task is prepare but train.data.dataset is not set: give the folder or URL the job "
+                "writes the dataset to (object storage, or a path on the cache volume), e.g. "
+                "--set train.data.dataset=s3://bucket/datasets/photos-canny-512"
+            )
+        return self
