@@ -47,11 +47,11 @@ def _emit(doc, fmt: str) -> None:
         typer.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
 
 
-# The options of `ctrlnet submit`, shared with `ctrlnet precompute --cluster`.
+# The options of `ctrlnet submit`, shared with `ctrlnet precompute --cluster` and `ctrlnet prepare --cluster`.
 RunName = Annotated[
     str | None,
     typer.Option(
-        "--name", help="Run name (default: cluster.name, -precompute for a precompute job, plus a random suffix)."
+        "--name", help="Run name (default: cluster.name, -precompute / -prepare for those jobs, plus a random suffix)."
     ),
 ]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Let the API server validate everything; persist nothing.")]
@@ -120,7 +120,8 @@ def submit_job(
     else:
         ns = f" -n {plan.namespace}"
         typer.echo(f"submitted {plan.backend.resource.kind} {plan.name} in namespace {plan.namespace}")
-        typer.echo(f"  cache:    {plan.output}" if plan.precompute else f"  outputs:  {plan.output}")
+        where = "cache:   " if plan.precompute else "dataset: " if plan.prepare else "outputs: "
+        typer.echo(f"  {where} {plan.output}")
         if sub.queue_of(plan):
             typer.echo(f"  queued in Kueue LocalQueue {sub.queue_of(plan)}: it starts when admitted")
         typer.echo(f"  status:   ctrlnet status {plan.name}{ns} -w")
