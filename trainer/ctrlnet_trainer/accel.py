@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -73,7 +74,7 @@ def _racy_cpu_gather() -> bool:
 
 def build_accelerator(cfg: TrainConfig, work_dir: Path, use_cuda: bool):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     log_with = None if cfg.logging.report_to == "none" else cfg.logging.report_to
     if log_with == "wandb":
@@ -106,8 +107,12 @@ def build_accelerator(cfg: TrainConfig, work_dir: Path, use_cuda: bool):
         project_config=ProjectConfiguration(
             project_dir=str(work_dir), logging_dir=str(work_dir / cfg.logging.logging_dir)
         ),
-        # The zero-conv branch of the first steps leaves no parameter unused; keep DDP's fast path.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[
+            # The zero-conv branch of the first steps leaves no parameter unused; keep DDP's fast path.
+            DistributedDataParallelKwargs(find_unused_parameters=False),
+            # How long a collective waits for the slowest process (validation keeps under it: validation.py).
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.collective_timeout_s)),
+        ],
         **kwargs,
     )
     # Fail loudly rather than train N independent copies or lose DeepSpeed without a word.

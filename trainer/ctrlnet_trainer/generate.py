@@ -186,3 +186,46 @@ def outline_adherence(paths: list[Path], outline: str) -> list[float]:
         with Image.open(path) as img:
             scores.append(adherence([img.convert("RGB")], [cond])["iou"])
     return scores
+
+
+def fidelity_names(values: list[str] | None) -> list[str]:
+    """--fidelity's annotators (repeated or comma-separated), checked, each once."""
+    from ctrlnet_trainer.annotators import NAMES
+
+    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise UserError(
+            f"--fidelity {unknown[0]!r} is unknown: use {', '.join(NAMES)} (repeat it or separate by commas)"
+        )
+    return list(dict.fromkeys(names))
+
+
+def condition_fidelity(
+    paths: list[Path], image: str, names: list[str], device: str = "auto", seed: int = 0, cache_dir: str | None = None
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Per annotator: each generated image re-annotated and scored against the --image condition
+    (ctrlnet_trainer.fidelity's score), and against that condition flipped horizontally and
+    vertically (the same kind of structure in other places): the chance level of a single
+    condition. The annotators take `train.annotators`' default parameters."""
+    from ctrlnet.config.prepare import AnnotatorsConfig
+    from ctrlnet_trainer.annotators import build
+
+    cond = conditioning_image(image)
+    flipped = cond.transpose(Image.Transpose.ROTATE_180)  # both flips
+    generated = []
+    for path in paths:
+        with Image.open(path) as img:
+            generated.append(img.convert("RGB"))
+    params = AnnotatorsConfig()
+    device = pick_device(device)
+    out = {}
+    for name in names:
+        annotator = build(name, params.params(name), device=device, cache_dir=cache_dir, seed=seed)
+        try:
+            made = annotator.structure(generated)
+            own, other = annotator.condition_structure(cond), annotator.condition_structure(flipped)
+            out[name] = ([annotator.score(m, own) for m in made], [annotator.score(m, other) for m in made])
+        finally:
+            annotator.close()
+    return out

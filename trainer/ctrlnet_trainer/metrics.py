@@ -76,16 +76,18 @@ class MetricsLog:
         import matplotlib.pyplot as plt
 
         steps, losses = zip(*points, strict=False)
-        scored = [(r["step"], r["adherence_iou"], r["adherence_chance"]) for r in self.rows if "adherence_iou" in r]
-        if scored:
+        lines = self._score_lines()
+        if lines:
             fig, (ax, right) = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
-            at, own, chance = zip(*scored, strict=True)
-            right.plot(at, own, marker="o", label="IoU with its outline")
-            right.plot(at, chance, marker="o", ls="--", label="IoU with another outline (chance)")
+            for k, (label, chance_label, own, chance) in enumerate(lines):
+                colour = f"C{k}"
+                right.plot(*zip(*own, strict=True), marker="o", color=colour, label=label)
+                if chance:
+                    right.plot(*zip(*chance, strict=True), marker="o", ls="--", color=colour, label=chance_label)
             right.set_xlabel("step")
-            right.set_ylabel("condition adherence")
+            right.set_ylabel("condition adherence / fidelity")
             right.set_ylim(0, 1)
-            right.legend()
+            right.legend(fontsize="small")
         else:
             fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
@@ -103,6 +105,41 @@ class MetricsLog:
         fig.savefig(out)
         plt.close(fig)
         return out
+
+    def _score_lines(self) -> list[tuple[str, str, list, list]]:
+        """Validation's scores over the steps, one line per measure with its chance level: (label,
+        chance label, [(step, score)], [(step, chance)]); a null (no chance level) is left out."""
+
+        def points(key: str) -> list[tuple[int, float]]:
+            return [(r["step"], r[key]) for r in self.rows if isinstance(r.get(key), (int, float))]
+
+        lines = []
+        if points("adherence_iou"):
+            lines.append(
+                (
+                    "IoU with its outline",
+                    "IoU with another outline (chance)",
+                    points("adherence_iou"),
+                    points("adherence_chance"),
+                )
+            )
+        names = dict.fromkeys(
+            k.removeprefix("fidelity_")
+            for r in self.rows
+            for k in r
+            if k.startswith("fidelity_") and not k.endswith("_chance")
+        )
+        for name in names:
+            if own := points(f"fidelity_{name}"):
+                lines.append(
+                    (
+                        f"{name} fidelity",
+                        f"{name} fidelity, another condition (chance)",
+                        own,
+                        points(f"fidelity_{name}_chance"),
+                    )
+                )
+        return lines
 
 
 class Progress:
@@ -261,11 +298,12 @@ class Meter:
         return round(max(0.0, steps[0] - statistics.median(steps[1:])), 3)
 
     def record(self, step: int, values: dict[str, float]) -> None:
-        """A row of other measures at `step` (validation's adherence), to metrics.jsonl and the tracker."""
+        """A row of other measures at `step` (validation's adherence and fidelity), to metrics.jsonl
+        (a non-finite value as null) and the tracker (without it)."""
         if self.log_file:
             self.log_file.write({"step": step, **values})
             if self.acc.log_with:
-                self.acc.log(values, step=step)
+                self.acc.log({k: v for k, v in values.items() if math.isfinite(v)}, step=step)
 
     def checkpointed(self, step: int, url: str) -> None:
         """A checkpoint was committed: tell status (and publish the metrics written so far)."""

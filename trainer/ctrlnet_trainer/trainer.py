@@ -47,6 +47,7 @@ class RunResult:
     steps: int
     hub_repo: str | None = None
     adherence: dict[int, dict[str, float]] | None = None  # step -> scores (synthetic data)
+    fidelity: dict[int, dict[str, float]] | None = None  # step -> fidelity_<annotator>[_chance] (validation.fidelity)
 
 
 class Trainer:
@@ -133,6 +134,8 @@ class Trainer:
             is_main=self.ranks.is_main,
             sharded=self.sharded,
             prompts=self.cached.prompts if self.cached else None,
+            rank=self.ranks.rank,
+            world=self.ranks.world,
         )
 
         # --- inputs checked, about to train: the output is taken from here on (rundir)
@@ -317,6 +320,7 @@ class Trainer:
             steps=self.step,
             hub_repo=repo,
             adherence=self.validator.adherence or None,
+            fidelity=self.validator.fidelity or None,
         )
 
     # ------------------------------------------------------------ helpers

@@ -73,6 +73,25 @@ def gather(accelerator, prepared: torch.nn.Module, *, is_main: bool, sharded: bo
     )
 
 
+def gather_to_all(accelerator, prepared: torch.nn.Module, *, is_main: bool) -> dict[str, torch.Tensor]:
+    """The sharded (ZeRO-3) ControlNet's full weights on every process, for validation to sample
+    from: `gather()`'s checked copy made on the main process, then broadcast tensor by tensor
+    (over the process group's device: NCCL needs CUDA tensors). Collective: every process calls it."""
+    import torch.distributed as dist
+
+    state = gather(accelerator, prepared, is_main=is_main, sharded=True)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return state
+    layout = _from_main([(k, tuple(v.shape), v.dtype) for k, v in state.items()] if is_main else None)
+    device = accelerator.device
+    out = {}
+    for key, shape, dtype in layout:
+        tensor = state[key].to(device) if is_main else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(tensor, src=0)
+        out[key] = tensor.to("cpu", copy=True) if not is_main else state[key]
+    return out
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """checkpoint.final_dtype's values -> the dtype the final ControlNet's weights are written in."""
 

@@ -63,6 +63,30 @@ def _adherence_line(scores: dict[int, dict[str, float]] | None) -> str | None:
     )
 
 
+def _fidelity_line(scores: dict[int, dict[str, float]] | None) -> str | None:
+    """The control fidelity of the first and last validation, per annotator, as one line."""
+    if not scores:
+        return None
+    first, last = min(scores), max(scores)
+    names = [k.removeprefix("fidelity_") for k in scores[last] if not k.endswith("_chance")]
+
+    def chance(step: int, name: str) -> str:
+        value = scores[step].get(f"fidelity_{name}_chance")
+        return "none" if value is None or value != value else f"{value:.2f}"  # NaN: no chance level
+
+    parts = []
+    for name in names:
+        a, b = scores[first].get(f"fidelity_{name}"), scores[last][f"fidelity_{name}"]
+        if first == last or a is None:
+            parts.append(f"{name} {b:.2f} (chance {chance(last, name)})")
+        else:
+            parts.append(
+                f"{name} {a:.2f} at step {first} -> {b:.2f} at step {last} "
+                f"(chance {chance(first, name)} -> {chance(last, name)})"
+            )
+    return "fidelity:    " + "; ".join(parts)
+
+
 TRAIN_PACKAGES = ("torch", "diffusers", "transformers", "datasets")
 
 
@@ -149,6 +173,8 @@ def train(
     typer.echo(f"metrics:     {result.metrics}")
     if line := _adherence_line(getattr(result, "adherence", None)):
         typer.echo(line)
+    if line := _fidelity_line(getattr(result, "fidelity", None)):
+        typer.echo(line)
 
 
 data_app = typer.Typer(help="Datasets for offline runs and benchmarks.", no_args_is_help=True)
@@ -233,12 +259,23 @@ def generate(
             help="A union ControlNet (Flux.1): the condition type of --image, its id in the run's model.control_modes.",
         ),
     ] = None,
+    fidelity: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Control fidelity: re-annotate each image with this annotator (canny, depth or segmentation; "
+            "repeat it or separate by commas; default train.annotators parameters) and report its score against "
+            "--image, and a chance level: its score against --image flipped horizontally and vertically (the same "
+            "kind of structure in other places)."
+        ),
+    ] = None,
 ) -> None:
     """Generate images with the base's ControlNet pipeline (SD1.x/2.x, SDXL, SD3/SD3.5 or Flux.1, read from the base)."""
     with needs("train"):
         train_extra("torch")  # diffusers once the inputs pass
+        from ctrlnet_trainer.generate import condition_fidelity, fidelity_names, outline_adherence
         from ctrlnet_trainer.generate import generate as generate_images
-        from ctrlnet_trainer.generate import outline_adherence
+
+    annotators = fidelity_names(fidelity)  # a wrong name fails before the models load
 
     paths = generate_images(
         base=base,
@@ -258,6 +295,13 @@ def generate(
         scores = outline_adherence(paths, image)
         shown = ", ".join(f"{s:.2f}" for s in scores)
         typer.echo(f"adherence:   IoU with the outline's disk {sum(scores) / len(scores):.2f} (per image: {shown})")
+    if annotators:
+        for name, (own, chance) in condition_fidelity(paths, image, annotators, device, seed).items():
+            shown = ", ".join(f"{s:.2f}" for s in own)
+            typer.echo(
+                f"fidelity:    {name} {sum(own) / len(own):.2f} against the condition, chance "
+                f"{sum(chance) / len(chance):.2f} against it flipped (per image: {shown})"
+            )
 
 
 def register(app: typer.Typer) -> None:

@@ -262,6 +262,11 @@ class DistributedConfig(Section):
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """DeepSpeed: keep optimizer state on the CPU."""
+    collective_timeout_s: int = Field(default=1800, gt=0, le=MAX_SECONDS)
+    """How long a process waits in a collective (an all-reduce, a gather) for the others before the
+    run fails (the process group's timeout; NCCL's watchdog). Validation samples on every process,
+    so the others wait at most one image's sampling for the slowest; a validation slower than half
+    of this is warned about (with what to lower, or to raise this to)."""
 
 
 class CheckpointConfig(Section):
