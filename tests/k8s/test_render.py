@@ -154,7 +154,7 @@ def test_multi_node_deepspeed():
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
         assert rs["template"]["spec"]["priorityClassName"] == "training-high"
     assert (
-        "distributed:\n  offload_optimizer: false\n  strategy: deepspeed\n  zero_stage: 2"
+        "distributed:\n  collective_timeout_s: 1800\n  offload_optimizer: false\n  strategy: deepspeed\n  zero_stage: 2"
         in by_kind(objs, "ConfigMap")["data"]["config.yaml"]
     )
     assert by_kind(objs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
