@@ -18,7 +18,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from testkit.cli import assert_user_error, run_in_process
-from testkit.training import small_config, small_config_dict
+from testkit.training import metrics_rows, small_config, small_config_dict
 
 CTRLNET = Path(sys.executable).parent / "ctrlnet"
 ROWS, SHARD_ROWS, RESOLUTION = 10, 4, 32
@@ -189,6 +189,16 @@ def test_two_processes_prepare_every_row_once_and_the_output_trains(prepared, ph
     train = small_config_dict(tmp_path / "run", **sections(photos, out))
     train["model"] = {"base": str(tiny_base_dir)}
     train["loop"] = {**train.get("loop", {}), "max_steps": 2, "batch_size": 2}
+    conditions = [tmp_path / f"condition-{i}.png" for i in range(2)]
+    for i, path in enumerate(conditions):  # two rows' canny conditions: fidelity has a chance level
+        read_rows(prepared)[i]["conditioning_image"].save(path)
+    train["validation"] = {
+        "prompts": ["a red box"],
+        "images": [str(p) for p in conditions],
+        "num_images": 1,
+        "num_inference_steps": 2,
+        "every_steps": 100,
+    }
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({"train": train}))
     proc = ctrlnet("prepare", "-f", job, "--nproc", 2)
@@ -202,6 +212,28 @@ def test_two_processes_prepare_every_row_once_and_the_output_trains(prepared, ph
     trained = ctrlnet("train", "-f", job, "--data", out, "--output", tmp_path / "run")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (tmp_path / "run" / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+    scored = [r for r in metrics_rows(tmp_path / "run") if "fidelity_canny" in r]  # prepare.annotator's, at the end
+    assert [r["step"] for r in scored] == [2] and 0 <= scored[0]["fidelity_canny_chance"] <= 1, scored
+    assert "fidelity:" in trained.stdout
+
+
+def test_validation_scores_a_prepared_dataset_with_its_own_annotator(prepared, photos, tmp_path):
+    """No validation.fidelity, no prepare section: the data's manifest names the annotator and the
+    parameters it was prepared with (not the run's defaults)."""
+    from ctrlnet_trainer.prepare.job import prepare
+    from ctrlnet_trainer.validation import fidelity_annotators
+
+    assert {
+        k: v.low_threshold
+        for k, v in fidelity_annotators(small_config(tmp_path / "a", data={"dataset": str(prepared)})).items()
+    } == {"canny": 100}
+    custom = small_config(tmp_path / "b", **sections(photos, tmp_path / "custom", max_rows=4))
+    custom.annotators.canny.low_threshold = 40
+    prepare(custom)
+    found = fidelity_annotators(small_config(tmp_path / "c", data={"dataset": str(tmp_path / "custom")}))
+    assert {k: v.low_threshold for k, v in found.items()} == {"canny": 40}
+    off = small_config(tmp_path / "d", data={"dataset": str(prepared)}, validation={"fidelity": []})
+    assert fidelity_annotators(off) == {}
 
 
 def test_prepare_bad_input_is_one_error_line(photos, tmp_path, monkeypatch, capfd):

@@ -331,6 +331,29 @@ def _to_dtype(out, dtype: torch.dtype):
     return out
 
 
+def fidelity_annotators(cfg: TrainConfig) -> dict:
+    """name -> parameters of each annotator validation scores control fidelity with: those of
+    validation.fidelity (or prepare.annotator) with train.annotators' parameters; unset, and the
+    data a finished `ctrlnet prepare` output, the annotator it was prepared with, with the
+    parameters it was prepared with (its manifest). Each is built once here, so a model that
+    cannot be loaded stops the run before training, not at its first validation."""
+    from ctrlnet_trainer.annotators import build
+    from ctrlnet_trainer.prepare.layout import recorded_annotator
+
+    params = {name: cfg.annotators.params(name) for name in cfg.fidelity_annotators()}
+    recorded = recorded_annotator(cfg.data.dataset) if cfg.validation.fidelity is None and not params else None
+    if recorded and recorded.get("name") in ("canny", "depth", "segmentation"):
+        name = recorded["name"]
+        kind = type(cfg.annotators.params(name))
+        try:
+            params = {name: kind.model_validate(recorded.get("params") or {})}
+        except ValueError:
+            params = {name: cfg.annotators.params(name)}  # parameters of another ctrlnet version: the run's own
+    for name, p in params.items():
+        build(name, p, device="cpu", cache_dir=cfg.model.cache_dir).close()
+    return params
+
+
 class Validator:
     """Samples from the ControlNet being trained, into `<output>/samples/step-N.png` (and
     TensorBoard), and scores what it drew: condition adherence (synthetic data) and control
@@ -389,7 +412,8 @@ class Validator:
         samples_here = rank in self.samplers
         self.pairs = validation_pairs(cfg, seed) if samples_here else []
         self.scored = adherence_pairs(cfg, seed) if samples_here else []  # synthetic data: the adherence rows
-        self.fidelity_names = cfg.fidelity_annotators()
+        self.fidelity_params = fidelity_annotators(cfg) if rank == 0 and self.active else {}
+        self.fidelity_names = list(self.fidelity_params)
         self.last_samples: str | None = None  # URL of the newest grid
         self.adherence: dict[int, dict[str, float]] = {}  # step -> scores, this run's validations
         self.fidelity: dict[int, dict[str, float]] = {}  # step -> fidelity scores, this run's validations
@@ -475,7 +499,7 @@ class Validator:
         for name in self.fidelity_names:
             annotator = build(
                 name,
-                self.cfg.annotators.params(name),
+                self.fidelity_params[name],
                 device=self.acc.device,
                 cache_dir=self.cfg.model.cache_dir,
                 seed=self.seed,

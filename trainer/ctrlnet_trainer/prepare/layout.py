@@ -171,6 +171,18 @@ def manifest(fingerprint: dict, records: list[dict], shard_rows: int, annotator_
     }
 
 
+def recorded_annotator(dataset: str | None) -> dict | None:
+    """The annotator ({name, params, ...}) a finished `ctrlnet prepare` output at `dataset` was made
+    with, from its manifest; None for any other dataset (or one that cannot be read here)."""
+    if not dataset or dataset.endswith((".parquet", ".jsonl", ".json")):
+        return None
+    try:
+        manifest = read_json(Prefix(dataset), MANIFEST)
+    except (OSError, ValueError):
+        return None
+    return manifest.get("annotator") if isinstance(manifest, dict) else None
+
+
 def unfinished(where: str | Path) -> bool:
     """Whether `where` holds a prepare that has not finished (its fingerprint but no manifest)."""
     prefix = Prefix(str(where))
