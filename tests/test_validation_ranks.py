@@ -77,6 +77,20 @@ def test_two_process_training_validates_on_both_ranks_like_one_process(tmp_path)
         assert (out / "samples/step-2.png").exists()
     assert _close(_pixels(runs[1] / "samples/step-0.png"), _pixels(runs[2] / "samples/step-0.png"))
 
+    # From a precomputed cache too: every rank keeps the prompts' embeddings and the VAE decoder
+    # (cache/reader.py), so both sample, and the step-0 grid is the same.
+    from ctrlnet_trainer.cache.job import precompute
+    from testkit.training import small_config
+
+    cached = {**sections, "data": {"cache": str(tmp_path / "cache")}}
+    precompute(small_config(tmp_path / "unused", **cached))
+    out, config = tmp_path / "cached", tmp_path / "train-cached.yaml"
+    config.write_text(yaml.safe_dump(small_config_dict(out, **cached)))
+    result = torchrun(2, "-m", "ctrlnet_trainer", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics_rows(out) if "adherence_iou" in r] == [0, 2]
+    assert _close(_pixels(runs[1] / "samples/step-0.png"), _pixels(out / "samples/step-0.png"))
+
 
 def test_a_validation_near_the_collective_timeout_is_warned_about_once(monkeypatch, make_cfg, tmp_path):
     from types import SimpleNamespace

@@ -407,8 +407,7 @@ class Validator:
         self.every = cfg.validation.every_steps
         # The same answers on every rank (they decide collectives).
         self.active = bool(cfg.validation.prompts) or cfg.data.dataset is None
-        # A cached run keeps the text encoders' prompts and the VAE decoder on main only (cache/reader.py).
-        self.samplers = [0] if cfg.data.cache else list(range(world))
+        self.samplers = list(range(world))
         samples_here = rank in self.samplers
         self.pairs = validation_pairs(cfg, seed) if samples_here else []
         self.scored = adherence_pairs(cfg, seed) if samples_here else []  # synthetic data: the adherence rows

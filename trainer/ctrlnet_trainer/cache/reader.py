@@ -4,7 +4,7 @@ batches and random draws as online encoding, read already encoded.
 `CachedRun.open` refuses a cache that does not match the run's config (one line naming each field
 that differs) before anything trains, and takes the encoders off the models: the validation
 prompts are encoded once on the CPU, then the text encoders are dropped; the VAE keeps only its
-decoder on the process that renders validation samples (all of it for SD3 and Flux.1, whose
+decoder on the processes that render validation samples (all of it for SD3 and Flux.1, whose
 pipelines VAE-encode the condition), and is dropped elsewhere. No text encoder ever reaches the
 device, nor a VAE encoder but for those validations. The run then uses
 
@@ -33,7 +33,7 @@ from ctrlnet_trainer.models.parts import Models
 from ctrlnet_trainer.seeds import row_rng
 from ctrlnet_trainer.step import Draws, sample_latents
 from ctrlnet_trainer.storage import Prefix
-from ctrlnet_trainer.validation import EncodedPrompts, validation_pairs
+from ctrlnet_trainer.validation import EncodedPrompts, adherence_pairs, validation_pairs
 
 
 def read_manifest(url: str) -> dict | None:
@@ -282,7 +282,9 @@ class CachedRun:
         if ranks.is_local_main:
             reader.localize()  # one copy per node of a bucket's shards
         accelerator.wait_for_everyone()
-        prompts = _encode_validation_prompts(cfg, seed, models) if ranks.is_main else None
+        # Every process samples its share of the validation images (validation.py): each keeps
+        # the prompts' embeddings and the VAE decoder.
+        prompts = _encode_validation_prompts(cfg, seed, models)
         vae_config = models.vae.config
         _drop_encoders(models, keep_decoder=prompts is not None)
         return cls(source, reader, prompts, seed, models, vae_config)
@@ -294,12 +296,13 @@ class CachedRun:
 
 def _encode_validation_prompts(cfg: TrainConfig, seed: int, models: Models) -> EncodedPrompts | None:
     """On the CPU, in the text encoder's own (fp32) weights: done once, before it is dropped."""
-    prompts = [prompt for prompt, _ in validation_pairs(cfg, seed)]
+    # The grid's prompts and the adherence rows' (synthetic data): both are sampled.
+    prompts = [pair[0] for pair in (*validation_pairs(cfg, seed), *adherence_pairs(cfg, seed))]
     return EncodedPrompts.encode(models, prompts) if prompts else None
 
 
 def _drop_encoders(models: Models, keep_decoder: bool) -> None:
-    """No text encoder; the VAE only where it decodes validation samples (the main process of a run
+    """No text encoder; the VAE only where it decodes validation samples (every process of a run
     with validation), and there without its encoder (and the conv after it) unless the family's
     ControlNet pipeline encodes the validation conditions with it (latent_control: SD3, Flux.1)."""
     for name in models.family.text_components:
