@@ -287,3 +287,28 @@ def test_model_annotators_prepare_through_tiny_models(annotator, photos, tmp_pat
         else:  # every pixel an ADE20K colour
             colours = np.asarray(condition.convert("RGB")).reshape(-1, 3)
             assert {tuple(c) for c in np.unique(colours, axis=0).tolist()} <= palette
+
+
+def test_source_and_output_in_object_storage(prepared, photos, s3_server, tmp_path):
+    """A parquet source in S3 prepared into S3 (each shard staged here, then uploaded in one
+    request): the same rows as the folder run; training reads it from there."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    from ctrlnet_trainer.prepare.job import prepare
+
+    local = tmp_path / "source.parquet"
+    features = Features({"image": ImageFeature(), "text": Value("string")})
+    photos_rows = [json.loads(line) for line in (photos / "metadata.jsonl").read_text().splitlines()]
+    columns = {"image": [str(photos / r["file_name"]) for r in photos_rows], "text": [r["text"] for r in photos_rows]}
+    Dataset.from_dict(columns, features=features).to_parquet(str(local))
+    s3_server.fs.put(str(local), f"{s3_server.url('prepare-source')}/train.parquet".removeprefix("s3://"))
+    out = s3_server.url("prepared", "canny")
+    result = prepare(small_config(tmp_path / "unused", **sections(s3_server.url("prepare-source"), out)))
+    assert (result.rows, result.shards) == (ROWS, 3)
+    keys = s3_server.fs.find(out.removeprefix("s3://"))
+    assert sum(k.endswith(".parquet") for k in keys) == 3 and any(k.endswith("prepared.json") for k in keys)
+    assert not any("partial" in k for k in keys)
+    for a, b in zip(read_rows(out), read_rows(prepared), strict=True):
+        assert a["text"] == b["text"]
+        assert np.array_equal(np.asarray(a["conditioning_image"]), np.asarray(b["conditioning_image"]))

@@ -94,6 +94,40 @@ def test_the_precompute_job_fills_the_cache_in_s3(image, net, tmp_path):
     assert "caches/demo/cache.json" in keys and any(k.endswith(".safetensors") or "shard" in k for k in keys), keys
 
 
+def test_the_prepare_job_annotates_a_source_in_s3_into_a_dataset(image, net, tmp_path):
+    """`ctrlnet prepare --cluster`'s pod: a parquet of photos + captions in S3 becomes the dataset
+    training reads (canny with the image's OpenCV), shard by shard, manifest last."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+    from PIL import Image, ImageDraw
+
+    images = []
+    for i in range(6):
+        photo = Image.new("RGB", (80, 64), "white")
+        ImageDraw.Draw(photo).rectangle((8 + 4 * i, 8, 50 + 2 * i, 50), fill=(30 * i, 90, 200 - 20 * i))
+        images.append(photo)
+    source = tmp_path / "photos.parquet"
+    features = Features({"image": ImageFeature(), "text": Value("string")})
+    Dataset.from_dict({"image": images, "text": [f"box {i}" for i in range(6)]}, features=features).to_parquet(
+        str(source)
+    )
+    net.python(f"import s3fs; s3fs.S3FileSystem().put('{source}', 'ctrlnet-test/sources/photos/train.parquet')")
+    sets = (
+        "cluster.task=prepare",
+        "train.prepare.source=s3://ctrlnet-test/sources/photos",
+        "train.data.dataset=s3://ctrlnet-test/datasets/photos-canny",
+        "train.prepare.shard_rows=4",
+    )
+    (pod,) = rendered_pods(job_file(tmp_path, "prep", {"output": "s3://ctrlnet-test/runs/prep"}), *sets)
+    run = container.start(pod, image, net.name)
+    assert run.wait(timeout=START_S + 120) == 0, run.log[-3000:]
+    assert "done: 6 rows (0 skipped) in 2 shards" in run.log
+    keys = net.s3_keys("datasets/photos-canny")
+    assert {"datasets/photos-canny/data/shard-00000.parquet", "datasets/photos-canny/prepared.json"} <= set(keys)
+    manifest = json.loads((net.s3_get("datasets/photos-canny/prepared.json", tmp_path / "m.json")).read_text())
+    assert manifest["rows"] == 6 and manifest["annotator"]["name"] == "canny"
+
+
 def test_two_pods_preempted_after_a_checkpoint_resume_to_the_uninterrupted_weights(image, net, tmp_path):
     """Master + 1 worker, one process each, rendezvousing over the pod network. SIGTERM to the
     master after a committed checkpoint: both exit 143 (ExitCode policy: restart), both are
