@@ -548,9 +548,11 @@ class Validator:
 
 
 def _free_memory(device: torch.device) -> None:
-    """Give back what a validation held: the pipeline's (and a gathered copy's) memory."""
-    gc.collect()
+    """Give back what a validation held on the GPU: the pipeline's (and a gathered copy's) memory,
+    to the allocator's cache and from it. On the CPU the references dropped free it already (a
+    full collection there costs a few hundred ms per validation, for nothing)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
