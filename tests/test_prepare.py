@@ -160,12 +160,21 @@ def test_unreadable_rows_are_one_line_or_left_out_and_counted(photos, tmp_path):
     assert len(read_rows(tmp_path / "out")) == ROWS - 1
 
 
-def test_a_streamed_source_gives_the_same_rows(prepared, photos, tmp_path):
+def test_a_streamed_source_gives_the_same_rows(prepared, photos, tmp_path, capsys):
+    from ctrlnet.config.progress import parse_line
     from ctrlnet_trainer.prepare.job import prepare
 
     out = tmp_path / "streamed"
     result = prepare(small_config(tmp_path / "unused", **sections(photos, out, streaming=True)))
     assert (result.rows, result.shards) == (ROWS, 3)
+    lines = [r for r in map(parse_line, capsys.readouterr().out.splitlines()) if r and r["job"] == "prepare"]
+    # rows read as rank 0 finishes its shards (no total before the stream ends), then the done line
+    assert [(r["event"], r["step"], r["total"]) for r in lines] == [
+        ("step", 4, None),
+        ("step", 8, None),
+        ("step", 10, None),
+        ("done", ROWS, ROWS),
+    ]
     for a, b in zip(read_rows(out), read_rows(prepared), strict=True):
         assert a["text"] == b["text"]
         assert np.array_equal(np.asarray(a["conditioning_image"]), np.asarray(b["conditioning_image"]))
@@ -300,11 +309,14 @@ def test_source_and_output_in_object_storage(prepared, photos, s3_server, tmp_pa
     local = tmp_path / "source.parquet"
     features = Features({"image": ImageFeature(), "text": Value("string")})
     photos_rows = [json.loads(line) for line in (photos / "metadata.jsonl").read_text().splitlines()]
-    columns = {"image": [str(photos / r["file_name"]) for r in photos_rows], "text": [r["text"] for r in photos_rows]}
+    images = [{"bytes": (photos / r["file_name"]).read_bytes(), "path": None} for r in photos_rows]  # in the file
+    columns = {"image": images, "text": [r["text"] for r in photos_rows]}
     Dataset.from_dict(columns, features=features).to_parquet(str(local))
     s3_server.fs.put(str(local), f"{s3_server.url('prepare-source')}/train.parquet".removeprefix("s3://"))
     out = s3_server.url("prepared", "canny")
-    result = prepare(small_config(tmp_path / "unused", **sections(s3_server.url("prepare-source"), out)))
+    cfg = small_config(tmp_path / "unused", **sections(s3_server.url("prepare-source"), out))
+    cfg.model.cache_dir = str(tmp_path / "hf")  # datasets' cache of a remote source: this test's own
+    result = prepare(cfg)
     assert (result.rows, result.shards) == (ROWS, 3)
     keys = s3_server.fs.find(out.removeprefix("s3://"))
     assert sum(k.endswith(".parquet") for k in keys) == 3 and any(k.endswith("prepared.json") for k in keys)

@@ -4,9 +4,6 @@ draw the same images; a two-process training run validates on both ranks and wri
 process writes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,19 +55,15 @@ def test_two_process_training_validates_on_both_ranks_like_one_process(tmp_path)
             "at_start": True,
         },
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {}
-    for n in (1, 2):
-        out = tmp_path / f"world-{n}"
-        config = tmp_path / f"train-{n}.yaml"
-        config.write_text(yaml.safe_dump(small_config_dict(out, **sections)))
-        if n == 1:
-            cmd = [sys.executable, "-m", "ctrlnet_trainer", "--config", str(config)]
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        else:
-            result = torchrun(2, "-m", "ctrlnet_trainer", "--config", str(config))
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[n] = out
+    from ctrlnet_trainer.run import train
+    from testkit.training import small_config
+
+    runs = {1: tmp_path / "world-1", 2: tmp_path / "world-2"}
+    train(small_config(runs[1], **sections))  # one process: here (the imports are paid already)
+    config = tmp_path / "train-2.yaml"
+    config.write_text(yaml.safe_dump(small_config_dict(runs[2], **sections)))
+    result = torchrun(2, "-m", "ctrlnet_trainer", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
     for n, out in runs.items():
         scored = [r for r in metrics_rows(out) if "adherence_iou" in r]
         assert [r["step"] for r in scored] == [0, 2], n
@@ -80,7 +73,6 @@ def test_two_process_training_validates_on_both_ranks_like_one_process(tmp_path)
     # From a precomputed cache too: every rank keeps the prompts' embeddings and the VAE decoder
     # (cache/reader.py), so both sample, and the step-0 grid is the same.
     from ctrlnet_trainer.cache.job import precompute
-    from testkit.training import small_config
 
     cached = {**sections, "data": {"cache": str(tmp_path / "cache")}}
     precompute(small_config(tmp_path / "unused", **cached))

@@ -485,7 +485,7 @@ def summary_line(s: RunStatus) -> str:
     pods = ", ".join(f"{x.role}={x.phase}" for x in s.pods) or "no pods"
     p = s.progress
     unit = "rows" if p and p.get("job") in ROW_JOBS else "step"
-    step = f" {unit} {p.get('step')}/{p.get('total')}" if p else ""
+    step = f" {unit} {p.get('step')}" + (f"/{p['total']}" if p.get("total") else "") if p else ""
     queue = f" queue {s.queue.state}" if s.queue else ""
     return f"{s.phase}{queue}{step} [{pods}] restarts={s.restarts}"
 

@@ -105,7 +105,7 @@ def _prepare(cfg: TrainConfig, stop) -> PrepareResult:
             progress.shard_done(writer.write(shard, rows.map_rows(source, shard)))
             _stop_between(stop, n, len(todo))
     else:  # streamed: the plan is known once the stream ends; every process reads it all
-        plan, progress, n = [], None, 0
+        plan, progress, n, began = [], None, 0, time.monotonic()
         for shard, kept in rows.streamed_shards(
             source, p.shard_rows, lambda s: s in here.mine([s]) and not complete(s)
         ):
@@ -113,6 +113,8 @@ def _prepare(cfg: TrainConfig, stop) -> PrepareResult:
             if shard[0] % here.world == here.rank and complete(shard) is None:
                 writer.write(shard, kept)
                 n += 1
+                if here.rank == 0:  # rows read so far (the total is known at the stream's end)
+                    _stream_progress(shard[1] + shard[2], began)
                 _stop_between(stop, n, None)
         total = sum(count for _, _, count in plan)
         progress = _progress(prefix, plan, total, here.rank == 0)
@@ -172,6 +174,17 @@ def _stop_between(stop, written: int, todo: int | None) -> None:
 
     if stop.requested and written != todo:  # each process stops after its own shard
         raise Preempted(written, None, stop.signum)
+
+
+def _stream_progress(read: int, began: float) -> None:
+    """A progress line (off a terminal) of a streamed source: rows read, no total yet."""
+    import sys
+
+    if not sys.stdout.isatty():
+        from ctrlnet.config.progress import format_line
+
+        rate = read / max(time.monotonic() - began, 1e-9)
+        print(format_line("step", job="prepare", step=read, total=None, samples_per_s=round(rate, 3)), flush=True)
 
 
 def _progress(prefix: Prefix, plan: list[Shard], total: int, enabled: bool) -> Progress:
