@@ -192,6 +192,10 @@ class Meter:
         self.progress = Progress(total_steps, start_step, is_local_main)
         # Off a terminal (a pod, a pipe), rank 0 prints progress lines for `ctrlnet status`.
         self.progress_lines = is_main and not sys.stdout.isatty()
+        # Under Kubeflow Trainer v2 with its TrainJobStatus gate: progress in the TrainJob's status too.
+        from ctrlnet_trainer.trainjob_status import TrainJobStatus
+
+        self.trainjob = TrainJobStatus.from_env() if is_main else None
         self.window_loss = torch.zeros((), device=device)
         self.window_steps = 0
         # Rows skipped as unreadable (data.skip_bad_rows), summed over processes per logged window.
@@ -263,8 +267,11 @@ class Meter:
             self.run_peak_gib = max(self.run_peak_gib, window_peak)
             row["gpu_mem_gib"] = round(self.run_peak_gib, 3)
             row["peak_memory_gib"] = round(window_peak, 3)
+        left = (self.total - step) * self.samples_per_step / max(row["samples_per_s"], 1e-9)
+        if self.trainjob:
+            metrics = {"loss": row["loss"], "lr": lr, "samples_per_s": row["samples_per_s"], "epoch": epoch}
+            self.trainjob.report(step=step, total=self.total, eta_s=left, metrics=metrics, force=step == self.total)
         if self.progress_lines:
-            left = (self.total - step) * self.samples_per_step / max(row["samples_per_s"], 1e-9)
             print(
                 format_line(
                     "step",
