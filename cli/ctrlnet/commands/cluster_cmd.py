@@ -140,6 +140,27 @@ def submit_job(
         raise typer.Exit(0 if final.phase == "Succeeded" else 1)
 
 
+def refuse_cluster_options(job: str, name, namespace, context, dry_run, wait, output) -> None:
+    """A local `ctrlnet precompute` / `ctrlnet prepare` given options that only a job on the cluster
+    takes: one line naming them and the fix."""
+    given = [
+        flag
+        for flag, value in (
+            ("--name", name),
+            ("-n", namespace),
+            ("--context", context),
+            ("--dry-run", dry_run),
+            ("--wait", wait),
+            ("-o", output != "text"),
+        )
+        if value
+    ]
+    if given:
+        raise UserError(
+            f"{', '.join(given)}: for a {job} job on the cluster; add --cluster (or drop them to {job} here)"
+        )
+
+
 def submit(
     file: ConfigFile = None,
     set_: Overrides = None,

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from ctrlnet.commands.cluster_cmd import Context, DryRun, Format, KubeVersion, Namespace, RunName, Wait, submit_job
+from ctrlnet.commands.cluster_cmd import (
+    Context,
+    DryRun,
+    Format,
+    KubeVersion,
+    Namespace,
+    RunName,
+    Wait,
+    refuse_cluster_options,
+    submit_job,
+)
 from ctrlnet.commands.local import _demo_preset, train_extra
 from ctrlnet.commands.options import ConfigFile, Overrides
 from ctrlnet.errors import UserError
@@ -53,22 +63,7 @@ def precompute(
             )
         submit_job(file, set_ or [], name, namespace, context, dry_run, wait, output, kube_version, task="precompute")
         return
-    given = [
-        flag
-        for flag, value in (
-            ("--name", name),
-            ("-n", namespace),
-            ("--context", context),
-            ("--dry-run", dry_run),
-            ("--wait", wait),
-            ("-o", output != "text"),
-        )
-        if value
-    ]
-    if given:
-        raise UserError(
-            f"{', '.join(given)}: for a precompute job on the cluster; add --cluster (or drop them to precompute here)"
-        )
+    refuse_cluster_options("precompute", name, namespace, context, dry_run, wait, output)
 
     cfg = load_job_config(file or _demo_preset(), set_ or [])
     train = cfg.train
@@ -86,7 +81,9 @@ def precompute(
         code = run_processes(train, nproc, PRECOMPUTE_MODULE, args)
         if code:
             raise typer.Exit(code)
-        manifest = _read_manifest(train.data.cache)
+        from ctrlnet.config.contract import CACHE_MANIFEST
+
+        manifest = read_manifest(train.data.cache, CACHE_MANIFEST)
         rows, shards = manifest["rows"], len(manifest["shards"])
     else:
         with needs("train"):
@@ -110,15 +107,14 @@ def precompute(
     typer.echo(f"seconds: {time.monotonic() - start:.1f}")
 
 
-def _read_manifest(cache: str) -> dict:
-    """The finished cache's manifest, read here without the trainer's imports (the processes wrote it)."""
+def read_manifest(where: str, name: str) -> dict:
+    """A finished job's manifest (`name` at the top of `where`: a cache's, a prepared dataset's),
+    read here without the trainer's imports (the processes wrote it)."""
     import json
 
     import fsspec
 
-    from ctrlnet.config.contract import CACHE_MANIFEST
-
-    with fsspec.open(f"{cache.rstrip('/')}/{CACHE_MANIFEST}", "r") as f:
+    with fsspec.open(f"{where.rstrip('/')}/{name}", "r") as f:
         return json.load(f)
 
 

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from ctrlnet.commands.cluster_cmd import Context, DryRun, Format, KubeVersion, Namespace, RunName, Wait, submit_job
+from ctrlnet.commands.cluster_cmd import (
+    Context,
+    DryRun,
+    Format,
+    KubeVersion,
+    Namespace,
+    RunName,
+    Wait,
+    refuse_cluster_options,
+    submit_job,
+)
 from ctrlnet.commands.local import train_extra
 from ctrlnet.commands.options import ConfigFile, Overrides
 from ctrlnet.errors import UserError
@@ -47,22 +57,7 @@ def prepare(
             )
         submit_job(file, set_ or [], name, namespace, context, dry_run, wait, output, kube_version, task="prepare")
         return
-    given = [
-        flag
-        for flag, value in (
-            ("--name", name),
-            ("-n", namespace),
-            ("--context", context),
-            ("--dry-run", dry_run),
-            ("--wait", wait),
-            ("-o", output != "text"),
-        )
-        if value
-    ]
-    if given:
-        raise UserError(
-            f"{', '.join(given)}: for a prepare job on the cluster; add --cluster (or drop them to prepare here)"
-        )
+    refuse_cluster_options("prepare", name, namespace, context, dry_run, wait, output)
     if file is None:
         raise UserError(
             "ctrlnet prepare needs a job file: -f job.yaml with train.prepare.source and train.data.dataset"
@@ -77,7 +72,10 @@ def prepare(
         code = run_processes(train, nproc, PREPARE_MODULE, ())
         if code:
             raise typer.Exit(code)
-        manifest = _read_manifest(train.data.dataset)
+        from ctrlnet.commands.precompute_cmd import read_manifest
+        from ctrlnet.config.contract import PREPARE_MANIFEST
+
+        manifest = read_manifest(train.data.dataset, PREPARE_MANIFEST)
         rows, skipped, shards = manifest["rows"], manifest["skipped"], len(manifest["shards"])
     else:
         with needs("train"):
@@ -102,18 +100,6 @@ def prepare(
     typer.echo(f"shards:    {shards}")
     typer.echo(f"seconds:   {seconds:.1f}")
     typer.echo(f"next:      ctrlnet train -f {file}  (train.data.dataset is this dataset)")
-
-
-def _read_manifest(dataset: str) -> dict:
-    """The finished dataset's manifest, read here without the trainer's imports (the processes wrote it)."""
-    import json
-
-    import fsspec
-
-    from ctrlnet.config.contract import PREPARE_MANIFEST
-
-    with fsspec.open(f"{dataset.rstrip('/')}/{PREPARE_MANIFEST}", "r") as f:
-        return json.load(f)
 
 
 def register(app: typer.Typer) -> None:
