@@ -24,7 +24,6 @@ Only the hidden folder holds anything besides *.parquet under data/, so a reader
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 
 from ctrlnet.config.contract import PREPARE_MANIFEST
 from ctrlnet.config.train import TrainConfig
-from ctrlnet_trainer.cache.layout import file_sha256, read_json, write_json
+from ctrlnet_trainer.cache.layout import file_sha256, fingerprint_id, has_file, read_json, record_name, write_json
 from ctrlnet_trainer.storage import Prefix
 
 VERSION = 1
@@ -45,19 +44,12 @@ FINGERPRINT = (STATE, "fingerprint.json")
 MANIFEST = PREPARE_MANIFEST
 DATA = "data"
 
-__all__ = ["read_json", "write_json"]  # re-exported: the job reads and writes its JSON through these
+# Re-exported: the job names records, fingerprints and its JSON through this module, as a cache's do.
+__all__ = ["fingerprint_id", "read_json", "record_name", "write_json"]
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
-
-
-def record_name(index: int) -> str:
-    return f"shard-{index:05d}.json"
-
-
-def fingerprint_id(fingerprint: dict) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_fingerprint(
@@ -84,14 +76,35 @@ def build_fingerprint(
 
 
 def differences(theirs: dict, ours: dict) -> list[str]:
+    """`field (there X, here Y)` per field that differs; a nested one (the annotator's parameters)
+    names the inner keys that differ, `field (key.sub: there X, here Y; ...)`, so a long value
+    cut short still shows what changed."""
+
     def shown(value) -> str:
         text = json.dumps(value, sort_keys=True)
         return text[:60] + "..." if len(text) > 64 else text
 
-    keys = [*ours, *(k for k in theirs if k not in ours)]
-    return [
-        f"{k} (there {shown(theirs.get(k))}, here {shown(ours.get(k))})" for k in keys if theirs.get(k) != ours.get(k)
-    ]
+    def flat(value, path: str = "") -> dict:
+        if not isinstance(value, dict):
+            return {path: value}
+        return {k: v for key, inner in value.items() for k, v in flat(inner, f"{path}.{key}" if path else key).items()}
+
+    out = []
+    for key in [*ours, *(k for k in theirs if k not in ours)]:
+        a, b = theirs.get(key), ours.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            fa, fb = flat(a), flat(b)
+            inner = [
+                f"{k}: there {shown(fa.get(k))}, here {shown(fb.get(k))}"
+                for k in {**fa, **fb}
+                if fa.get(k) != fb.get(k)
+            ]
+            out.append(f"{key} ({'; '.join(inner)})")
+        else:
+            out.append(f"{key} (there {shown(a)}, here {shown(b)})")
+    return out
 
 
 def complete_record(prefix: Prefix, index: int, first: int, rows: int, fp_id: str) -> dict | None:
@@ -101,12 +114,7 @@ def complete_record(prefix: Prefix, index: int, first: int, rows: int, fp_id: st
     expected = {"fingerprint": fp_id, "first_row": first, "rows": rows}
     if any(record.get(key) != value for key, value in expected.items()):
         return None
-    try:
-        if record.get("file") and prefix.fs.size(prefix.join(record["file"])) == record["bytes"]:
-            return record
-    except (OSError, KeyError):
-        pass
-    return None
+    return record if has_file(prefix, record) else None
 
 
 def features(cfg: TrainConfig, caption_is_list: bool):
