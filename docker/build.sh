@@ -103,6 +103,19 @@ MOUNTS=()
   echo "timeout = 180"
 } > "$conf/pip.conf"
 MOUNTS+=(-v "$conf/pip.conf:/etc/pip.conf:ro")
+# Disk: the build stage (~2.8 GB), the image (~2.7 GB) and the layer being committed need about
+# 12 GB at once under podman's storage. Each build leaves the previous image of this tag and the
+# build stage untagged; they are dropped after a good build, and --force-rm drops a failed build's
+# working containers, so repeated builds on one machine (CI) do not fill its disk.
+store=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers/storage)
+mkdir -p "$store"
+free_gb=$(df -Pk "$store" | awk 'NR==2 {printf "%d", $4/1048576}')
+if [ "${free_gb:-0}" -lt "${CTRLNET_BUILD_MIN_FREE_GB:-12}" ]; then
+  say "only ${free_gb} GB free under $store; the build needs about 12 GB: free space (podman image prune; buildah rm --all) and rerun"
+  exit 2
+fi
 say "podman build -> $IMAGE"
-podman build --network host --isolation chroot -f docker/Dockerfile -t "$IMAGE" "${BUILD_ARGS[@]}" "${MOUNTS[@]}" .
+podman build --network host --isolation chroot --force-rm -f docker/Dockerfile -t "$IMAGE" "${BUILD_ARGS[@]}" "${MOUNTS[@]}" .
+# Untagged images only (the replaced image, the build stage): tagged images and the local base stay.
+podman image prune -f >/dev/null 2>&1 || say "could not prune untagged images (podman image prune)"
 podman image inspect "$IMAGE" --format '{{.Size}}' | awk -v img="$IMAGE" '{printf "build.sh: %s: %.2f GB\n", img, $1/1e9}' >&2
