@@ -127,5 +127,5 @@ def test_a_training_run_reports_its_progress(status_server, tmp_path, monkeypatc
     assert received, "no report reached the status server"
     last = received[-1]["body"]["trainerStatus"]
     assert last["progressPercentage"] == 100 and last["estimatedRemainingSeconds"] == 0
-    assert {m["name"] for m in last["metrics"]} == {"loss", "lr", "samples_per_s", "epoch"}
+    assert {m["name"] for m in last["metrics"]} == {"step", "total_steps", "loss", "lr", "samples_per_s", "epoch"}
     assert all(r["auth"] == "Bearer pod-token" for r in received)

@@ -55,17 +55,15 @@ def test_render_into_a_file_or_over_files_is_refused(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / "pytorchjob.yaml").write_text("hand-edited\n")
+    (out / "trainjob.yaml").write_text("hand-edited\n")
     (out / "notes.txt").write_text("kept\n")
-    one_error_line(
-        ctrlnet("render", "-f", "examples/single-gpu.yaml", "-o", str(out)), "pytorchjob.yaml", "--overwrite"
-    )
-    assert (out / "pytorchjob.yaml").read_text() == "hand-edited\n"
+    one_error_line(ctrlnet("render", "-f", "examples/single-gpu.yaml", "-o", str(out)), "trainjob.yaml", "--overwrite")
+    assert (out / "trainjob.yaml").read_text() == "hand-edited\n"
     assert not (out / "configmap.yaml").exists()  # refused before anything was written
 
     proc = ctrlnet("render", "-f", "examples/single-gpu.yaml", "-o", str(out), "--overwrite")
     assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load((out / "pytorchjob.yaml").read_text())["kind"] == "PyTorchJob"
+    assert yaml.safe_load((out / "trainjob.yaml").read_text())["kind"] == "TrainJob"
     assert (out / "notes.txt").read_text() == "kept\n"
 
 
@@ -84,13 +82,13 @@ def rendered(tmp_path_factory):
 def test_validate_takes_several_paths_after_manifests(rendered, tmp_path):
     sub = tmp_path / "sub"
     sub.mkdir()
-    (sub / "pytorchjob.yaml").write_text((rendered / "pytorchjob.yaml").read_text())
+    (sub / "trainjob.yaml").write_text((rendered / "trainjob.yaml").read_text())
     files = [str(rendered / "serviceaccount.yaml"), str(sub), str(rendered / "configmap.yaml")]
     proc = ctrlnet("validate", "--manifests", *files)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("ok: 3 object(s) valid")
     # The repeated-option form still works, and so does stdin among files.
-    stdin = (rendered / "pytorchjob.yaml").read_text()
+    stdin = (rendered / "trainjob.yaml").read_text()
     proc = ctrlnet("validate", "--manifests", files[0], "--manifests", files[2], "-", stdin=stdin)
     assert proc.returncode == 0 and proc.stdout.startswith("ok: 3 object(s) valid"), proc.stdout + proc.stderr
 
@@ -182,11 +180,9 @@ def test_schema_problems_do_not_quote_env_values():
 
 
 def test_cli_validate_manifests_never_prints_the_secret(rendered, tmp_path):
-    text = (rendered / "pytorchjob.yaml").read_text()
+    text = (rendered / "trainjob.yaml").read_text()
     job = yaml.safe_load(text)
-    job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"].append(
-        {"name": "WANDB_KEY", "value": HF}
-    )
+    job["spec"]["trainer"]["env"].append({"name": "WANDB_KEY", "value": HF})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     proc = ctrlnet("validate", "--manifests", str(tmp_path / "job.yaml"), str(rendered / "configmap.yaml"))
     assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -39,11 +39,13 @@ def test_variant_renders_are_valid(variant):
 
 
 def test_overlays_only_add_what_they_are_about():
-    kueue = yaml.safe_load((ROOT / "manifests/overlays/kueue/pytorchjob-patch.yaml").read_text())
+    # The base is a TrainJob (cluster.backend auto, offline); the multi-node example sets a
+    # PyTorchJob-only setting (priority_class_name), so it and the volcano overlay are PyTorchJobs.
+    kueue = yaml.safe_load((ROOT / "manifests/overlays/kueue/trainjob-patch.yaml").read_text())
     assert {op["path"] for op in kueue} == {
         "/metadata/labels/kueue.x-k8s.io~1queue-name",
         "/metadata/labels/kueue.x-k8s.io~1priority-class",
-        "/spec/runPolicy/suspend",
+        "/spec/suspend",
     }
     volcano = yaml.safe_load((ROOT / "manifests/overlays/volcano/pytorchjob-patch.yaml").read_text())
     assert {op["path"] for op in volcano} == {

@@ -60,11 +60,13 @@ def test_render_output_dir(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "configmap.yaml",
         "networkpolicy.yaml",
-        "pytorchjob.yaml",
         "serviceaccount.yaml",
+        "trainjob.yaml",
     ]
-    job = yaml.safe_load((tmp_path / "out" / "pytorchjob.yaml").read_text())
-    assert job["kind"] == "PyTorchJob" and job["metadata"]["name"] == "fill50k-single-gpu"
+    # cluster.backend auto (the example's) renders a TrainJob offline: Trainer v2 is the main line.
+    job = yaml.safe_load((tmp_path / "out" / "trainjob.yaml").read_text())
+    assert job["kind"] == "TrainJob" and job["metadata"]["name"] == "fill50k-single-gpu"
+    assert job["spec"]["runtimeRef"]["name"] == "ctrlnet-torch"
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

@@ -269,7 +269,14 @@ class Meter:
             row["peak_memory_gib"] = round(window_peak, 3)
         left = (self.total - step) * self.samples_per_step / max(row["samples_per_s"], 1e-9)
         if self.trainjob:
-            metrics = {"loss": row["loss"], "lr": lr, "samples_per_s": row["samples_per_s"], "epoch": epoch}
+            metrics = {
+                "step": step,
+                "total_steps": self.total,
+                "loss": row["loss"],
+                "lr": lr,
+                "samples_per_s": row["samples_per_s"],
+                "epoch": epoch,
+            }
             self.trainjob.report(step=step, total=self.total, eta_s=left, metrics=metrics, force=step == self.total)
         if self.progress_lines:
             print(

@@ -288,6 +288,23 @@ seccompProfile:
 {{- end }}
 {{- end -}}
 
+{{/* The job kind: cluster.backend, where `auto` (ctrlnet's default) is TrainJob when the cluster
+serves Kubeflow Trainer v2 (helm install/upgrade see the cluster's APIs) and PyTorchJob otherwise,
+or when a PyTorchJob-only setting is set. `ctrlnet render/submit` resolve auto before the chart
+(submit also checks the runtime is installed), so the chart sees auto only from plain helm. */}}
+{{- define "ctrlnet.backend" -}}
+{{- $c := .Values.cluster -}}
+{{- if ne $c.backend "auto" -}}
+{{- $c.backend -}}
+{{- else if or $c.priority_class_name $c.ttl_seconds_after_finished -}}
+pytorchjob
+{{- else if .Capabilities.APIVersions.Has "trainer.kubeflow.org/v1alpha1/TrainJob" -}}
+trainjob
+{{- else -}}
+pytorchjob
+{{- end -}}
+{{- end -}}
+
 {{/* Scheduling fields shared by both backends' pod specs. */}}
 {{- define "ctrlnet.placement" -}}
 {{- $c := .Values.cluster -}}
@@ -318,7 +335,7 @@ fail, skipped in the pod's annotations with the reason (checkov reads `checkov.i
 <check id>=<reason>`; the reason may not contain '='). docs/kubernetes.md#hardening lists them. */}}
 {{- define "ctrlnet.scannerSkips" -}}
 {{- $c := .Values.cluster -}}
-{{- $pytorchjob := eq $c.backend "pytorchjob" -}}
+{{- $pytorchjob := eq (include "ctrlnet.backend" .) "pytorchjob" -}}
 {{- $skips := list
   "CKV_K8S_8=a batch training pod serves nothing a liveness probe could check; a hung rank ends at the collective timeout and the restart policy restarts it"
   "CKV_K8S_9=a batch training pod takes no traffic, so a readiness probe would gate nothing"
@@ -350,7 +367,7 @@ pod fields: automountServiceAccountToken, schedulerName and priorityClassName ar
 {{- define "ctrlnet.podTemplate" -}}
 {{- $root := .root -}}
 {{- $c := $root.Values.cluster -}}
-{{- $pytorchjob := eq $c.backend "pytorchjob" -}}
+{{- $pytorchjob := eq (include "ctrlnet.backend" $root) "pytorchjob" -}}
 metadata:
   labels:
     {{- include "ctrlnet.labels" $root | nindent 4 }}

@@ -93,6 +93,15 @@ RESOURCES = {
         Resource("NetworkPolicy", "networking.k8s.io", "v1", "networkpolicies"),
         Resource("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs", TRAINING_OPERATOR),
         Resource("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", KUBEFLOW_TRAINER),
+        Resource(
+            "ClusterTrainingRuntime",
+            "trainer.kubeflow.org",
+            "v1alpha1",
+            "clustertrainingruntimes",
+            KUBEFLOW_TRAINER,
+            namespaced=False,
+        ),
+        Resource("TrainingRuntime", "trainer.kubeflow.org", "v1alpha1", "trainingruntimes", KUBEFLOW_TRAINER),
         Resource("Workload", "kueue.x-k8s.io", "v1beta1", "workloads", KUEUE),
         Resource("PodGroup", "scheduling.volcano.sh", "v1beta1", "podgroups", VOLCANO),
     ]
@@ -395,7 +404,7 @@ class Kube:
                 ) from None
             if e.status == 403:
                 group = f" in API group {res.group!r}" if res and res.group else ""
-                raise ClusterError(
+                raise Forbidden(
                     f"forbidden (403): context {ctx} may not {verb} {resource}{group} in namespace {ns}; "
                     "ask a cluster admin for the ctrlnet Role (manifests/rbac/role.yaml)"
                 ) from None
@@ -433,6 +442,10 @@ class Kube:
                 f"namespace {ns!r} does not exist on the cluster of context {self.conn.context}: "
                 "check -n (kubectl get namespaces lists them)"
             )
+
+
+class Forbidden(ClusterError):
+    """403 from the server: RBAC does not allow the request (a caller may do without it)."""
 
 
 class _NotFound(Exception):

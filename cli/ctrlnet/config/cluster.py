@@ -285,8 +285,11 @@ class NetworkPolicyConfig(Section):
 class TrainJobConfig(Section):
     """Kubeflow Trainer v2 only (`backend: trainjob`)."""
 
-    runtime: str = "torch-distributed"
-    """Name of the training runtime the TrainJob references (Trainer installs `torch-distributed`)."""
+    runtime: str = "ctrlnet-torch"
+    """Name of the training runtime the TrainJob references: ctrlnet's own (manifests/runtime/
+    ctrlnet-torch.yaml: torch-distributed with ctrlnet's exit-code restart policy), or another,
+    e.g. Trainer's `torch-distributed` (no retry: any failed pod fails the job). Left unset, a
+    submit to a cluster without ctrlnet-torch uses torch-distributed and says so."""
     runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
     """Kind of that runtime: cluster-wide, or a TrainingRuntime in the job's namespace."""
     container: str = "node"
@@ -301,8 +304,13 @@ class ClusterConfig(Section):
     characters). Jobs are immutable: use one name per run."""
     namespace: str | None = None
     """Namespace of the job; unset: the Helm release namespace (`helm -n`), `default` for `ctrlnet render`."""
-    backend: Literal["pytorchjob", "trainjob"] = "pytorchjob"
-    """PyTorchJob kubeflow.org/v1 (Training Operator v1.9) or TrainJob trainer.kubeflow.org/v1alpha1 (Kubeflow Trainer v2)."""
+    backend: Literal["auto", "trainjob", "pytorchjob"] = "auto"
+    """TrainJob trainer.kubeflow.org/v1alpha1 (Kubeflow Trainer v2), PyTorchJob kubeflow.org/v1
+    (Training Operator v1.9, legacy), or `auto`: TrainJob where the cluster serves Trainer v2 with
+    the runtime (`trainjob.runtime`), else PyTorchJob; offline (`render`, `validate`) TrainJob.
+    A PyTorchJob-only setting (priority_class_name, ttl_seconds_after_finished) makes auto
+    PyTorchJob; so does volcano.queue where the cluster has the Training Operator (ctrlnet's
+    runtime has no podGroupPolicy)."""
     task: Literal["train", "precompute", "prepare"] = "train"
     """What the pods run, under the same launcher: `train` (the trainer), `precompute` (encode
     `train.data` into `train.data.cache`, each process its own shards; `ctrlnet precompute
@@ -470,10 +478,7 @@ class ClusterConfig(Section):
                 f"cache.access_mode {self.cache.access_mode} cannot be mounted by {self.nodes} nodes: use ReadWriteMany"
             )
         if self.backend == "trainjob":
-            for key, value in (
-                ("priority_class_name", self.priority_class_name),
-                ("ttl_seconds_after_finished", self.ttl_seconds_after_finished),
-            ):
+            for key, value in self.pytorchjob_only_settings():
                 if value is not None:
                     raise ValueError(
                         f"{key} is a PyTorchJob setting: with backend trainjob set it in the training runtime, or unset it"
@@ -488,7 +493,36 @@ class ClusterConfig(Section):
                 raise ValueError(f"secrets.env: {n} is set by the launcher and the Training Operator: remove it")
         return self
 
+    def pytorchjob_only_settings(self) -> list[tuple[str, object]]:
+        """(key, value) of the settings only a PyTorchJob carries (a TrainJob takes them from its runtime)."""
+        return [
+            ("priority_class_name", self.priority_class_name),
+            ("ttl_seconds_after_finished", self.ttl_seconds_after_finished),
+        ]
+
+    def backend_candidates(self) -> list[str]:
+        """The backends this config may run as, in order of preference: the one it names, or for
+        `auto` TrainJob then PyTorchJob (PyTorchJob only when a PyTorchJob-only setting is set)."""
+        if self.backend != "auto":
+            return [self.backend]
+        if any(value is not None for _, value in self.pytorchjob_only_settings()):
+            return ["pytorchjob"]
+        if self.volcano.queue:  # a TrainJob gang-schedules only under a runtime with podGroupPolicy.volcano
+            return ["pytorchjob", "trainjob"]
+        return ["trainjob", "pytorchjob"]
+
+    @property
+    def offline_backend(self) -> str:
+        """What `render` and `validate` produce without a cluster to ask: the first candidate."""
+        return self.backend_candidates()[0]
+
     @property
     def procs_per_node(self) -> int:
         """torchrun processes per pod: one per GPU, or one on a CPU-only pod."""
         return self.gpus_per_node or 1
+
+
+def with_backend(cfg, backend: str):
+    """A copy of the JobConfig `cfg` whose cluster.backend is `backend` (how `auto` is resolved:
+    offline by `render`, against the cluster by `submit`)."""
+    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"backend": backend})})
