@@ -502,11 +502,21 @@ def test_volumes_env_and_path_rewriting(cluster, api, ns):
     finally:
         del cluster.extra_env["EXTRA"]
     assert v1.read_namespaced_pod_log("env", ns) == "steps: 3 True\nfrom-the-test True True\n"
-    # env from Secrets or fields is not resolved: the container does not start
-    v1.create_namespaced_pod(
-        ns,
-        pod("ref", "", container={"env": [{"name": "P", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}),
+    # env from the pod's fields is resolved (the downward API); from Secrets it is not: the container does not start
+    fields = [
+        {"name": "P", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "L", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+        {"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['rank']"}}},
+    ]
+    fielded = pod(
+        "fields", "import os; print(os.environ['P'], os.environ['L'], os.environ['A'])", container={"env": fields}
     )
+    fielded["metadata"].update(labels={"app": "x"}, annotations={"rank": "3"})
+    v1.create_namespaced_pod(ns, fielded)
+    cluster.wait_for(lambda: cluster.get("pods", ns, "fields")["status"]["phase"] == "Succeeded")
+    assert v1.read_namespaced_pod_log("fields", ns) == "fields x 3\n"
+    secret_ref = {"secretKeyRef": {"name": "s", "key": "k"}}
+    v1.create_namespaced_pod(ns, pod("ref", "", container={"env": [{"name": "P", "valueFrom": secret_ref}]}))
     term = cluster.wait_for(
         lambda: cluster.get("pods", ns, "ref")["status"]["containerStatuses"][0]["state"]["terminated"]
     )

@@ -156,8 +156,15 @@ def test_403_names_verb_resource_and_namespace(cluster, job):
 
 def test_operator_or_queue_not_installed(tmp_path, job):
     with LoopbackCluster(tmp_path, installed=set(), run_pods=False, tls=False) as bare:
-        one_line(
+        one_line(  # cluster.backend auto: both operators named, with how to install each
             run("submit", "-f", str(job), kubeconfig=bare.kubeconfig),
+            1,
+            "no training operator can run this job",
+            "Kubeflow Trainer v2",
+            "Training Operator v1.9",
+        )
+        one_line(
+            run("submit", "-f", str(job), "--set", "cluster.backend=pytorchjob", kubeconfig=bare.kubeconfig),
             1,
             "PyTorchJob (kubeflow.org/v1) is not installed",
             "Training Operator v1.9",

@@ -1,7 +1,12 @@
 """The workstation loop end to end: `ctrlnet submit / status / logs / list / suspend / resume /
 delete` as subprocesses, through a kubeconfig, against the loopback cluster (API server, Training
-Operator and Kueue stand-ins, a kubelet that runs each pod as a local process), with outputs in a
-real S3 endpoint on loopback. CPU only: 2 pods x 1 process of the tiny base on synthetic data."""
+Operator, Kubeflow Trainer v2.3 + JobSet and Kueue stand-ins, a kubelet that runs each pod as a
+local process), with outputs in a real S3 endpoint on loopback. CPU only: 2 pods x 1 process of
+the tiny base on synthetic data.
+
+Every case runs for both backends from the same table (the `backend` fixture): a PyTorchJob
+(pods <run>-master-0, <run>-worker-0) and a TrainJob on ctrlnet's ClusterTrainingRuntime
+(manifests/runtime/ctrlnet-torch.yaml; pods <run>-node-0-<rank>-xxxxx, shown as node-<rank>)."""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from testkit.training import max_weight_diff
 pytestmark = pytest.mark.slow
 
 NS = "default"
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = ROOT / "manifests" / "runtime" / "ctrlnet-torch.yaml"
 TRAIN = {
     "data": {"synthetic_rows": 64, "resolution": 32},
     "optim": {"learning_rate": 1e-3},
@@ -55,18 +62,58 @@ def cluster(tmp_path_factory, s3_server):
             return authorize(verb, group, resource, name, namespace)
 
         c.authorize = recording
+        c.create(yaml.safe_load(RUNTIME.read_text()))  # the cluster admin's one-time install
         yield c
 
 
 REQUESTS: set[tuple[str, str, str]] = set()
 
 
+@pytest.fixture(scope="module", params=["pytorchjob", "trainjob"])
+def backend(request) -> str:
+    return request.param
+
+
+class Names:
+    """What differs between the backends: run names (both share the cluster), kinds, pod names."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.trainjob = backend == "trainjob"
+        self.kind = "TrainJob" if self.trainjob else "PyTorchJob"
+        self.roles = ("node-0", "node-1") if self.trainjob else ("master-0", "worker-0")
+
+    def run(self, base: str) -> str:
+        return f"{base}-tj" if self.trainjob else base
+
+    def selector(self, run: str) -> str:
+        return f"jobset.sigs.k8s.io/jobset-name={run}" if self.trainjob else f"training.kubeflow.org/job-name={run}"
+
+    def master(self, cluster: LoopbackCluster, run: str) -> str:
+        """The name of the rank-0 pod now (a TrainJob's changes with each JobSet restart)."""
+        if not self.trainjob:
+            return f"{run}-master-0"
+        pods = [
+            p
+            for p in cluster.list("pods", NS, self.selector(run) + ",batch.kubernetes.io/job-completion-index=0")
+            if not p["metadata"].get("deletionTimestamp")
+        ]
+        pods.sort(key=lambda p: int(p["metadata"]["labels"]["jobset.sigs.k8s.io/restart-attempt"]))
+        return pods[-1]["metadata"]["name"] if pods else f"{run}-node-0-0-none"
+
+
 @pytest.fixture(scope="module")
-def job_file(tmp_path_factory, s3_server):
+def names(backend) -> Names:
+    return Names(backend)
+
+
+@pytest.fixture(scope="module")
+def job_file(tmp_path_factory, s3_server, backend):
     def write(name: str, nodes: int = 2, train: dict | None = None, **cluster) -> Path:
+        extra = {"backend": backend} | ({"trainjob": {"runtime": "ctrlnet-torch"}} if backend == "trainjob" else {})
         doc = {
             "train": {**TRAIN, "output": s3_server.url("runs"), **(train or {})},
-            "cluster": {**CLUSTER, "name": name, "nodes": nodes, "master_port": free_port(), **cluster},
+            "cluster": {**CLUSTER, "name": name, "nodes": nodes, "master_port": free_port(), **extra, **cluster},
         }
         path = tmp_path_factory.mktemp("jobs") / f"{name}.yaml"
         path.write_text(yaml.safe_dump(doc))
@@ -104,43 +151,50 @@ def download_controlnet(s3_server, run: str, dest: Path) -> Path:
 
 # ------------------------------------------------------------------ a run, followed while it trains
 @pytest.fixture(scope="module")
-def straight(cluster, job_file, s3_server, tmp_path_factory):
+def straight(cluster, job_file, s3_server, tmp_path_factory, names):
     """`submit`, with `status -w` and `logs -f` following it from the start, to Succeeded."""
     tmp = tmp_path_factory.mktemp("straight")
-    submitted = ctrlnet(cluster, "submit", "-f", str(job_file("fill")), "--name", "fill-straight")
+    run = names.run("fill-straight")
+    submitted = ctrlnet(cluster, "submit", "-f", str(job_file("fill")), "--name", run)
     assert submitted.returncode == 0, submitted.stderr
-    watch = ctrlnet_bg(cluster, "status", "fill-straight", "-w", out=tmp / "status.txt")
-    logs = ctrlnet_bg(cluster, "logs", "fill-straight", "-f", out=tmp / "logs.txt")
+    watch = ctrlnet_bg(cluster, "status", run, "-w", out=tmp / "status.txt")
+    logs = ctrlnet_bg(cluster, "logs", run, "-f", out=tmp / "logs.txt")
     assert watch.wait(timeout=400) == 0, (tmp / "status.txt").read_text()[-3000:]
     assert logs.wait(timeout=60) == 0, (tmp / "logs.txt").read_text()[-3000:]
     return {
+        "run": run,
         "submit": submitted.stdout,
         "status": (tmp / "status.txt").read_text(),
         "logs": (tmp / "logs.txt").read_text(),
-        "model": download_controlnet(s3_server, "fill-straight", tmp / "cn"),
+        "model": download_controlnet(s3_server, run, tmp / "cn"),
     }
 
 
-def test_submit_prints_name_output_and_next_commands(straight, s3_server):
-    out = straight["submit"]
-    assert "submitted PyTorchJob fill-straight in namespace default" in out
-    assert f"outputs:  {s3_server.url('runs', 'fill-straight')}" in out
-    assert "ctrlnet status fill-straight -n default -w" in out and "ctrlnet logs fill-straight -n default -f" in out
+def test_submit_prints_name_output_and_next_commands(straight, s3_server, names):
+    out, run = straight["submit"], straight["run"]
+    assert f"submitted {names.kind} {run} in namespace default" in out
+    assert f"outputs:  {s3_server.url('runs', run)}" in out
+    assert f"ctrlnet status {run} -n default -w" in out and f"ctrlnet logs {run} -n default -f" in out
 
 
-def test_status_watch_and_logs_follow_a_two_pod_run_to_success(straight, cluster):
+def test_status_watch_and_logs_follow_a_two_pod_run_to_success(straight, cluster, names):
+    rank0, rank1 = names.roles
     lines = straight["status"].splitlines()
-    assert "Succeeded" in lines[-1] and any("master-0=Running, worker-0=Running" in ln for ln in lines)
-    assert any("step " in ln for ln in lines)  # progress read from the master's log while it ran
+    assert "Succeeded" in lines[-1] and any(f"{rank0}=Running, {rank1}=Running" in ln for ln in lines)
+    assert any("step " in ln for ln in lines)  # progress read while it ran (rank 0's log; a TrainJob's status)
     logs = straight["logs"].splitlines()
-    assert any(ln.startswith('[master-0] ctrlnet-progress {"v":1,"event":"checkpoint","step":4') for ln in logs)
-    assert any(ln.startswith("[master-0] done: 16 steps") for ln in logs)
+    assert any(ln.startswith(f'[{rank0}] ctrlnet-progress {{"v":1,"event":"checkpoint","step":4') for ln in logs)
+    assert any(ln.startswith(f"[{rank0}] done: 16 steps") for ln in logs)
     assert all(ln.startswith("[") for ln in logs if ln)  # every line whole and prefixed
-    status = status_json(cluster, "fill-straight")
+    status = status_json(cluster, straight["run"])
     assert status["phase"] == "Succeeded" and status["restarts"] == 0
-    # cleanPodPolicy Running: a worker still running when the master succeeds is removed.
-    assert status["pods"][0]["role"] == "master-0" and status["pods"][0]["exit_code"] == 0
+    # PyTorchJob, cleanPodPolicy Running: a worker still running when the master succeeds is removed.
+    assert status["pods"][0]["role"] == rank0 and status["pods"][0]["exit_code"] == 0
     assert status["progress"]["step"] == 16 and status["progress"]["checkpoint"].endswith("step-00000016")
+    if names.trainjob:  # rank 0 reported to Trainer's status server: the TrainJob's own status says it
+        assert status["progress"]["source"] == "trainerStatus" and status["progress"]["total"] == 16
+        trainer_status = cluster.get("trainjobs", NS, straight["run"])["status"]["trainerStatus"]
+        assert trainer_status["progressPercentage"] == 100
 
 
 def test_the_final_controlnet_in_the_bucket_loads_in_stock_diffusers(straight):
@@ -152,21 +206,24 @@ def test_the_final_controlnet_in_the_bucket_loads_in_stock_diffusers(straight):
 
 # ------------------------------------------------------------------ preemption
 def test_sigterm_on_the_master_restarts_the_pods_which_resume_to_the_same_weights(
-    cluster, job_file, straight, s3_server, tmp_path
+    cluster, job_file, straight, s3_server, tmp_path, names
 ):
-    assert ctrlnet(cluster, "submit", "-f", str(job_file("fill")), "--name", "fill-preempt").returncode == 0
-    logs = ctrlnet_bg(cluster, "logs", "fill-preempt", "-f", out=tmp_path / "logs.txt")
-    master = "fill-preempt-master-0"
-    cluster.wait_for(lambda: '"event":"checkpoint","step":4' in _log(cluster, master), timeout=300)
+    run = names.run("fill-preempt")
+    assert ctrlnet(cluster, "submit", "-f", str(job_file("fill")), "--name", run).returncode == 0
+    logs = ctrlnet_bg(cluster, "logs", run, "-f", out=tmp_path / "logs.txt")
+    master = cluster.wait_for(
+        lambda: (m := names.master(cluster, run)) and '"event":"checkpoint","step":4' in _log(cluster, m) and m,
+        timeout=300,
+    )
     cluster.signal_pod(NS, master, signal.SIGTERM)  # preemption: the kubelet's SIGTERM to the pod
-    cluster.wait_for(lambda: status_json(cluster, "fill-preempt")["phase"] in ("Succeeded", "Failed"), timeout=400)
+    cluster.wait_for(lambda: status_json(cluster, run)["phase"] in ("Succeeded", "Failed"), timeout=400)
     assert logs.wait(timeout=60) == 0
-    status = status_json(cluster, "fill-preempt")
+    status = status_json(cluster, run)
     assert status["phase"] == "Succeeded" and status["restarts"] >= 1, status
     text = (tmp_path / "logs.txt").read_text()
     assert "preempted at step" in text and "exiting 143" in text  # the first master's last words...
     assert "--- container re-created" in text and "resuming from" in text  # ...and its successor's
-    resumed = download_controlnet(s3_server, "fill-preempt", tmp_path / "cn")
+    resumed = download_controlnet(s3_server, run, tmp_path / "cn")
     assert max_weight_diff(straight["model"], resumed) <= 1e-6  # as if it had never been stopped
 
 
@@ -178,98 +235,110 @@ def _log(cluster, pod: str) -> str:
 
 
 # ------------------------------------------------------------------ a permanent failure
-def test_bad_data_fails_the_job_once_and_status_says_why(cluster, job_file):
+def test_bad_data_fails_the_job_once_and_status_says_why(cluster, job_file, names):
+    run = names.run("bad-data")
     path = job_file("baddata", nodes=1, train={"data": {"dataset": "/nowhere/data", "resolution": 32}})
-    result = ctrlnet(cluster, "submit", "-f", str(path), "--name", "bad-data", "--wait", timeout=300)
+    result = ctrlnet(cluster, "submit", "-f", str(path), "--name", run, "--wait", timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
-    status = status_json(cluster, "bad-data")
+    status = status_json(cluster, run)
     assert status["phase"] == "Failed" and status["restarts"] == 0
     (pod,) = status["pods"]
     assert pod["exit_code"] == 2 and pod["retryable"] is False
-    text = ctrlnet(cluster, "status", "bad-data").stdout
+    text = ctrlnet(cluster, "status", run).stdout
     assert "exited 2 (bad input" in text and "permanent: the job fails without retrying" in text
-    logs = ctrlnet(cluster, "logs", "bad-data").stdout
-    assert "[master-0] error: data.dataset '/nowhere/data' does not exist" in logs
+    logs = ctrlnet(cluster, "logs", run).stdout
+    assert f"[{names.roles[0]}] error: data.dataset '/nowhere/data' does not exist" in logs
 
 
 # ------------------------------------------------------------------ why a run waits
-def test_a_pod_that_cannot_be_scheduled_shows_the_schedulers_reason(cluster, job_file):
+def test_a_pod_that_cannot_be_scheduled_shows_the_schedulers_reason(cluster, job_file, names):
+    run = names.run("no-gpu")
     cluster.hold_pending(
         NS,
-        lambda p: p["metadata"]["name"].startswith("no-gpu-"),
+        lambda p: p["metadata"]["name"].startswith(f"{run}-"),
         message="0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
     )
     try:
-        assert ctrlnet(cluster, "submit", "-f", str(job_file("x", nodes=1)), "--name", "no-gpu").returncode == 0
-        cluster.wait_for(lambda: cluster.events(NS, "no-gpu-master-0", "FailedScheduling"), timeout=30)
-        text = ctrlnet(cluster, "status", "no-gpu").stdout
+        assert ctrlnet(cluster, "submit", "-f", str(job_file("x", nodes=1)), "--name", run).returncode == 0
+        cluster.wait_for(lambda: cluster.events(NS, names.master(cluster, run), "FailedScheduling"), timeout=30)
+        text = ctrlnet(cluster, "status", run).stdout
+        rank0 = names.roles[0]
         assert (
-            "master-0: waiting for a node (FailedScheduling): 0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+            f"{rank0}: waiting for a node (FailedScheduling): 0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
             in text
         )
-        logs = ctrlnet(cluster, "logs", "no-gpu").stdout
-        assert "[master-0] (no log yet: waiting for a node (FailedScheduling)" in logs
+        logs = ctrlnet(cluster, "logs", run).stdout
+        assert f"[{rank0}] (no log yet: waiting for a node (FailedScheduling)" in logs
     finally:
         cluster.release(NS)
-        ctrlnet(cluster, "delete", "no-gpu", "--yes")
+        ctrlnet(cluster, "delete", run, "--yes")
 
 
-def test_a_job_waiting_in_a_kueue_queue_shows_the_quota_reason(cluster, job_file):
+def test_a_job_waiting_in_a_kueue_queue_shows_the_quota_reason(cluster, job_file, names):
+    run = names.run("queued")
     path = job_file("queued", nodes=1, kueue={"queue": "team-a"})
-    submitted = ctrlnet(cluster, "submit", "-f", str(path), "--name", "queued")
+    submitted = ctrlnet(cluster, "submit", "-f", str(path), "--name", run)
     assert submitted.returncode == 0 and "queued in Kueue LocalQueue team-a" in submitted.stdout
     try:
-        cluster.wait_for(lambda: cluster.workload_for(NS, "queued"), timeout=30)
-        status = status_json(cluster, "queued")
+        wl = cluster.wait_for(lambda: cluster.workload_for(NS, run), timeout=30)
+        assert wl["metadata"]["name"].startswith(f"{names.backend}-{run}-")
+        status = status_json(cluster, run)
         assert status["phase"] == "Suspended" and status["pods"] == []
         assert status["queue"]["system"] == "kueue" and status["queue"]["name"] == "team-a"
         assert status["queue"]["state"] == "Pending" and status["queue"]["reason"]
-        text = ctrlnet(cluster, "status", "queued").stdout
+        text = ctrlnet(cluster, "status", run).stdout
         assert "queue: kueue team-a: Pending (" in text
     finally:
-        ctrlnet(cluster, "delete", "queued", "--yes")
+        ctrlnet(cluster, "delete", run, "--yes")
 
 
 # ------------------------------------------------------------------ list, suspend, resume, delete
-def test_list_suspend_resume_and_delete(cluster, job_file, s3_server):
+def test_list_suspend_resume_and_delete(cluster, job_file, s3_server, names):
+    run = names.run("life")
     path = job_file(
         "life",
         nodes=1,
         train={"loop": {"seed": 0, "batch_size": 4, "max_steps": 400}, "checkpoint": {"every_steps": 50}},
     )
-    assert ctrlnet(cluster, "submit", "-f", str(path), "--name", "life").returncode == 0
-    cluster.wait_for(lambda: '"event":"step"' in _log(cluster, "life-master-0"), timeout=120)
+    assert ctrlnet(cluster, "submit", "-f", str(path), "--name", run).returncode == 0
+    cluster.wait_for(lambda: '"event":"step"' in _log(cluster, names.master(cluster, run)), timeout=120)
 
     listing = json.loads(ctrlnet(cluster, "list", "-o", "json").stdout)
-    row = next(r for r in listing if r["name"] == "life")
-    assert row["backend"] == "pytorchjob" and row["phase"] == "Running" and row["pods"] == 1
-    assert "life" in ctrlnet(cluster, "list").stdout
+    row = next(r for r in listing if r["name"] == run)
+    assert row["backend"] == names.backend and row["phase"] == "Running" and row["pods"] == 1
+    assert run in ctrlnet(cluster, "list").stdout
 
-    suspended = ctrlnet(cluster, "suspend", "life")
-    assert suspended.returncode == 0 and "suspended life" in suspended.stdout
-    cluster.wait_for(lambda: not cluster.list("pods", NS, "training.kubeflow.org/job-name=life"), timeout=90)
-    assert status_json(cluster, "life")["phase"] == "Suspended"
-    assert "already suspended" in ctrlnet(cluster, "suspend", "life").stdout
+    suspended = ctrlnet(cluster, "suspend", run)
+    assert suspended.returncode == 0 and f"suspended {run}" in suspended.stdout
+    cluster.wait_for(lambda: not cluster.list("pods", NS, names.selector(run)), timeout=90)
+    assert status_json(cluster, run)["phase"] == "Suspended"
+    assert "already suspended" in ctrlnet(cluster, "suspend", run).stdout
 
-    resumed = ctrlnet(cluster, "resume", "life")
-    assert resumed.returncode == 0 and "resumed life" in resumed.stdout
-    cluster.wait_for(lambda: "resuming from" in _log(cluster, "life-master-0"), timeout=120)
+    resumed = ctrlnet(cluster, "resume", run)
+    assert resumed.returncode == 0 and f"resumed {run}" in resumed.stdout
+    cluster.wait_for(lambda: "resuming from" in _log(cluster, names.master(cluster, run)), timeout=120)
 
-    deleted = ctrlnet(cluster, "delete", "life", "--yes")
+    deleted = ctrlnet(cluster, "delete", run, "--yes")
     assert deleted.returncode == 0, deleted.stderr
-    assert "PyTorchJob/life" in deleted.stdout and "ConfigMap/life-config" in deleted.stdout
-    assert f"outputs kept at {s3_server.url('runs', 'life')}" in deleted.stdout
-    assert s3_server.fs.exists("ctrlnet-test/runs/life/run.json")  # outputs are never deleted
-    assert "life" not in [r["name"] for r in json.loads(ctrlnet(cluster, "list", "-o", "json").stdout)]
-    assert cluster.list("configmaps", NS, "app.kubernetes.io/instance=life") == []
+    assert f"{names.kind}/{run}" in deleted.stdout and f"ConfigMap/{run}-config" in deleted.stdout
+    assert f"outputs kept at {s3_server.url('runs', run)}" in deleted.stdout
+    assert s3_server.fs.exists(f"ctrlnet-test/runs/{run}/run.json")  # outputs are never deleted
+    assert run not in [r["name"] for r in json.loads(ctrlnet(cluster, "list", "-o", "json").stdout)]
+    assert cluster.list("configmaps", NS, f"app.kubernetes.io/instance={run}") == []
+    cluster.wait_for(lambda: not cluster.list("pods", NS, names.selector(run)), timeout=90)
 
 
 # ------------------------------------------------------------------ the Role a user needs (last: it reads what ran)
-def test_the_shipped_role_allows_every_request_the_cli_made(root=Path(__file__).resolve().parents[2]):
-    role = yaml.safe_load((root / "manifests" / "rbac" / "role.yaml").read_text())
+def test_the_shipped_role_allows_every_request_the_cli_made(backend, root=ROOT):
+    """Checked after each backend's cases (the requests of both, at the end): the namespaced Role,
+    plus the ClusterRole that reads ClusterTrainingRuntimes (cluster-scoped: a Role cannot)."""
+    rbac = root / "manifests" / "rbac"
+    docs = [yaml.safe_load((rbac / "role.yaml").read_text())]
+    docs += [d for d in yaml.safe_load_all((rbac / "runtime-reader.yaml").read_text()) if d["kind"] == "ClusterRole"]
     allowed = {
         (verb, group, resource)
-        for rule in role["rules"]
+        for doc in docs
+        for rule in doc["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]

@@ -4,8 +4,11 @@ its pod's role, `[master-0]`, `[worker-3]`.
 With `--follow` it is driven by a pod watch: a Pending pod is announced with the reason it waits
 and picked up when its container starts; a container the kubelet restarts, or a pod the operator
 deletes and re-creates (ExitCode restarts), gets a new stream from its first line; it ends when
-the job has finished and every stream has drained. One writer lock and whole lines only: lines of
-different pods never interleave mid-line.
+the job has finished and every stream has drained. Whole lines only: lines of different pods
+never interleave mid-line.
+
+`RunLogs.lines()` is the reading, an iterator of `LogLine`s (what `Client.logs` returns); the CLI
+prints them with a `Printer`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import queue
 import re
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -48,6 +52,22 @@ class LogOptions:
     pod: str | None = None
 
 
+@dataclass(frozen=True)
+class LogLine:
+    """One line of a run's log: the pod's node rank and role (`master-0`, `worker-2`, `node-1`, or
+    `ctrlnet` for a line about the run itself), and its text. `note`: a line ctrlnet adds (a pod
+    that waits, a container re-created, a stream that ended), not one the trainer printed."""
+
+    rank: int
+    role: str
+    text: str
+    pod: str | None = None
+    note: bool = False
+
+    def __str__(self) -> str:
+        return f"[{self.role}] {self.text}"
+
+
 class Printer:
     """Whole lines, one writer at a time, each with its pod's prefix."""
 
@@ -64,23 +84,40 @@ class Printer:
             self.out.write(f"{self.prefix(role, rank)} {text}\n")
             self.out.flush()
 
+    def print(self, lines: Iterable[LogLine]) -> None:
+        for line in lines:
+            self.line(line.role, line.rank, line.text)
+
 
 def use_colour(out: TextIO) -> bool:
     return out.isatty() and not os.environ.get("NO_COLOR")
 
 
+class _Ended:
+    """A stream thread's last item on the queue: every line it read is before it."""
+
+    def __init__(self, key: tuple[str, int]):
+        self.key = key
+
+
 class RunLogs:
-    def __init__(self, kube: Kube, run: Run, out: TextIO, options: LogOptions):
+    """A run's log lines, as an iterator (`lines()`); the caller prints them."""
+
+    def __init__(self, kube: Kube, run: Run, options: LogOptions):
         self.kube, self.run, self.opts = kube, run, options
         nodes = run.nodes
         if options.rank is not None and nodes and options.rank >= nodes:
             raise UserError(
                 f"--rank {options.rank}: run {run.name} has {nodes} node(s), ranks 0..{nodes - 1} (0 is the master)"
             )
-        self.printer = Printer(out, use_colour(out))
-        self.streams: dict[tuple[str, int], threading.Thread] = {}  # (pod uid, restartCount) -> reader
+        self.streams: set[tuple[str, int]] = set()  # (pod uid, restartCount) of every stream started
+        self.ended: set[tuple[str, int]] = set()  # ... and of those that have ended
         self.announced: dict[str, str] = {}  # pod uid -> the waiting reason last printed
         self.roles_seen: set[str] = set()  # roles whose log was streamed (a new pod of one is a re-creation)
+        self.queue: queue.Queue = queue.Queue()  # watch events, stream lines, stream ends, errors
+
+    def lines(self) -> Iterator[LogLine]:
+        return self.follow() if self.opts.follow else self.once()
 
     # ------------------------------------------------------------ which pods
     def wanted(self, pod: dict) -> bool:
@@ -92,39 +129,44 @@ class RunLogs:
         return True
 
     # ------------------------------------------------------------ one shot
-    def print_once(self) -> None:
+    def once(self) -> Iterator[LogLine]:
         pods = [
             p
             for p in self.kube.list("Pod", self.run.namespace, labels=self.run.backend.pod_selector(self.run.name))
             if self.wanted(p)
         ]
         if not pods:
-            self._no_pods()
+            yield self._no_pods()
         for pod in sorted(pods, key=lambda p: pod_rank(p)[0]):
             rank, role = pod_rank(pod)
+            name = pod["metadata"]["name"]
             cs = st.container_status(pod, st.trainer_container(pod)) or {}
             state = cs.get("state") or {}
             if self.opts.previous and not cs.get("lastState", {}).get("terminated"):
-                self.printer.line(role, rank, "(no previous container: it has not restarted)")
+                yield LogLine(rank, role, "(no previous container: it has not restarted)", name, note=True)
                 continue
             if not self.opts.previous and "running" not in state and "terminated" not in state:
-                self._announce(pod, force=True)
+                yield from self._announce(pod, force=True)
                 continue
             for text in self._lines(pod, follow=False, tail=self.opts.tail, since=self.opts.since_s):
-                self.printer.line(role, rank, text)
+                yield LogLine(rank, role, text, name)
 
     # ------------------------------------------------------------ following
-    def follow(self) -> None:
-        changes: queue.Queue = queue.Queue()
+    def follow(self) -> Iterator[LogLine]:
+        changes = self.queue
         stop = threading.Event()
         selector = self.run.backend.pod_selector(self.run.name)
+        ns = self.run.namespace
         threads = [
             threading.Thread(
-                target=watch_forever, args=(self.kube, "Pod", changes, stop), kwargs={"labels": selector}, daemon=True
+                target=watch_forever,
+                args=(self.kube, "Pod", changes, stop, ns),
+                kwargs={"labels": selector},
+                daemon=True,
             ),
             threading.Thread(
                 target=watch_forever,
-                args=(self.kube, self.run.backend.resource.kind, changes, stop),
+                args=(self.kube, self.run.backend.resource.kind, changes, stop, ns),
                 kwargs={"fields": f"metadata.name={self.run.name}"},
                 daemon=True,
             ),
@@ -133,10 +175,17 @@ class RunLogs:
             t.start()
         finished, seen_pods = False, False
         try:
-            while not (finished and not any(t.is_alive() for t in self.streams.values())):
+            # Not before the first pod listing: the job's watch may say "finished" first.
+            while not (finished and seen_pods and self.ended >= self.streams):
                 try:
                     item = changes.get(timeout=1.0)
                 except queue.Empty:
+                    continue
+                if isinstance(item, LogLine):
+                    yield item
+                    continue
+                if isinstance(item, _Ended):
+                    self.ended.add(item.key)
                     continue
                 if isinstance(item, Exception):
                     raise item
@@ -151,49 +200,50 @@ class RunLogs:
                 # start later (a restart, a re-created pod, a pod that was Pending) are new: all of it.
                 initial = not seen_pods
                 if initial and not objs:
-                    self._no_pods()
+                    yield self._no_pods()
                 seen_pods = True
                 for pod in objs:
                     if event["type"] != "DELETED" and self.wanted(pod):
-                        self._consider(pod, initial)
+                        yield from self._consider(pod, initial)
         finally:
             stop.set()
 
-    def _consider(self, pod: dict, initial: bool) -> None:
+    def _consider(self, pod: dict, initial: bool) -> Iterator[LogLine]:
         uid = pod["metadata"]["uid"]
         cs = st.container_status(pod, st.trainer_container(pod)) or {}
         state = cs.get("state") or {}
         instance = int(cs.get("restartCount") or 0)
         if "running" not in state and "terminated" not in state:
-            self._announce(pod)
+            yield from self._announce(pod)
             return
         key = (uid, instance)
         if key in self.streams:
             return
+        rank, role = pod_rank(pod)
+        name = pod["metadata"]["name"]
         if not initial and (instance or self._had_role(pod)):
-            rank, role = pod_rank(pod)
             what = "restarted" if instance else "re-created"
-            self.printer.line(
-                role, rank, f"--- container {what} (pod {pod['metadata']['name']}, restart {instance}) ---"
-            )
-        self.roles_seen.add(pod_rank(pod)[1])
+            yield LogLine(rank, role, f"--- container {what} (pod {name}, restart {instance}) ---", name, note=True)
+        self.roles_seen.add(role)
         tail, since = (self.opts.tail, self.opts.since_s) if initial else (None, None)
-        reader = threading.Thread(target=self._stream, args=(pod, tail, since), daemon=True)
-        self.streams[key] = reader
-        reader.start()
+        self.streams.add(key)
+        threading.Thread(target=self._stream, args=(pod, key, tail, since), daemon=True).start()
 
     def _had_role(self, pod: dict) -> bool:
         return pod_rank(pod)[1] in self.roles_seen
 
-    def _stream(self, pod: dict, tail: int | None, since: int | None) -> None:
+    def _stream(self, pod: dict, key: tuple[str, int], tail: int | None, since: int | None) -> None:
         rank, role = pod_rank(pod)
+        name = pod["metadata"]["name"]
         try:
             for text in self._lines(pod, follow=True, tail=tail, since=since):
-                self.printer.line(role, rank, text)
+                self.queue.put(LogLine(rank, role, text, name))
         except (ClusterError, UserError) as e:
-            self.printer.line(role, rank, f"(log stream ended: {e})")
+            self.queue.put(LogLine(rank, role, f"(log stream ended: {e})", name, note=True))
+        finally:
+            self.queue.put(_Ended(key))
 
-    def _announce(self, pod: dict, force: bool = False) -> None:
+    def _announce(self, pod: dict, force: bool = False) -> Iterator[LogLine]:
         rank, role = pod_rank(pod)
         events = [
             e
@@ -203,12 +253,12 @@ class RunLogs:
         reason = reason or f"{(pod.get('status') or {}).get('phase', 'Pending')}"
         if force or self.announced.get(pod["metadata"]["uid"]) != reason:
             self.announced[pod["metadata"]["uid"]] = reason
-            self.printer.line(role, rank, f"(no log yet: {reason})")
+            yield LogLine(rank, role, f"(no log yet: {reason})", pod["metadata"]["name"], note=True)
 
-    def _no_pods(self) -> None:
+    def _no_pods(self) -> LogLine:
         phase = st.job_phase(self.run.job, self.run.backend.name)[0]
         note = "it is suspended or queued" if phase in ("Suspended", "Created") else f"the job is {phase}"
-        self.printer.line("ctrlnet", 0, f"no pods for {self.run.name} yet ({note})")
+        return LogLine(0, "ctrlnet", f"no pods for {self.run.name} yet ({note})", note=True)
 
     def _lines(self, pod: dict, *, follow: bool, tail: int | None = None, since: int | None = None):
         return self.kube.log_lines(

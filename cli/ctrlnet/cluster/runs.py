@@ -13,7 +13,8 @@ and one annotation on the job and its pods:
 
 The operators add their own pod labels, which find a job's pods with their rank:
 PyTorchJob `training.kubeflow.org/job-name`, `.../replica-type`, `.../replica-index`;
-TrainJob (through JobSet) `jobset.sigs.k8s.io/jobset-name` and `.../job-index`.
+TrainJob (through JobSet and its Indexed Job) `jobset.sigs.k8s.io/jobset-name`,
+`batch.kubernetes.io/job-completion-index` (the node rank) and `jobset.sigs.k8s.io/restart-attempt`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from ctrlnet.cluster.kube import RESOURCES, Kube, Resource
 from ctrlnet.config.credentials import shown
-from ctrlnet.errors import ClusterError, UserError
+from ctrlnet.errors import ClusterError, RunNotFound, UserError
 
 PART_OF = "app.kubernetes.io/part-of"
 INSTANCE = "app.kubernetes.io/instance"
@@ -133,16 +134,32 @@ def namespace_missing(kube: Kube, namespace: str) -> bool:
         return "does not exist" in str(e)
 
 
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+RESTART_ATTEMPT = "jobset.sigs.k8s.io/restart-attempt"
+
+
 def pod_rank(pod: dict) -> tuple[int, str]:
-    """(global node rank, short name): master-0 -> (0, "master-0"), worker-2 -> (3, "worker-2")."""
-    labels = pod["metadata"].get("labels") or {}
+    """(global node rank, short name): master-0 -> (0, "master-0"), worker-2 -> (3, "worker-2");
+    a TrainJob's pods (all in the one Indexed Job `node`, so all with JobSet job-index 0) by
+    their completion index, which is what Trainer's PET_NODE_RANK reads: node-0, node-1, ..."""
+    meta = pod["metadata"]
+    labels = meta.get("labels") or {}
     rtype = labels.get("training.kubeflow.org/replica-type")
     if rtype:
         index = int(labels.get("training.kubeflow.org/replica-index", "0"))
         rank = index if rtype == "master" else index + 1
         return rank, f"{rtype}-{index}"
-    index = int(labels.get("jobset.sigs.k8s.io/job-index", labels.get("batch.kubernetes.io/job-completion-index", "0")))
+    value = labels.get(COMPLETION_INDEX) or (meta.get("annotations") or {}).get(COMPLETION_INDEX)
+    if value is None or not str(value).isdigit():
+        value = labels.get("jobset.sigs.k8s.io/job-index", "0")
+    index = int(value) if str(value).isdigit() else 0
     return index, f"node-{index}"
+
+
+def restart_attempt(pod: dict) -> int:
+    """The JobSet restart a TrainJob's pod belongs to (0 for the first run; PyTorchJob pods: 0)."""
+    value = (pod["metadata"].get("labels") or {}).get(RESTART_ATTEMPT, "0")
+    return int(value) if str(value).isdigit() else 0
 
 
 def find_run(kube: Kube, name: str, namespace: str | None = None) -> Run:
@@ -161,7 +178,7 @@ def find_run(kube: Kube, name: str, namespace: str | None = None) -> Run:
             f"namespace {ns!r} does not exist on the cluster of context {kube.conn.context}: "
             "check -n (kubectl get namespaces lists them)"
         )
-    raise UserError(
+    raise RunNotFound(
         f"no ctrlnet run {shown(name)} in namespace {ns} (context {kube.conn.context}): "
         f"`ctrlnet list -n {ns}` shows the runs there"
     )

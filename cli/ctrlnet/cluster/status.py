@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctrlnet.cluster import draw
 from ctrlnet.cluster.kube import Kube
-from ctrlnet.cluster.runs import KUEUE_QUEUE_LABEL, Run, pod_rank
+from ctrlnet.cluster.runs import KUEUE_QUEUE_LABEL, Run, pod_rank, restart_attempt
 from ctrlnet.config.progress import latest_progress
 from ctrlnet.errors import ClusterError
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 TERMINAL = ("Succeeded", "Failed")
 RETRYABLE_MIN = 128  # ExitCode restart policy: 128-255 restart the pod, 1-127 fail the job
+CTRLNET_RUNTIME = "ctrlnet-torch"  # ctrlnet's ClusterTrainingRuntime: the same meaning of exit codes
 PROGRESS_TAIL = 400  # log lines read from the master pod to find the newest progress lines
 ROW_JOBS = ("precompute", "prepare")  # progress lines whose `step` counts rows, not optimizer steps
 
@@ -41,7 +42,7 @@ class PodStatus:
     age_s: int | None
     reason: str | None = None  # why it is not running, in plain words
     exit_code: int | None = None
-    retryable: bool | None = None  # under the ExitCode policy
+    retryable: bool | None = None  # under the ExitCode policy (or ctrlnet's TrainJob runtime)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class RunStatus:
     message: str | None
     since: str | None
     restarts: int  # recreated + in_place
-    recreated: int  # pods re-created by the operator after a retryable exit (ExitCode policy)
+    recreated: int  # pods re-created by the operator after a retryable exit (ExitCode; TrainJob: JobSet restarts)
     in_place: int  # containers restarted in place by the kubelet (what backoffLimit counts)
     backoff_limit: int | None
     output: str | None
@@ -96,7 +97,7 @@ def gather(kube: Kube, run: Run, *, progress: bool = True) -> RunStatus:
         reason=reason,
         message=message,
         since=since,
-        **job_restarts(run.job, pods, events.get(run.job["metadata"].get("uid"), [])),
+        **job_restarts(run.job, pods, events.get(run.job["metadata"].get("uid"), []), run.backend.name),
         backoff_limit=_backoff_limit(run.job),
         last_exit=last_exit(events.get(run.job["metadata"].get("uid"), [])),
         output=run.output,
@@ -120,21 +121,74 @@ def _events_by_object(events: list[dict]) -> dict[str, list[dict]]:
 
 
 def read_progress(kube: Kube, run: Run, pods: list[dict]) -> dict[str, Any] | None:
-    """The newest progress line of the rank-0 pod; when it has none yet (a pod just re-created,
-    or gone), what the run's own files say, if this machine can read its output store."""
-    master = next((p for p in pods if pod_rank(p)[0] == 0), None)
-    if master is not None:
-        container = trainer_container(master)
-        state = (container_status(master, container) or {}).get("state") or {}
-        if "running" in state or "terminated" in state:
-            try:
-                name = master["metadata"]["name"]
-                lines = list(kube.log_lines(name, container, namespace=run.namespace, tail=PROGRESS_TAIL))
-            except ClusterError:  # the container changed state since the listing (a restart): no log now
-                lines = []
-            if progress := latest_progress(lines):
-                return progress
+    """A TrainJob's own status.trainerStatus first (what the trainer POSTs to Trainer's status
+    server), with the checkpoint from the rank-0 log; else the newest progress line of the rank-0
+    pod; when it has none yet (a pod just re-created, or gone), what the run's own files say, if
+    this machine can read its output store."""
+    current = max((restart_attempt(p) for p in pods), default=0)
+    master = next((p for p in pods if pod_rank(p)[0] == 0 and restart_attempt(p) == current), None)
+    reported = trainer_status_progress(run.job) if run.backend.name == "trainjob" else None
+    logged = _log_progress(kube, run, master) if master is not None else None
+    if reported is not None:
+        if logged and logged.get("checkpoint"):
+            reported["checkpoint"] = logged["checkpoint"]
+        return reported
+    if logged:
+        return logged
     return progress_from_output(run.output) if run.output else None
+
+
+def _log_progress(kube: Kube, run: Run, master: dict) -> dict[str, Any] | None:
+    """The newest progress line in the rank-0 pod's log (None: no log, or none yet)."""
+    container = trainer_container(master)
+    state = (container_status(master, container) or {}).get("state") or {}
+    if "running" not in state and "terminated" not in state:
+        return None
+    try:
+        name = master["metadata"]["name"]
+        lines = list(kube.log_lines(name, container, namespace=run.namespace, tail=PROGRESS_TAIL))
+    except ClusterError:  # the container changed state since the listing (a restart): no log now
+        return None
+    return latest_progress(lines)
+
+
+_METRICS = ("loss", "lr", "samples_per_s", "epoch")  # trainer/ctrlnet_trainer/metrics.py sends these, step, total_steps
+
+
+def trainer_status_progress(job: dict) -> dict[str, Any] | None:
+    """Progress from a TrainJob's status.trainerStatus, in latest_progress's shape (step, total,
+    loss, lr, samples_per_s, epoch, eta_s, percent, time) with "source": "trainerStatus"; None
+    when the trainer has reported nothing (a controller without the TrainJobStatus gate)."""
+    ts = ((job.get("status") or {}).get("trainerStatus")) or None
+    if not ts:
+        return None
+    metrics = {m.get("name"): m.get("value") for m in ts.get("metrics") or [] if m.get("name")}
+
+    def number(text: Any) -> float | int | None:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            return None
+        return int(value) if re.fullmatch(r"-?\d+", str(text).strip()) else value
+
+    out: dict[str, Any] = {"event": "step", "source": "trainerStatus"}
+    step, total = number(metrics.get("step")), number(metrics.get("total_steps"))
+    if step is not None:
+        out["step"] = int(step)
+    if total is not None:
+        out["total"] = int(total)
+    for name in _METRICS:
+        if (value := number(metrics.get(name))) is not None:
+            out[name] = value
+    if ts.get("progressPercentage") is not None:
+        out["percent"] = int(ts["progressPercentage"])
+    if ts.get("estimatedRemainingSeconds") is not None:
+        out["eta_s"] = int(ts["estimatedRemainingSeconds"])
+    if ts.get("lastUpdatedTime"):
+        out["time"] = ts["lastUpdatedTime"]
+    if step is not None and total is not None and step >= total:
+        out["event"] = "done"
+    return out if ("step" in out or "percent" in out) else None
 
 
 def progress_from_output(url: str) -> dict[str, Any] | None:
@@ -217,17 +271,26 @@ def job_phase(job: dict, backend: str) -> tuple[str, str | None, str | None, str
 
 
 def _backoff_limit(job: dict) -> int | None:
+    """The PyTorchJob's runPolicy.backoffLimit (a TrainJob's Job backoffLimit is in its runtime,
+    which a namespaced Role cannot read: None)."""
     spec = job.get("spec") or {}
     value = (spec.get("runPolicy") or {}).get("backoffLimit")
     return int(value) if value is not None else None
 
 
-def job_restarts(job: dict, pods: list[dict], job_events: list[dict]) -> dict[str, int]:
+def job_restarts(job: dict, pods: list[dict], job_events: list[dict], backend: str = "pytorchjob") -> dict[str, int]:
     """Restarts so far, by kind: pods the operator re-created after a retryable exit (ExitCode:
     pods it created beyond one per replica per start or resume, from its SuccessfulCreatePod
     events; Training Operator v1.9 does not count these against backoffLimit) and containers the
     kubelet restarted in place (OnFailure; these count). Events live about an hour on a real API
-    server, so older re-creations drop out of the count."""
+    server, so older re-creations drop out of the count. A TrainJob: its JobSet's restarts (each
+    re-creates every node's pod), read from the pods' restart-attempt label (no RBAC on JobSets)."""
+    in_place = sum(
+        int(cs.get("restartCount") or 0) for p in pods for cs in (p.get("status") or {}).get("containerStatuses") or []
+    )
+    if backend == "trainjob":
+        recreated = max((restart_attempt(p) for p in pods), default=0)
+        return {"restarts": recreated + in_place, "recreated": recreated, "in_place": in_place}
 
     def count(reason_suffix: str) -> int:
         return sum(int(e.get("count") or 1) for e in job_events if (e.get("reason") or "").endswith(reason_suffix))
@@ -236,9 +299,6 @@ def job_restarts(job: dict, pods: list[dict], job_events: list[dict]) -> dict[st
     replicas = sum(int(r.get("replicas") or 0) for r in specs)
     starts = 1 + count("Resumed")
     recreated = max(0, count("SuccessfulCreatePod") - replicas * starts) if replicas else 0
-    in_place = sum(
-        int(cs.get("restartCount") or 0) for p in pods for cs in (p.get("status") or {}).get("containerStatuses") or []
-    )
     return {"restarts": recreated + in_place, "recreated": recreated, "in_place": in_place}
 
 
@@ -300,6 +360,16 @@ def age_seconds(timestamp: str | None) -> int | None:
     return max(0, int((dt.datetime.now(dt.UTC) - then).total_seconds()))
 
 
+def _exit_code_policy(job: dict, role: str) -> bool:
+    """Whether 128-255 restart and 1-127 fail: a PyTorchJob replica under restartPolicy ExitCode, or
+    a TrainJob on ctrlnet's runtime (manifests/runtime/ctrlnet-torch.yaml: podFailurePolicy FailJob
+    on 1-127 and a JobSet restart otherwise)."""
+    spec = job.get("spec") or {}
+    if job.get("kind") == "TrainJob" or "runtimeRef" in spec:
+        return (spec.get("runtimeRef") or {}).get("name") == CTRLNET_RUNTIME
+    return _restart_policy(job, role) == "ExitCode"
+
+
 def _restart_policy(job: dict, role: str) -> str | None:
     specs = (job.get("spec") or {}).get("pytorchReplicaSpecs") or {}
     rtype = "Master" if role.startswith("master") else "Worker"
@@ -325,7 +395,7 @@ def pod_status(pod: dict, events: list[dict], job: dict) -> PodStatus:
         out.phase = "Terminating"
     out.reason, out.exit_code = pod_reason(pod, cs, events)
     if out.exit_code is not None and out.exit_code != 0:
-        out.retryable = out.exit_code >= RETRYABLE_MIN if _restart_policy(job, role) == "ExitCode" else None
+        out.retryable = out.exit_code >= RETRYABLE_MIN if _exit_code_policy(job, role) else None
     return out
 
 
@@ -446,7 +516,12 @@ def _run_lines(s: RunStatus) -> list[str]:
     if s.reason or s.message:
         lines.append(f"  {s.reason or ''}{': ' if s.reason and s.message else ''}{s.message or ''}")
     limit = f" (backoffLimit {s.backoff_limit})" if s.backoff_limit is not None else ""
-    if s.recreated:
+    if s.recreated and s.backend == "trainjob":
+        lines.append(
+            f"  restarts: {s.recreated} JobSet restart(s) after a retryable exit (every node's pod re-created), "
+            f"{s.in_place} in place"
+        )
+    elif s.recreated:
         lines.append(
             f"  restarts: {s.recreated} pod(s) re-created after a retryable exit, {s.in_place} in place{limit}"
         )
@@ -471,7 +546,10 @@ def _run_lines(s: RunStatus) -> list[str]:
             parts.append(f"{p['samples_per_s']:.1f} {'rows' if unit == 'rows' else 'samples'}/s")
         if p.get("eta_s") is not None and p.get("event") != "done":
             parts.append(f"ETA {human_duration(p['eta_s'])}")
-        source = " (from the output store; the rank-0 log has none yet)" if p.get("source") == "output" else ""
+        source = {
+            "output": " (from the output store; the rank-0 log has none yet)",
+            "trainerStatus": " (from the TrainJob's trainerStatus)",
+        }.get(p.get("source"), "")
         lines.append("  progress: " + ", ".join(parts) + source)
         if unit == "step":  # a precompute / prepare job has no checkpoints: its shards are its progress
             lines.append(f"  checkpoint: {p.get('checkpoint') or 'none committed yet'}")

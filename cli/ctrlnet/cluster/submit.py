@@ -20,9 +20,10 @@ A prepare job (`cluster.task: prepare`, `ctrlnet prepare --cluster`) is the same
 the one-writer rule holds for that dataset (a second prepare job into it, or a training run or a
 precompute job that would read it half-written, is refused while an unfinished prepare job writes it).
 
-Order: validate (the same checks as `ctrlnet validate`) -> check the cluster serves what the job
-needs -> server-side apply (field manager `ctrlnet`) of the ServiceAccount, ConfigMap, PVC and
-NetworkPolicy, then the job.
+Order: connect -> load the config -> resolve `cluster.backend` against the cluster (`auto` ->
+PyTorchJob or TrainJob: `resolve_backend`, the one place) -> name, place, render -> validate (the
+same checks as `ctrlnet validate`) -> check the cluster serves what the job needs -> server-side
+apply (field manager `ctrlnet`) of the ServiceAccount, ConfigMap, PVC and NetworkPolicy, then the job.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import secrets
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 from ctrlnet.cluster.kube import RESOURCES, Kube
 from ctrlnet.cluster.runs import BACKENDS, KUEUE_QUEUE_LABEL, MANAGED_BY, OUTPUT_ANNOTATION, TOOL, Run, tool_selector
@@ -37,6 +39,7 @@ from ctrlnet.config import JobConfig, load_job_config
 from ctrlnet.config.cluster import DNS1035, MAX_NAME
 from ctrlnet.config.contract import RUN_FILE
 from ctrlnet.config.credentials import shown
+from ctrlnet.config.loading import validate
 from ctrlnet.errors import ClusterError, UserError
 
 _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
@@ -69,6 +72,7 @@ class Plan:
     name: str
     namespace: str
     output: str
+    note: str | None = None  # what resolving the backend against the cluster has to say
 
     @property
     def backend(self):
@@ -99,13 +103,47 @@ def check_name(name: str) -> None:
         )
 
 
-def plan(file: str | None, overrides: list[str], *, name: str | None, namespace: str) -> Plan:
-    """Load, name, place and validate the run; render its objects. Raises on any problem."""
+def load(job: JobConfig | str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """The job to submit, validated for a cluster: a JobConfig (plus overrides), or a job file
+    (plus overrides) read as `ctrlnet submit -f FILE --set ...` reads it."""
+    if isinstance(job, JobConfig):
+        cfg = job.with_overrides(list(overrides)) if overrides else job
+        if cfg._source is not None:  # from_file / with_overrides: validated for a cluster already
+            return cfg
+        # Built in code (JobConfig(...), model_validate): the cluster's rules too. What was set
+        # stays what was set (resolving `auto` tells a default from a choice).
+        return validate(JobConfig, cfg.model_dump(mode="json", exclude_unset=True), {"target": "cluster"})
+    return load_job_config(job, list(overrides), for_cluster=True)
+
+
+def resolve_backend(kube: Kube, cfg: JobConfig) -> tuple[JobConfig, str | None]:
+    """THE place where the job's backend is resolved against the cluster (`cluster.backend: auto`
+    -> PyTorchJob or TrainJob, and the TrainJob's runtime): the config to render, and a note for
+    the user (or None). Once connected, before rendering."""
+    from ctrlnet.cluster.backend_choice import choose_backend
+
+    return choose_backend(kube, cfg)
+
+
+def plan(
+    job: JobConfig | str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    name: str | None,
+    namespace: str,
+    kube: Kube | None = None,
+) -> Plan:
+    """Load (a job file or a JobConfig, plus overrides), resolve the backend against the cluster
+    (when `kube` is given; else `auto` renders as `ctrlnet render` does), name, place and validate
+    the run; render its objects. Raises on any problem."""
     if name is not None:
         check_name(name)
     from ctrlnet.k8s.render import render_objects
 
-    base = load_job_config(file, overrides, for_cluster=True)
+    base = load(job, overrides)
+    note = None
+    if kube is not None:
+        base, note = resolve_backend(kube, base)
     if base.cluster.task == "precompute":  # writes the cache the config names (validated: it is set)
         run_name = name or generated_name(base.cluster.name, PRECOMPUTE_SUFFIX)
         output = base.train.data.cache
@@ -119,14 +157,12 @@ def plan(file: str | None, overrides: list[str], *, name: str | None, namespace:
     objects = render_objects(cfg)
     for obj in objects:  # `ctrlnet submit` objects say so; a Helm release of the same chart says Helm
         obj["metadata"].setdefault("labels", {})[MANAGED_BY] = TOOL
-    return Plan(cfg, objects, run_name, namespace, output)
+    return Plan(cfg, objects, run_name, namespace, output, note)
 
 
 def _placed(base: JobConfig, name: str, namespace: str, output: str) -> JobConfig:
     """`base` with the values a submit decides: name, namespace, the output annotation and (for a
     training run) its output prefix."""
-    from ctrlnet.config.loading import validate
-
     data = base.model_dump(mode="json")
     data["cluster"].update(name=name, namespace=namespace)
     data["cluster"]["annotations"] = {**data["cluster"]["annotations"], OUTPUT_ANNOTATION: output}

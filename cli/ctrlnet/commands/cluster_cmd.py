@@ -1,7 +1,7 @@
 """The workstation loop: `submit`, `status`, `logs`, `list`, `delete`, `suspend`, `resume`.
 
-Command bodies parse options and print; the work is in ctrlnet.cluster (imported inside the
-bodies, so `ctrlnet --help` never loads the kubernetes client)."""
+Command bodies parse options and print; the work is done by the Python API, `ctrlnet.client.Client`
+(imported inside the bodies, so `ctrlnet --help` never loads the kubernetes client)."""
 
 from __future__ import annotations
 
@@ -31,11 +31,10 @@ def _format(value: str, allowed: tuple[str, ...] = FORMATS) -> str:
     return value
 
 
-def _kube(context: str | None, namespace: str | None):
-    from ctrlnet.cluster.connect import connect
-    from ctrlnet.cluster.kube import Kube
+def _client(context: str | None, namespace: str | None):
+    from ctrlnet.client import Client
 
-    return Kube(connect(context, namespace))
+    return Client(context, namespace)
 
 
 def _emit(doc, fmt: str) -> None:
@@ -74,69 +73,56 @@ def submit_job(
     """`ctrlnet submit` (a training run, or a precompute job when the config says cluster.task:
     precompute, or `task` does): validate, check the cluster, apply, print what was done (and
     follow it with --wait)."""
-    from ctrlnet.cluster import submit as sub
+    from ctrlnet.errors import ObjectsInvalid
 
     fmt = _format(output, ("text", "json"))
     if file is None and not overrides:
         raise UserError("no job config: pass one with -f job.yaml (see examples/)")
     if task:
         overrides = [*overrides, f"cluster.task={task}"]
-    kube = _kube(context, namespace)
-    plan = sub.plan(file, overrides, name=name, namespace=namespace or kube.namespace)
-    warnings: list[str] = []
-    problems = sub.problems(plan, kube_version, warnings)
-    if problems:
-        for line in problems:
+    client = _client(context, namespace).connect()  # a kubeconfig problem before a config problem
+    try:
+        run = client.submit(file, overrides, name=name, dry_run=dry_run, kube_version=kube_version)
+    except ObjectsInvalid as e:
+        for line in e.problems:
             typer.echo(line)
-        typer.echo(f"{len(problems)} problem(s) in the objects of run {plan.name}; nothing was sent", err=True)
-        raise typer.Exit(1)
-    sub.check_cluster(kube, plan)
-    applied = sub.apply(kube, plan, dry_run=dry_run)
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
+    if run.note and fmt != "json":
+        typer.echo(run.note, err=True)
     if fmt == "json":
-        _emit(
-            {
-                "name": plan.name,
-                "namespace": plan.namespace,
-                "backend": plan.backend.name,
-                "task": plan.cfg.cluster.task,
-                "output": plan.output,
-                "dry_run": dry_run,
-                "warnings": warnings,
-                "objects": applied
-                if dry_run
-                else [{"kind": o["kind"], "name": o["metadata"]["name"]} for o in applied],
-            },
-            "json",
-        )
+        doc = run.as_dict()
+        if run.note:
+            doc["note"] = run.note
+        _emit(doc, "json")
     elif dry_run:
         from ctrlnet.k8s.render import dump_objects
 
-        typer.echo(dump_objects(applied), nl=False)
+        typer.echo(dump_objects(run.objects), nl=False)
         typer.echo(
-            f"dry run: the API server accepted {len(applied)} object(s) for run {plan.name} in "
-            f"{plan.namespace}; nothing was created",
+            f"dry run: the API server accepted {len(run.objects)} object(s) for run {run.name} in "
+            f"{run.namespace}; nothing was created",
             err=True,
         )
     else:
-        ns = f" -n {plan.namespace}"
-        typer.echo(f"submitted {plan.backend.resource.kind} {plan.name} in namespace {plan.namespace}")
-        where = "cache:   " if plan.precompute else "dataset: " if plan.prepare else "outputs: "
-        typer.echo(f"  {where} {plan.output}")
-        if sub.queue_of(plan):
-            typer.echo(f"  queued in Kueue LocalQueue {sub.queue_of(plan)}: it starts when admitted")
-        typer.echo(f"  status:   ctrlnet status {plan.name}{ns} -w")
-        typer.echo(f"  logs:     ctrlnet logs {plan.name}{ns} -f")
-        typer.echo(f"  delete:   ctrlnet delete {plan.name}{ns}")
-        if warning := sub.output_warning(plan):
-            log.warning(warning)
+        ns = f" -n {run.namespace}"
+        typer.echo(f"submitted {run.kind} {run.name} in namespace {run.namespace}")
+        where = {"precompute": "cache:   ", "prepare": "dataset: "}.get(run.task, "outputs: ")
+        typer.echo(f"  {where} {run.output}")
+        if run.queue:
+            typer.echo(f"  queued in Kueue LocalQueue {run.queue}: it starts when admitted")
+        typer.echo(f"  status:   ctrlnet status {run.name}{ns} -w")
+        typer.echo(f"  logs:     ctrlnet logs {run.name}{ns} -f")
+        typer.echo(f"  delete:   ctrlnet delete {run.name}{ns}")
+        if run.output_warning:
+            log.warning(run.output_warning)
     if fmt != "json":  # after the outcome, so a refusal stays one line; -o json carries them
-        for w in warnings:
+        for w in run.warnings:
             log.warning(w)
     if wait and not dry_run:
-        from ctrlnet.cluster.follow import follow_status
-        from ctrlnet.cluster.runs import find_run
+        from ctrlnet.cluster.follow import show_changes
 
-        final = follow_status(kube, find_run(kube, plan.name, plan.namespace), sys.stdout, tty=False)
+        final = show_changes(client.watch(run.name), sys.stdout, tty=False)
         raise typer.Exit(0 if final.phase == "Succeeded" else 1)
 
 
@@ -185,17 +171,15 @@ def status(
 ) -> None:
     """Show a run: phase and why, queue, every rank's pod, training progress."""
     from ctrlnet.cluster import status as st
-    from ctrlnet.cluster.runs import find_run
 
     fmt = _format(output)
-    kube = _kube(context, namespace)
-    run = find_run(kube, name)
+    client = _client(context, namespace)
     if watch:
-        from ctrlnet.cluster.follow import follow_status
+        from ctrlnet.cluster.follow import show_changes
 
-        final = follow_status(kube, run, sys.stdout, tty=sys.stdout.isatty() and fmt == "text", fmt=fmt)
+        final = show_changes(client.watch(name), sys.stdout, tty=sys.stdout.isatty() and fmt == "text", fmt=fmt)
         raise typer.Exit(0 if final.phase != "Failed" else 1)
-    s = st.gather(kube, run)
+    s = client.status(name)
     if fmt == "text":
         from ctrlnet.cluster.draw import show
 
@@ -220,25 +204,12 @@ def logs(
     timestamps: Annotated[bool, typer.Option("--timestamps", help="Prefix each line with its time.")] = False,
 ) -> None:
     """Print every rank's log, prefixed per pod; -f follows the run to its end."""
-    from ctrlnet.cluster.logs import LogOptions, RunLogs, parse_since
-    from ctrlnet.cluster.runs import find_run
+    from ctrlnet.cluster.logs import Printer, use_colour
 
-    if rank is not None and pod is not None:
-        raise UserError("give --rank or --pod, not both")
-    if previous and follow:
-        raise UserError("--previous shows a finished container's log: it cannot be followed; drop -f")
-    options = LogOptions(
-        follow=follow,
-        tail=tail,
-        since_s=parse_since(since),
-        previous=previous,
-        timestamps=timestamps,
-        rank=rank,
-        pod=pod,
+    lines = _client(context, namespace).logs(
+        name, follow=follow, rank=rank, pod=pod, tail=tail, since=since, previous=previous, timestamps=timestamps
     )
-    kube = _kube(context, namespace)
-    run_logs = RunLogs(kube, find_run(kube, name), sys.stdout, options)
-    run_logs.follow() if follow else run_logs.print_once()
+    Printer(sys.stdout, use_colour(sys.stdout)).print(lines)
 
 
 def list_runs(
@@ -249,25 +220,17 @@ def list_runs(
 ) -> None:
     """List this tool's runs: name, backend, phase, pods ready, step, age."""
     from ctrlnet.cluster.draw import show
-    from ctrlnet.cluster.listing import list_runs as gather_runs
     from ctrlnet.cluster.listing import table
 
     fmt = _format(output, ("text", "json"))
-    kube = _kube(context, namespace)
-    rows = gather_runs(kube, all_namespaces=all_namespaces)
+    client = _client(context, namespace)
+    rows = [r.as_dict() for r in client.list(all_namespaces=all_namespaces)]
     if fmt == "json":
         _emit(rows, "json")
     elif rows:
         show(table(rows, all_namespaces), sys.stdout)
     else:
-        from ctrlnet.cluster.runs import namespace_missing
-
-        if not all_namespaces and namespace_missing(kube, kube.namespace):
-            raise UserError(
-                f"namespace {kube.namespace!r} does not exist on the cluster of context {kube.conn.context}: "
-                "check -n (kubectl get namespaces lists them)"
-            )
-        where = "any namespace" if all_namespaces else f"namespace {kube.namespace}"
+        where = "any namespace" if all_namespaces else f"namespace {client.namespace}"
         typer.echo(f"no ctrlnet runs in {where}", err=True)
 
 
@@ -278,53 +241,42 @@ def delete(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete a run: the job and every object submitted with it. Its outputs are kept."""
-    from ctrlnet.cluster.lifecycle import delete_run
-    from ctrlnet.cluster.runs import find_run, require_ours
-    from ctrlnet.errors import ClusterError
+    from ctrlnet.errors import DeleteIncomplete
 
-    kube = _kube(context, namespace)
-    run = find_run(kube, name)
-    require_ours(kube, run, "delete")  # before asking
-    if not yes:
+    def ask(run: str, run_namespace: str) -> bool:  # after the run is found and known to be ours
         if not sys.stdin.isatty():
             raise UserError(f"delete {name}: confirm with --yes (no terminal to ask on)")
-        typer.confirm(f"delete run {name} in namespace {run.namespace} (its pods stop; outputs are kept)?", abort=True)
-    fates = delete_run(kube, run)
-    deleted = [f.object for f in fates if f.deleted]
-    failed = [f for f in fates if not f.deleted and f.why != "already gone"]
-    if deleted:
-        typer.echo(f"deleted {', '.join(deleted)}")
-    for fate in failed:
-        typer.echo(str(fate))
-    if run.output:
-        typer.echo(f"outputs kept at {run.output}")
-    if failed:
-        raise ClusterError(
-            f"{len(failed)} object(s) of run {run.name} were not deleted (each listed above with why); "
-            f"fix that and run `ctrlnet delete {run.name} -n {run.namespace}` again"
+        return typer.confirm(
+            f"delete run {name} in namespace {run_namespace} (its pods stop; outputs are kept)?", abort=True
         )
+
+    error = None
+    try:
+        result = _client(context, namespace).delete(name, confirm=None if yes else ask)
+    except DeleteIncomplete as e:
+        result, error = e.result, e
+    if result.deleted:
+        typer.echo(f"deleted {', '.join(result.deleted)}")
+    for fate in result.failed:
+        typer.echo(str(fate))
+    if result.output:
+        typer.echo(f"outputs kept at {result.output}")
+    if error is not None:
+        raise error
 
 
 def suspend(
     name: Annotated[str, typer.Argument(help="Run name.")], namespace: Namespace = None, context: Context = None
 ) -> None:
     """Suspend a run: its pods stop (the trainer checkpoints on SIGTERM); `ctrlnet resume` continues it."""
-    from ctrlnet.cluster.lifecycle import set_suspended
-    from ctrlnet.cluster.runs import find_run
-
-    kube = _kube(context, namespace)
-    typer.echo(set_suspended(kube, find_run(kube, name), True))
+    typer.echo(_client(context, namespace).suspend(name))
 
 
 def resume(
     name: Annotated[str, typer.Argument(help="Run name.")], namespace: Namespace = None, context: Context = None
 ) -> None:
     """Resume a suspended run: new pods continue from its latest checkpoint."""
-    from ctrlnet.cluster.lifecycle import set_suspended
-    from ctrlnet.cluster.runs import find_run
-
-    kube = _kube(context, namespace)
-    typer.echo(set_suspended(kube, find_run(kube, name), False))
+    typer.echo(_client(context, namespace).resume(name))
 
 
 def register(app: typer.Typer) -> None:

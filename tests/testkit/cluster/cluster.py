@@ -7,7 +7,8 @@
 What runs: an HTTP API server (server.py, registry.py, fields.py) that validates what it accepts
 against the real schemas and answers errors as Status objects; a controller loop (controllers.py)
 with the garbage collector and the scheduler; the Training Operator v1.9 and Kueue stand-ins
-(operator.py); and a kubelet (kubelet.py) that runs each pod's containers as local processes.
+(operator.py); the Kubeflow Trainer v2.3, JobSet and Job stand-ins (trainer_v2.py); and a kubelet
+(kubelet.py) that runs each pod's containers as local processes.
 It serves what ctrlnet and its tests use; each module's docstring says what it does not emulate.
 """
 
@@ -29,11 +30,12 @@ from . import errors as E
 from .controllers import ControllerManager, Scheduler, garbage_collector
 from .errors import ApiError
 from .kubelet import Kubelet
-from .operator import KueueController, PyTorchJobController, kueue_webhook, workload_name
+from .operator import KueueController, PyTorchJobController, kueue_webhook
 from .registry import Ctx, Registry, Selector, ts
 from .resources import Catalog, ResourceType, installed_types
 from .server import _Server
 from .store import Store
+from .trainer_v2 import JobSetController, TrainJobController
 
 DEFAULT_INSTALLED = frozenset({"pytorchjobs", "trainjobs", "workloads"})
 Pod = dict[str, Any]
@@ -44,9 +46,9 @@ class LoopbackCluster:
 
     Args:
         root: a folder for the kubeconfig, pod folders and volumes (e.g. pytest's tmp_path).
-        installed: CRD installs: "pytorchjobs" (Training Operator), "trainjobs" (Trainer v2:
-            TrainJob, ClusterTrainingRuntime), "workloads"/"kueue" (the Kueue CRDs). Everything
-            else is absent from discovery and answers 404.
+        installed: CRD installs: "pytorchjobs" (Training Operator), "trainjobs" (Trainer v2.3:
+            TrainJob, ClusterTrainingRuntime, TrainingRuntime, and JobSet), "workloads"/"kueue"
+            (the Kueue CRDs). Everything else is absent from discovery and answers 404.
         run_pods: run the scheduler and the kubelet (pods become processes). False: pods stay
             Pending, unscheduled, unless a test sets their state (set_waiting/set_terminated/evict).
         env: extra environment for every pod process (e.g. an S3 endpoint of a local moto).
@@ -56,6 +58,9 @@ class LoopbackCluster:
         image: a testkit.container.Image: the kubelet runs every pod's containers from the built
             image as the pod spec says (testkit.container), on the host's network, instead of
             their commands as local processes. Needs root.
+        trainer_status: Kubeflow Trainer's TrainJobStatus feature gate: TrainJob pods get
+            KUBEFLOW_TRAINER_SERVER_URL/_TOKEN and a projected token, and the API server answers
+            POST <status path> as Trainer's status server (trainer_v2.py, server.py).
 
     The kubeconfig has the contexts `loopback` (current; namespace default) and `bad-token` (a
     wrong token: 401). `authorize(verb, group, resource, name, namespace)` is called for every
@@ -75,6 +80,7 @@ class LoopbackCluster:
         watch_history: int = 1000,
         image=None,
         verbose: bool = False,
+        trainer_status: bool = True,
     ):
         if tls:
             raise ValueError("the loopback API server speaks plain HTTP only")
@@ -86,6 +92,8 @@ class LoopbackCluster:
         self.max_grace_seconds = max_grace_seconds
         self.image = image
         self.verbose = verbose
+        self.trainer_status = trainer_status
+        self._sa_tokens: dict[str, tuple[str, str]] = {}  # projected token -> (namespace, audience)
         self.user = "loopback"
         self.token = "loopback-" + uuid.uuid4().hex
         self.node_name = "loopback-node"
@@ -130,6 +138,8 @@ class LoopbackCluster:
         loop = [
             lambda: garbage_collector(self),
             PyTorchJobController(self),
+            TrainJobController(self),
+            JobSetController(self),
             self.kueue,
             self.scheduler,
             self.kubelet.sync,
@@ -175,8 +185,21 @@ class LoopbackCluster:
         self._server.server_close()
         self._server = None
 
+    def service_account_token(self, namespace: str, audience: str) -> str:
+        """A projected service-account token for a pod of `namespace` (what the kubelet writes
+        for a serviceAccountToken volume source); the status server checks its audience."""
+        token = "loopback-sa-" + uuid.uuid4().hex
+        with self._port_lock:
+            self._sa_tokens[token] = (namespace, audience)
+        return token
+
+    def token_claims(self, token: str) -> tuple[str, str] | None:
+        """(namespace, audience) of a token service_account_token issued, else None."""
+        return self._sa_tokens.get(token)
+
     def job_port(self, namespace: str, job: str, port: int) -> int:
-        """The loopback port that stands in for `port` of a PyTorchJob's master (one per job)."""
+        """The loopback port that stands in for `port` of a PyTorchJob's master or a JobSet's
+        first pod (one per job)."""
         with self._port_lock:
             if (namespace, job, port) not in self._ports:
                 with socket.socket() as s:
@@ -262,7 +285,7 @@ class LoopbackCluster:
         """A short text dump of jobs, pods and recent events (for failure messages)."""
         lines = []
         for t in self.catalog.types:
-            if t.kind in ("PyTorchJob", "Pod", "Workload", "TrainJob"):
+            if t.kind in ("PyTorchJob", "Pod", "Workload", "TrainJob", "JobSet"):
                 for o in self.list(t.plural):
                     st = o.get("status") or {}
                     conds = [
@@ -406,9 +429,10 @@ class LoopbackCluster:
     # --- Kueue -----------------------------------------------------------------------------------
 
     def admit_workload(self, namespace: str, job: str, cluster_queue: str = "cluster-queue") -> dict[str, Any]:
-        """Admit the Workload of PyTorchJob `job` (QuotaReserved and Admitted True); Kueue then unsuspends the job."""
+        """Admit the Workload of PyTorchJob or TrainJob `job` (QuotaReserved and Admitted True);
+        Kueue then unsuspends the job."""
         return self.kueue.admit(namespace, job, cluster_queue)
 
     def workload_for(self, namespace: str, job: str) -> dict[str, Any] | None:
-        j = self.get("pytorchjobs", namespace, job)
-        return self.get("workloads", namespace, workload_name(job, j["metadata"]["uid"])) if j else None
+        """The Workload of PyTorchJob or TrainJob `job`, or None."""
+        return self.kueue.workload_for(namespace, job)

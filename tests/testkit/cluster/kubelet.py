@@ -6,19 +6,24 @@ How a container becomes a process:
   `python`/`python3`/`pythonX.Y` runs `sys.executable`; another bare name is looked up next to
   `sys.executable` first (the venv's `torchrun`, `ctrlnet`), then PATH;
 * env: PATH, VIRTUAL_ENV, PYTHONPATH, LANG/LC_ALL/TZ of the test process, HOME and TMPDIR in the
-  pod's own folder, HOSTNAME = pod name, the cluster's extra env, then the container's `value`
-  env (`valueFrom`/`envFrom` are not resolved: the container fails to start, StartError);
+  pod's own folder, HOSTNAME = pod name, the cluster's extra env, then the container's env:
+  `value`, and `valueFrom.fieldRef` (metadata.name/namespace/uid, metadata.labels['x'],
+  metadata.annotations['x'], spec.nodeName, spec.serviceAccountName, status.podIP/hostIP);
+  other `valueFrom` and `envFrom` are not resolved: the container fails to start, StartError;
 * volumes are per-pod local folders (configMap/secret: their keys as files, the pod waits in
   ContainerCreating with FailedMount Events while one is missing; emptyDir: a folder, a subPath a
-  folder in it; persistentVolumeClaim: one folder per claim for the cluster's lifetime). Every
+  folder in it; projected: serviceAccountToken sources as a token the cluster issued for that
+  audience, configMap/secret sources as their items; persistentVolumeClaim: one folder per claim
+  for the cluster's lifetime). Every
   command/arg/env value and workingDir that starts with a volumeMount's mountPath (also
   `--flag=<mountPath>...`) is rewritten to the local folder: that is how
   `/etc/ctrlnet/config.yaml` is found;
-* host names of the pod's namespace (pods and services, with `.ns[.svc[.cluster.local]]`, and the
-  PyTorchJob replica names `<job>-master-0`/`<job>-worker-N`) in env values and args become
-  127.0.0.1: every pod shares the loopback interface. So that jobs do not collide on it,
-  MASTER_PORT/PET_MASTER_PORT of a PyTorchJob's pods become a free port chosen once per
-  (namespace, job, port);
+* host names of the pod's namespace (pods, services and pods' `<hostname>[.<subdomain>]`, with
+  `.ns[.svc[.cluster.local]]`, the PyTorchJob replica names `<job>-master-0`/`<job>-worker-N`
+  and a JobSet's `<jobset>-<replicatedJob>-<i>-<index>[.<subdomain>]`) in env values and args
+  become 127.0.0.1: every pod shares the loopback interface. So that jobs do not collide on it,
+  MASTER_PORT/PET_MASTER_PORT of a PyTorchJob's or a JobSet's pods become a free port chosen once
+  per (namespace, job, port);
 * stdout+stderr become the container log (line by line, timestamped); the exit code becomes
   `state.terminated` (0 Completed, else Error; 128+signal when killed). Containers are not
   restarted in place (restartPolicy Always/OnFailure: the pod just ends; ctrlnet's jobs use the
@@ -58,6 +63,7 @@ if TYPE_CHECKING:
 
 PY = re.compile(r"^python(3(\.\d+)?)?$")
 L_JOB = "training.kubeflow.org/job-name"
+L_JOBSET = "jobset.sigs.k8s.io/jobset-name"
 
 
 class MountError(Exception):
@@ -240,6 +246,11 @@ class PodRuntime(threading.Thread):
                 target.mkdir(parents=True)
                 for key, value in (obj.get("data") or {}).items():
                     (target / key).write_bytes(base64.b64decode(value) if kind == "secret" else str(value).encode())
+            elif "projected" in v:
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(parents=True)
+                for src in v["projected"].get("sources") or []:
+                    self._project(src, target)
             elif "persistentVolumeClaim" in v:
                 target = self.k.cluster.root / "pvcs" / self.ns / v["persistentVolumeClaim"]["claimName"]
                 target.mkdir(parents=True, exist_ok=True)
@@ -247,6 +258,33 @@ class PodRuntime(threading.Thread):
                 target.mkdir(parents=True, exist_ok=True)
             mounts[v["name"]] = target
         self.mounts = mounts
+
+    def _project(self, src: dict[str, Any], target: Path) -> None:
+        """One source of a projected volume: a serviceAccountToken (a token the cluster issues for
+        its audience), a configMap or secret (its items, or every key)."""
+        if "serviceAccountToken" in src:
+            sat = src["serviceAccountToken"]
+            token = self.k.cluster.service_account_token(self.ns, sat.get("audience") or "")
+            (target / sat["path"]).write_text(token)
+            return
+        for kind in ("configMap", "secret"):
+            if kind not in src:
+                continue
+            ref = src[kind]
+            obj = self.k.cluster.store.get(("", kind.lower() + "s"), self.ns, ref.get("name") or "")
+            if obj is None:
+                if ref.get("optional"):
+                    return
+                raise MountError(
+                    f'MountVolume.SetUp failed for volume "projected" : {kind.lower()} "{ref.get("name")}" not found'
+                )
+            data = obj.get("data") or {}
+            items = ref.get("items") or [{"key": k, "path": k} for k in data]
+            for it in items:
+                value = data.get(it["key"], "")
+                path = target / it["path"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(base64.b64decode(value) if kind == "secret" else str(value).encode())
 
     def _mount_map(self, c: dict[str, Any]) -> list[tuple[str, str]]:
         """(mountPath, local folder) of the container's mounts, longest mountPath first."""
@@ -271,21 +309,55 @@ class PodRuntime(threading.Thread):
     def _host_pattern(self) -> re.Pattern[str]:
         store = self.k.cluster.store
         names = {o["metadata"]["name"] for plural in ("services", "pods") for o in store.list(("", plural), self.ns)}
+        for p in store.list(("", "pods"), self.ns):  # <hostname>.<subdomain>
+            host, sub = p["spec"].get("hostname"), p["spec"].get("subdomain")
+            if host:
+                names.add(host)
+                if sub:
+                    names.add(f"{host}.{sub}")
         alts = [re.escape(n) for n in sorted(names, key=len, reverse=True)]
-        job = (self.pod["metadata"].get("labels") or {}).get(L_JOB)
+        labels = self.pod["metadata"].get("labels") or {}
+        job = labels.get(L_JOB)
         if job:
             alts.insert(0, re.escape(job) + r"-(?:master|worker)-\d+")
+        jobset = labels.get(L_JOBSET)
+        if jobset:  # a JobSet pod's peers, before they exist: <jobset>-<replicatedJob>-<i>-<index>[.<subdomain>]
+            sub = re.escape(self.pod["spec"].get("subdomain") or jobset)
+            alts.insert(0, re.escape(jobset) + rf"-[a-z0-9-]+?-\d+-\d+(?:\.{sub})?")
         ns = re.escape(self.ns)
         return re.compile(
-            rf"(?<![A-Za-z0-9.-])(?:{'|'.join(alts) or '(?!)'})(?:\.{ns}(?:\.svc(?:\.cluster\.local)?)?)?(?![A-Za-z0-9-])"
+            # not inside a path (/var/run/...), but after a URL's // (http://<job>-master-0:23456)
+            rf"(?:(?<=//)|(?<![A-Za-z0-9./-]))(?:{'|'.join(alts) or '(?!)'})(?:\.{ns}(?:\.svc(?:\.cluster\.local)?)?)?(?![A-Za-z0-9-])"
         )
 
+    def _field_ref(self, path: str) -> str:
+        """A downward-API fieldRef, as the kubelet resolves it."""
+        meta, m = self.pod["metadata"], re.match(r"^metadata\.(labels|annotations)\['([^']+)'\]$", path)
+        if m:
+            return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
+        simple = {
+            "metadata.name": meta["name"],
+            "metadata.namespace": meta["namespace"],
+            "metadata.uid": meta["uid"],
+            "spec.nodeName": self.pod["spec"].get("nodeName") or self.k.node,
+            "spec.serviceAccountName": self.pod["spec"].get("serviceAccountName") or "default",
+            "status.podIP": "127.0.0.1",
+            "status.hostIP": "127.0.0.1",
+        }
+        if path not in simple:
+            raise ValueError(f'unsupported fieldRef "{path}"')
+        return simple[path]
+
     def _env(self, c: dict[str, Any], hosts: re.Pattern[str], mm: list[tuple[str, str]]) -> dict[str, str]:
-        if c.get("envFrom") or any("valueFrom" in e for e in c.get("env") or []):
-            raise ValueError("the loopback kubelet resolves no valueFrom/envFrom: give env values")
-        job = (self.pod["metadata"].get("labels") or {}).get(L_JOB)
+        if c.get("envFrom") or any(set(e.get("valueFrom") or {}) - {"fieldRef"} for e in c.get("env") or []):
+            raise ValueError("the loopback kubelet resolves no envFrom and no valueFrom but fieldRef: give env values")
+        labels = self.pod["metadata"].get("labels") or {}
+        job = labels.get(L_JOB) or labels.get(L_JOBSET)
         env: dict[str, str] = {}
         for e in c.get("env") or []:
+            if "valueFrom" in e:  # not $(VAR)-expanded, as on a real kubelet
+                env[e["name"]] = self._field_ref(e["valueFrom"]["fieldRef"]["fieldPath"])
+                continue
             val = hosts.sub("127.0.0.1", _expand(str(e.get("value", "")), env))
             if job and e["name"] in ("MASTER_PORT", "PET_MASTER_PORT") and val.isdigit():
                 val = str(self.k.cluster.job_port(self.ns, job, int(val)))

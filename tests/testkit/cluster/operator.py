@@ -15,11 +15,12 @@ pod.go, service.go; pkg/util/status.go; pkg/controller.v1/pytorch), for what ctr
   ExitedWithCode "Pod: <ns>.<pod> exited with code N", PyTorchJobResumed, ...);
 * `runPolicy.suspend` (pods and Services deleted; resumed: re-created), cleanPodPolicy None/Running/All.
 Not emulated: backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished, elasticPolicy, the
-validating webhook, gang scheduling, other job kinds; TrainJobs are stored and validated only.
+validating webhook, gang scheduling, other job kinds; TrainJobs: trainer_v2.py.
 
-Kueue (v0.19): a PyTorchJob labelled `kueue.x-k8s.io/queue-name` is suspended at creation (the
-mutating webhook), gets a Workload `pytorchjob-<name>-<5 hex>` (owner: the job; podSets master and
-worker with the replica templates) that stays QuotaReserved=False until the test admits it
+Kueue (v0.19): a PyTorchJob or TrainJob labelled `kueue.x-k8s.io/queue-name` is suspended at
+creation (the mutating webhook), gets a Workload `pytorchjob-<name>-<5 hex>` / `trainjob-<name>-<5
+hex>` (owner: the job; podSets master and worker with the replica templates, or the JobSet's
+replicatedJobs) that stays QuotaReserved=False until the test admits it
 (`LoopbackCluster.admit_workload`), which unsuspends the job; Finished when the job ends. No quota
 is computed.
 """
@@ -460,17 +461,41 @@ class PyTorchJobController:
 # --- Kueue ---------------------------------------------------------------------------------------
 
 
-def workload_name(job_name: str, uid: str) -> str:
+def workload_name(job_name: str, uid: str, kind: str = KIND, group: str = "kubeflow.org") -> str:
     """jobframework.GetWorkloadNameForOwnerWithGVK (kueue v0.19)."""
-    h = hashlib.sha1(f"{KIND}\nkubeflow.org\n{job_name}\n{uid}".encode()).hexdigest()
-    return f"{KIND.lower()}-{job_name}"[: 253 - 6] + f"-{h[:5]}"
+    h = hashlib.sha1(f"{kind}\n{group}\n{job_name}\n{uid}".encode()).hexdigest()
+    return f"{kind.lower()}-{job_name}"[: 253 - 6] + f"-{h[:5]}"
+
+
+# The job kinds the Kueue stand-in manages: (group, kind) -> the path of the job's suspend flag.
+KUEUE_JOBS = {
+    ("kubeflow.org", KIND): ("spec", "runPolicy", "suspend"),
+    ("trainer.kubeflow.org", "TrainJob"): ("spec", "suspend"),
+}
+
+
+def _suspend_patch(path: tuple[str, ...], value: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {path[-1]: value}
+    for k in reversed(path[:-1]):
+        out = {k: out}
+    return out
+
+
+def _suspended(job: dict[str, Any], path: tuple[str, ...]) -> bool:
+    cur: Any = job
+    for k in path:
+        cur = (cur or {}).get(k)
+    return bool(cur)
 
 
 def kueue_webhook(rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None, ctx: Ctx) -> None:
     """Kueue's mutating webhook: a queued job is created suspended."""
-    if (rt.group, rt.kind) == ("kubeflow.org", KIND) and old is None:
-        if (obj["metadata"].get("labels") or {}).get(QUEUE_LABEL):
-            obj.setdefault("spec", {}).setdefault("runPolicy", {})["suspend"] = True
+    path = KUEUE_JOBS.get((rt.group, rt.kind))
+    if path is not None and old is None and (obj["metadata"].get("labels") or {}).get(QUEUE_LABEL):
+        cur = obj
+        for k in path[:-1]:
+            cur = cur.setdefault(k, {})
+        cur[path[-1]] = True
 
 
 class KueueController:
@@ -479,17 +504,47 @@ class KueueController:
         self.ctx = Ctx(manager="kueue", internal=True)
 
     def __call__(self) -> None:
-        jobs_rt = self.c.catalog.by_kind("kubeflow.org", KIND)
         wl_rt = self.c.catalog.by_kind("kueue.x-k8s.io", "Workload")
-        if jobs_rt is None or wl_rt is None:
+        if wl_rt is None:
             return
-        for job in self.c.store.list(jobs_rt.key):
-            queue = (job["metadata"].get("labels") or {}).get(QUEUE_LABEL)
-            if queue and not job["metadata"].get("deletionTimestamp"):
-                try:
-                    self._reconcile(jobs_rt, wl_rt, job, queue)
-                except ApiError:
-                    pass
+        for group, kind in KUEUE_JOBS:
+            jobs_rt = self.c.catalog.by_kind(group, kind)
+            if jobs_rt is None:
+                continue
+            for job in self.c.store.list(jobs_rt.key):
+                queue = (job["metadata"].get("labels") or {}).get(QUEUE_LABEL)
+                if queue and not job["metadata"].get("deletionTimestamp"):
+                    try:
+                        self._reconcile(jobs_rt, wl_rt, self.c.registry.present(jobs_rt, job), queue)
+                    except ApiError:
+                        pass
+
+    def _pod_sets(self, jobs_rt: ResourceType, job: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The Workload's podSets: a PyTorchJob's replicas; a TrainJob's JobSet's replicatedJobs
+        (None until the Trainer stand-in made it)."""
+        if jobs_rt.kind == KIND:
+            replicas = job["spec"].get("pytorchReplicaSpecs") or {}
+            return [
+                {
+                    "name": r.lower(),
+                    "count": int(replicas[r].get("replicas", 1)),
+                    "template": replicas[r].get("template") or {},
+                }
+                for r in _order(replicas)
+            ]
+        js_rt = self.c.catalog.by_kind("jobset.x-k8s.io", "JobSet")
+        meta = job["metadata"]
+        js = self.c.store.get(js_rt.key, meta["namespace"], meta["name"]) if js_rt else None
+        if js is None:
+            return None
+        return [
+            {
+                "name": r["name"],
+                "count": int(r.get("replicas", 1)) * int(r["template"]["spec"].get("parallelism", 1)),
+                "template": r["template"]["spec"].get("template") or {},
+            }
+            for r in js["spec"].get("replicatedJobs") or []
+        ]
 
     def _write_status(self, wl_rt: ResourceType, wl: dict[str, Any], conds: list[dict[str, Any]], **extra) -> dict:
         gen = wl["metadata"].get("generation", 1)
@@ -500,19 +555,21 @@ class KueueController:
 
     def _reconcile(self, jobs_rt: ResourceType, wl_rt: ResourceType, job: dict[str, Any], queue: str) -> None:
         c, meta = self.c, job["metadata"]
-        ns, name = meta["namespace"], workload_name(meta["name"], meta["uid"])
+        ns, name = meta["namespace"], workload_name(meta["name"], meta["uid"], jobs_rt.kind, jobs_rt.group)
+        path = KUEUE_JOBS[(jobs_rt.group, jobs_rt.kind)]
         wl = c.store.get(wl_rt.key, ns, name)
         if wl is None:
-            replicas = job["spec"].get("pytorchReplicaSpecs") or {}
-            pod_sets = [
-                {
-                    "name": r.lower(),
-                    "count": int(replicas[r].get("replicas", 1)),
-                    "template": replicas[r].get("template") or {},
-                }
-                for r in _order(replicas)
-            ]
-            owner = PyTorchJobController._owner_ref(job)
+            pod_sets = self._pod_sets(jobs_rt, job)
+            if pod_sets is None:
+                return
+            owner = {
+                "apiVersion": jobs_rt.api_version(),
+                "kind": jobs_rt.kind,
+                "name": meta["name"],
+                "uid": meta["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
             wl_meta = {"name": name, "namespace": ns, "labels": {"kueue.x-k8s.io/job-uid": meta["uid"]}}
             wl = {
                 "apiVersion": wl_rt.api_version(),
@@ -531,35 +588,58 @@ class KueueController:
             if lq is None or not c.store.exists(lq.key, ns, queue):
                 reason, message = "Inadmissible", f"LocalQueue {queue} doesn't exist"
             else:
-                reason, message = "Pending", "couldn't assign flavors to pod set master: insufficient unused quota"
+                first = wl["spec"]["podSets"][0]["name"]
+                reason, message = "Pending", f"couldn't assign flavors to pod set {first}: insufficient unused quota"
             wl = self._write_status(
                 wl_rt, wl, [{"type": "QuotaReserved", "status": "False", "reason": reason, "message": message}]
             )
             c.registry.record_event(wl, "Warning", reason, message, "kueue-admission")
-        if admitted and job["spec"].get("runPolicy", {}).get("suspend"):
-            body = json.dumps({"spec": {"runPolicy": {"suspend": False}}}).encode()
+        if admitted and _suspended(job, path):
+            body = json.dumps(_suspend_patch(path, False)).encode()
             c.registry.patch(jobs_rt, ns, meta["name"], "application/merge-patch+json", body, self.ctx)
             cq = wl["status"]["admission"]["clusterQueue"]
             c.registry.record_event(job, "Normal", "Started", f"Admitted by clusterQueue {cq}", "kueue-job-controller")
-        ended = [x for x in (job.get("status") or {}).get("conditions") or [] if x["type"] in ("Succeeded", "Failed")]
+        ended = [
+            x
+            for x in (job.get("status") or {}).get("conditions") or []
+            if x["type"] in ("Succeeded", "Complete", "Failed")
+        ]
         if any(x["status"] == "True" for x in ended) and not any(x.get("type") == "Finished" for x in conds):
             done = next(x for x in ended if x["status"] == "True")
             finished = {
                 "type": "Finished",
                 "status": "True",
-                "reason": done["type"],
+                "reason": "Failed" if done["type"] == "Failed" else "Succeeded",
                 "message": done.get("message", ""),
             }
             self._write_status(wl_rt, wl, conds + [finished])
 
+    def find_job(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, ResourceType | None]:
+        """The PyTorchJob, else the TrainJob, named `name` (and its type)."""
+        for group, kind in KUEUE_JOBS:
+            rt = self.c.catalog.by_kind(group, kind)
+            obj = self.c.store.get(rt.key, namespace, name) if rt else None
+            if obj is not None:
+                return self.c.registry.present(rt, obj), rt
+        return None, None
+
+    def workload_for(self, namespace: str, name: str) -> dict[str, Any] | None:
+        job, rt = self.find_job(namespace, name)
+        wl_rt = self.c.catalog.by_kind("kueue.x-k8s.io", "Workload")
+        if job is None or wl_rt is None:
+            return None
+        wl = self.c.store.get(wl_rt.key, namespace, workload_name(name, job["metadata"]["uid"], rt.kind, rt.group))
+        return self.c.registry.present(wl_rt, wl) if wl else None
+
     def admit(self, namespace: str, job_name: str, cluster_queue: str = "cluster-queue") -> dict[str, Any]:
         c = self.c
         wl_rt = c.catalog.by_kind("kueue.x-k8s.io", "Workload")
-        job = c.get("pytorchjobs", namespace, job_name)
+        job, jobs_rt = self.find_job(namespace, job_name)
         if job is None or wl_rt is None:
             raise E.not_found("kubeflow.org", "pytorchjobs", job_name)
         with c.store.lock:
-            wl = c.registry.get(wl_rt, namespace, workload_name(job_name, job["metadata"]["uid"]))
+            wname = workload_name(job_name, job["metadata"]["uid"], jobs_rt.kind, jobs_rt.group)
+            wl = c.registry.get(wl_rt, namespace, wname)
             reserved = f"Quota reserved in ClusterQueue {cluster_queue}"
             conds = [
                 {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": reserved},

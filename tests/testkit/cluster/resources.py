@@ -2,8 +2,10 @@
 
 Core (v1) types are listed by hand; custom resources come from the CRD files that ship with
 ctrlnet (cli/ctrlnet/k8s/crds), so names, scope, served versions and the status subresource are
-the real ones. A CRD that is not "installed" is absent from discovery and its paths answer 404,
-as on a cluster without it: that is how `ctrlnet submit` finds a missing operator or Kueue.
+the real ones (TrainingRuntime is the ClusterTrainingRuntime CRD made namespaced; JobSet keeps
+its names and status subresource with an open schema: see DERIVED). A CRD that is not
+"installed" is absent from discovery and its paths answer 404, as on a cluster without it: that is
+how `ctrlnet submit` finds a missing operator or Kueue.
 
 Discovery is served only where a client asks: `GET /api/v1` and `GET /apis/<group>/<version>`
 (ctrlnet's `Kube.served`); the group lists, /version and short names are not emulated.
@@ -11,6 +13,7 @@ Discovery is served only where a client asks: `GET /api/v1` and `GET /apis/<grou
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
@@ -23,7 +26,13 @@ VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 # install name -> the CRD files that a real install of that component brings
 INSTALLS: dict[str, list[str]] = {
     "pytorchjobs": ["kubeflow.org_pytorchjobs.yaml"],
-    "trainjobs": ["trainer.kubeflow.org_trainjobs.yaml", "trainer.kubeflow.org_clustertrainingruntimes.yaml"],
+    # Kubeflow Trainer v2.3.0 installs its CRDs and JobSet's (v0.12.0, its chart's dependency).
+    "trainjobs": [
+        "trainer.kubeflow.org_trainjobs.yaml",
+        "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+        "trainer.kubeflow.org_trainingruntimes.yaml",
+        "jobset.x-k8s.io_jobsets.yaml",
+    ],
     "workloads": [
         "kueue.x-k8s.io_workloads.yaml",
         "kueue.x-k8s.io_localqueues.yaml",
@@ -97,8 +106,54 @@ def core_types() -> list[ResourceType]:
 
 @functools.cache
 def _load_crd(fname: str) -> dict[str, Any]:
+    if fname in DERIVED:
+        return DERIVED[fname]()
     text = importlib_resources.files("ctrlnet.k8s.crds").joinpath(fname).read_text(encoding="utf-8")
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def _trainingruntimes() -> dict[str, Any]:
+    """TrainingRuntime: the ClusterTrainingRuntime CRD's schema (the same Go type's spec), namespaced."""
+    crd = copy.deepcopy(_load_crd("trainer.kubeflow.org_clustertrainingruntimes.yaml"))
+    crd["metadata"]["name"] = "trainingruntimes.trainer.kubeflow.org"
+    crd["spec"]["scope"] = "Namespaced"
+    crd["spec"]["names"] = {
+        "kind": "TrainingRuntime",
+        "listKind": "TrainingRuntimeList",
+        "plural": "trainingruntimes",
+        "singular": "trainingruntime",
+    }
+    for v in crd["spec"]["versions"]:
+        v["schema"]["openAPIV3Schema"]["description"] = "TrainingRuntime represents a training runtime."
+    return crd
+
+
+def _jobsets() -> dict[str, Any]:
+    """JobSet v1alpha2 with its names, scope and status subresource, but an open schema: only the
+    stand-ins write JobSets here (the real CRD, 800 kB, is in ../shared/crds)."""
+    schema = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "jobsets.jobset.x-k8s.io"},
+        "spec": {
+            "group": "jobset.x-k8s.io",
+            "names": {"kind": "JobSet", "listKind": "JobSetList", "plural": "jobsets", "singular": "jobset"},
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": "v1alpha2",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": schema},
+                    "subresources": {"status": {}},
+                }
+            ],
+        },
+    }
+
+
+DERIVED = {"trainer.kubeflow.org_trainingruntimes.yaml": _trainingruntimes, "jobset.x-k8s.io_jobsets.yaml": _jobsets}
 
 
 def crd_type(crd: dict[str, Any]) -> ResourceType:

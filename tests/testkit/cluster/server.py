@@ -1,10 +1,14 @@
 """The HTTP face of the loopback API server: routing, the bearer token, the RBAC stand-in, watch
 streams and pod logs. Plain HTTP on 127.0.0.1 (ctrlnet and the `kubernetes` client need no TLS;
-kubectl, which sends tokens over TLS only, is not supported)."""
+kubectl, which sends tokens over TLS only, is not supported). It also answers `POST
+/apis/trainer.kubeflow.org/v1alpha1/namespaces/<ns>/trainjobs/<name>/status` as Kubeflow Trainer's
+status server does (its own port, TLS and OIDC token review there; the same port and the tokens
+the cluster issued here)."""
 
 from __future__ import annotations
 
 import json
+import re
 import select
 import socket
 import threading
@@ -14,12 +18,17 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from . import errors as E
-from .errors import ApiError
+from .errors import ApiError, FieldError
 from .registry import Ctx, Selector
 from .resources import ResourceType
+from .trainer_v2 import token_audience
 
 if TYPE_CHECKING:
     from .cluster import LoopbackCluster
+
+STATUS_PATH = re.compile(
+    r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/(?P<ns>[^/]+)/trainjobs/(?P<name>[^/]+)/status$"
+)
 
 
 class _Server(ThreadingHTTPServer):
@@ -128,6 +137,9 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n) if n else b""
+        m = STATUS_PATH.match(url.path)
+        if method == "POST" and m and c.trainer_status:
+            return self._trainer_status(m["ns"], m["name"], body)
         try:
             if self.headers.get("Authorization", "") != f"Bearer {c.token}":
                 raise E.unauthorized()
@@ -213,6 +225,59 @@ class Handler(BaseHTTPRequestHandler):
         out = reg.delete(rt, ns, name, None if grace in (None, "") else int(grace), version)
         c.wake()
         self._send(200, out)
+
+    # --- Kubeflow Trainer's status server ---------------------------------------------------------
+
+    def _trainer_status(self, namespace: str, name: str, body: bytes) -> None:
+        """pkg/statusserver (Trainer v2.3.0) handleTrainJobRuntimeStatus: a projected token whose
+        audience is this TrainJob's and whose namespace is its namespace, else 403 Forbidden; a body
+        that is not an UpdateTrainJobStatusRequest: 422; `trainerStatus` applied to the TrainJob's
+        status (validated against the CRD: 422 with the API server's message; 404 when the TrainJob
+        is gone); the parsed request echoed back."""
+        c = self.server.cluster
+
+        def fail(code: int, message: str, reason: str) -> None:
+            self._send(code, {"metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
+
+        try:
+            parts = (self.headers.get("Authorization") or "").split()
+            token = parts[1] if len(parts) == 2 and parts[0].lower() == "bearer" else ""
+            if c.token_claims(token) != (namespace, token_audience(namespace, name)):
+                return fail(403, "Forbidden", "Forbidden")
+            try:
+                req = json.loads(body.decode() or "null")
+                if not isinstance(req, dict) or not isinstance(req.get("trainerStatus") or {}, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                return fail(422, "Invalid payload", "Invalid")
+            req = {"trainerStatus": req["trainerStatus"]} if req.get("trainerStatus") is not None else {}
+            if not req:
+                return self._send(200, req)
+            rt = c.catalog.by_kind("trainer.kubeflow.org", "TrainJob")
+            with c.store.lock:
+                job = c.store.get(rt.key, namespace, name) if rt else None
+                if job is None:
+                    return fail(404, "Train job not found", "NotFound")
+                status = dict(job.get("status") or {}, trainerStatus=req["trainerStatus"])
+                if "lastUpdatedTime" not in req["trainerStatus"]:  # the CRD's CEL rule
+                    cause = FieldError(
+                        "status.trainerStatus",
+                        "Invalid value",
+                        "lastUpdatedTime is required when trainerStatus is present",
+                        value="object",
+                    )
+                    raise E.invalid(rt.group, rt.kind, name, [cause])
+                cur = dict(job, status=status)
+                cur["metadata"] = {k: v for k, v in job["metadata"].items() if k != "resourceVersion"}
+                c.registry.update(rt, namespace, name, cur, Ctx(manager="trainer-status"), subresource="status")
+            c.wake()
+            self._send(200, req)
+        except ApiError as err:
+            if err.code in (400, 422):
+                return fail(422, err.message, "Invalid")
+            fail(404 if err.code == 404 else 500, "Train job not found" if err.code == 404 else "Internal error", "")
+        except OSError:
+            self.close_connection = True
 
     @staticmethod
     def _decode(body: bytes) -> Any:
