@@ -110,7 +110,9 @@ def names(backend) -> Names:
 @pytest.fixture(scope="module")
 def job_file(tmp_path_factory, s3_server, backend):
     def write(name: str, nodes: int = 2, train: dict | None = None, **cluster) -> Path:
-        extra = {"backend": backend} | ({"trainjob": {"runtime": "ctrlnet-torch"}} if backend == "trainjob" else {})
+        # The TrainJob case leaves cluster.backend at its default, auto: a cluster serving both
+        # operators, with ctrlnet's runtime installed, gets a TrainJob. The PyTorchJob case names it.
+        extra = {"backend": "pytorchjob"} if backend == "pytorchjob" else {}
         doc = {
             "train": {**TRAIN, "output": s3_server.url("runs"), **(train or {})},
             "cluster": {**CLUSTER, "name": name, "nodes": nodes, "master_port": free_port(), **extra, **cluster},

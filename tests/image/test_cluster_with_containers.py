@@ -1,7 +1,9 @@
 """The workstation loop with real containers: the loopback cluster's kubelet runs each pod from
 the built image (testkit.container) instead of as a local process. submit -> status -w and
-logs -f -> SIGTERM to the master after a committed checkpoint -> 143 -> the operator restarts
-the pods -> resume from `latest` -> Succeeded, and the ControlNet in the bucket loads."""
+logs -f -> SIGTERM to rank 0 after a committed checkpoint -> 143 -> the operator restarts
+the pods -> resume from `latest` -> Succeeded, and the ControlNet in the bucket loads. For both
+backends: a PyTorchJob (Training Operator stand-in) and a TrainJob on ctrlnet's runtime (Trainer
+v2.3 + JobSet stand-in, the trainer reporting to its status server from inside the container)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,6 +22,8 @@ from testkit.s3 import free_port
 
 from .conftest import TAG
 
+RUNTIME = Path(__file__).resolve().parents[2] / "manifests" / "runtime" / "ctrlnet-torch.yaml"
+
 
 def _ctrlnet(cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
@@ -27,14 +32,31 @@ def _ctrlnet(cluster, *args: str, timeout: float = 300) -> subprocess.CompletedP
     )
 
 
+@pytest.fixture(params=["pytorchjob", "trainjob"])
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def cluster(tmp_path, s3_server, image):
+def cluster(tmp_path, s3_server, image, backend):
     env = {**s3_server.env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    with LoopbackCluster(tmp_path, installed={"pytorchjobs"}, env=env, max_grace_seconds=60, image=image) as c:
+    installed = {"pytorchjobs"} if backend == "pytorchjob" else {"trainjobs"}
+    with LoopbackCluster(tmp_path, installed=installed, env=env, max_grace_seconds=60, image=image) as c:
+        if backend == "trainjob":
+            c.create(yaml.safe_load(RUNTIME.read_text()))
         yield c
 
 
-def test_submit_status_logs_and_preemption_with_containers(cluster, s3_server, tmp_path):
+def _rank0(cluster, backend: str) -> str:
+    """The rank-0 pod's name now (a TrainJob's has a random suffix and changes at each restart)."""
+    if backend == "pytorchjob":
+        return "img-preempt-master-0"
+    selector = "jobset.sigs.k8s.io/jobset-name=img-preempt,batch.kubernetes.io/job-completion-index=0"
+    pods = [p for p in cluster.list("pods", "default", selector) if not p["metadata"].get("deletionTimestamp")]
+    return pods[0]["metadata"]["name"] if pods else "img-preempt-node-0-0-none"
+
+
+def test_submit_status_logs_and_preemption_with_containers(cluster, backend, s3_server, tmp_path):
     from diffusers import ControlNetModel
 
     job = {
@@ -69,17 +91,16 @@ def test_submit_status_logs_and_preemption_with_containers(cluster, s3_server, t
         stderr=subprocess.STDOUT,
         env=env,
     )
-    master = "img-preempt-master-0"
 
     def log() -> str:
         try:
-            return cluster.logs("default", master)
+            return cluster.logs("default", _rank0(cluster, backend))
         except Exception:
             return ""
 
     assert cluster.wait_for(lambda: '"event":"checkpoint","step":4' in log(), timeout=400), log()[-3000:]
     assert _trainers_running_as(10001) >= 2  # both pods' trainers, from the image, as the chart's uid
-    cluster.signal_pod("default", master, signal.SIGTERM)  # preemption: the kubelet's SIGTERM to PID 1
+    cluster.signal_pod("default", _rank0(cluster, backend), signal.SIGTERM)  # preemption: SIGTERM to PID 1
     watch = _ctrlnet(cluster, "status", "img-preempt", "-w", timeout=600)
     assert watch.returncode == 0, watch.stdout[-3000:] + watch.stderr[-2000:]
     assert logs.wait(timeout=120) == 0
@@ -88,6 +109,10 @@ def test_submit_status_logs_and_preemption_with_containers(cluster, s3_server, t
     text = (tmp_path / "logs.txt").read_text()
     assert "preempted at step" in text and "exiting 143" in text
     assert "--- container re-created" in text and "resuming from" in text and "done: 12 steps" in text
+    if backend == "trainjob":  # rank 0 reported from inside its container: the TrainJob's own status
+        trainer_status = cluster.get("trainjobs", "default", "img-preempt")["status"]["trainerStatus"]
+        assert trainer_status["progressPercentage"] == 100, trainer_status
+        assert status["progress"]["source"] == "trainerStatus" and status["progress"]["step"] == 12
     dest = tmp_path / "cn"
     s3_server.fs.get("ctrlnet-test/runs/img-preempt/controlnet/", str(dest) + "/", recursive=True)
     assert sum(p.numel() for p in ControlNetModel.from_pretrained(dest).parameters()) > 0

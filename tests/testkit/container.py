@@ -93,10 +93,12 @@ class Pod:
     configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)
     hosts: tuple[str, ...] = ()  # other pods' names, on this network's loopback
+    folders: dict[str, Path] = field(default_factory=dict)  # volumes made elsewhere (projected): name -> host folder
 
     @property
     def container(self) -> dict:
-        (c,) = [c for c in self.spec["containers"] if c["name"] == "pytorch"]
+        """The trainer container: `pytorch` (PyTorchJob) or `node` (a TrainJob's runtime)."""
+        (c,) = [c for c in self.spec["containers"] if c["name"] in ("pytorch", "node")]
         return c
 
     def env(self) -> dict[str, str]:
@@ -231,8 +233,10 @@ def command(pod: Pod, image: Image, netns: str | None, *, env: dict[str, str] | 
             source = tmpfs_of[m["name"]] / m["subPath"] if m.get("subPath") else tmpfs_of[m["name"]]
             sh.append(f"mkdir -p {source} && chmod 0777 {source}")
             sh.append(f"mount --bind {source} {shlex.quote(target)}")
+        elif m["name"] in pod.folders:  # e.g. a projected service-account token, written by the kubelet
+            sh.append(f"mount --bind -o ro {shlex.quote(str(pod.folders[m['name']]))} {shlex.quote(target)}")
         else:
-            raise NotImplementedError(f"volume {m['name']}: only configMap and emptyDir are emulated")
+            raise NotImplementedError(f"volume {m['name']}: only configMap, emptyDir and given folders are emulated")
     sh += [
         f"mount --bind -o ro {work}/etc/hosts {root}/etc/hosts",
         f"mount --bind -o ro {work}/etc/hostname {root}/etc/hostname",

@@ -122,13 +122,20 @@ def _events_by_object(events: list[dict]) -> dict[str, list[dict]]:
 
 def read_progress(kube: Kube, run: Run, pods: list[dict]) -> dict[str, Any] | None:
     """A TrainJob's own status.trainerStatus first (what the trainer POSTs to Trainer's status
-    server), with the checkpoint from the rank-0 log; else the newest progress line of the rank-0
+    server), with the checkpoint from the rank-0 log, unless that log is already at a later step;
+    else the newest progress line of the rank-0
     pod; when it has none yet (a pod just re-created, or gone), what the run's own files say, if
     this machine can read its output store."""
     current = max((restart_attempt(p) for p in pods), default=0)
     master = next((p for p in pods if pod_rank(p)[0] == 0 and restart_attempt(p) == current), None)
     reported = trainer_status_progress(run.job) if run.backend.name == "trainjob" else None
     logged = _log_progress(kube, run, master) if master is not None else None
+    if reported is not None and logged and (logged.get("step") or 0) > (reported.get("step") or 0):
+        reported = None  # the trainer reports at most every 5 s: a newer log line wins
+    if reported is not None and not logged and run.output:  # pods just re-created: what the run committed
+        stored = progress_from_output(run.output)
+        if stored and (stored.get("step") or 0) > (reported.get("step") or 0):
+            return stored
     if reported is not None:
         if logged and logged.get("checkpoint"):
             reported["checkpoint"] = logged["checkpoint"]

@@ -396,7 +396,12 @@ class PodRuntime(threading.Thread):
                 obj = self.k.cluster.store.get(("", "configmaps"), self.ns, v["configMap"]["name"]) or {}
                 configmaps[v["configMap"]["name"]] = {k: str(x) for k, x in (obj.get("data") or {}).items()}
         env = {**self.k.cluster.extra_env, **self._env(c, self._host_pattern(), [])}
-        pod = container.Pod(self.name, self.pod["spec"], configmaps)
+        projected = {
+            v["name"]: self.mounts[v["name"]]
+            for v in self.pod["spec"].get("volumes") or []
+            if "projected" in v and v["name"] in self.mounts
+        }
+        pod = container.Pod(self.name, self.pod["spec"], configmaps, folders=projected)
         argv, scratch = container.command(pod, self.k.cluster.image, None, env=env)
         inst.in_container, inst.scratch = True, scratch
         return argv
