@@ -240,6 +240,8 @@ def test_dry_run_asks_the_server_and_persists_nothing(cluster, job):
     assert [o["kind"] for o in objs] == ["ServiceAccount", "ConfigMap", "NetworkPolicy", "PyTorchJob"]
     assert all(o["metadata"].get("uid") for o in objs)  # the server's answer, not our render
     assert "nothing was created" in result.stderr
+    # cluster.backend auto on a cluster with only the Training Operator: a PyTorchJob, and why
+    assert "note: backend auto: PyTorchJob, as TrainJob (trainer.kubeflow.org/v1alpha1) is not served" in result.stderr
     assert (
         cluster.get("pytorchjobs", "default", "dry") is None
         and cluster.get("configmaps", "default", "dry-config") is None

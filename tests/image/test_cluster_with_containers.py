@@ -47,17 +47,19 @@ def cluster(tmp_path, s3_server, image, backend):
         yield c
 
 
-def _rank0(cluster, backend: str) -> str:
+def _rank0(cluster, backend: str, run: str) -> str:
     """The rank-0 pod's name now (a TrainJob's has a random suffix and changes at each restart)."""
     if backend == "pytorchjob":
-        return "img-preempt-master-0"
-    selector = "jobset.sigs.k8s.io/jobset-name=img-preempt,batch.kubernetes.io/job-completion-index=0"
+        return f"{run}-master-0"
+    selector = f"jobset.sigs.k8s.io/jobset-name={run},batch.kubernetes.io/job-completion-index=0"
     pods = [p for p in cluster.list("pods", "default", selector) if not p["metadata"].get("deletionTimestamp")]
-    return pods[0]["metadata"]["name"] if pods else "img-preempt-node-0-0-none"
+    return pods[0]["metadata"]["name"] if pods else f"{run}-node-0-0-none"
 
 
 def test_submit_status_logs_and_preemption_with_containers(cluster, backend, s3_server, tmp_path):
     from diffusers import ControlNetModel
+
+    run = "img-preempt" if backend == "pytorchjob" else "img-preempt-tj"  # one S3 server for both
 
     job = {
         "train": {
@@ -82,11 +84,11 @@ def test_submit_status_logs_and_preemption_with_containers(cluster, backend, s3_
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    submitted = _ctrlnet(cluster, "submit", "-f", str(path), "--name", "img-preempt")
+    submitted = _ctrlnet(cluster, "submit", "-f", str(path), "--name", run)
     assert submitted.returncode == 0, submitted.stderr
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
     logs = subprocess.Popen(
-        [sys.executable, "-m", "ctrlnet", "logs", "img-preempt", "-f"],
+        [sys.executable, "-m", "ctrlnet", "logs", run, "-f"],
         stdout=(tmp_path / "logs.txt").open("w"),
         stderr=subprocess.STDOUT,
         env=env,
@@ -94,27 +96,27 @@ def test_submit_status_logs_and_preemption_with_containers(cluster, backend, s3_
 
     def log() -> str:
         try:
-            return cluster.logs("default", _rank0(cluster, backend))
+            return cluster.logs("default", _rank0(cluster, backend, run))
         except Exception:
             return ""
 
     assert cluster.wait_for(lambda: '"event":"checkpoint","step":4' in log(), timeout=400), log()[-3000:]
     assert _trainers_running_as(10001) >= 2  # both pods' trainers, from the image, as the chart's uid
-    cluster.signal_pod("default", _rank0(cluster, backend), signal.SIGTERM)  # preemption: SIGTERM to PID 1
-    watch = _ctrlnet(cluster, "status", "img-preempt", "-w", timeout=600)
+    cluster.signal_pod("default", _rank0(cluster, backend, run), signal.SIGTERM)  # preemption: SIGTERM to PID 1
+    watch = _ctrlnet(cluster, "status", run, "-w", timeout=600)
     assert watch.returncode == 0, watch.stdout[-3000:] + watch.stderr[-2000:]
     assert logs.wait(timeout=120) == 0
-    status = json.loads(_ctrlnet(cluster, "status", "img-preempt", "-o", "json").stdout)
+    status = json.loads(_ctrlnet(cluster, "status", run, "-o", "json").stdout)
     assert status["phase"] == "Succeeded" and status["restarts"] >= 1, status
     text = (tmp_path / "logs.txt").read_text()
     assert "preempted at step" in text and "exiting 143" in text
     assert "--- container re-created" in text and "resuming from" in text and "done: 12 steps" in text
     if backend == "trainjob":  # rank 0 reported from inside its container: the TrainJob's own status
-        trainer_status = cluster.get("trainjobs", "default", "img-preempt")["status"]["trainerStatus"]
+        trainer_status = cluster.get("trainjobs", "default", run)["status"]["trainerStatus"]
         assert trainer_status["progressPercentage"] == 100, trainer_status
         assert status["progress"]["source"] == "trainerStatus" and status["progress"]["step"] == 12
     dest = tmp_path / "cn"
-    s3_server.fs.get("ctrlnet-test/runs/img-preempt/controlnet/", str(dest) + "/", recursive=True)
+    s3_server.fs.get(f"ctrlnet-test/runs/{run}/controlnet/", str(dest) + "/", recursive=True)
     assert sum(p.numel() for p in ControlNetModel.from_pretrained(dest).parameters()) > 0
 
 

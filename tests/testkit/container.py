@@ -188,6 +188,27 @@ def start(pod: Pod, image: Image, netns: str | None, *, env: dict[str, str] | No
     return Running(pod, process, work)
 
 
+def in_image(rootfs: Path, path: str) -> str:
+    """`path` with the image's symlinks resolved inside the image (Debian's /var/run -> /run):
+    a mount on the unresolved path would follow an absolute link out to the host's folder."""
+    parts, out, hops = [p for p in path.split("/") if p], [], 0
+    while parts:
+        part = parts.pop(0)
+        here = Path(rootfs, *out, part)
+        if here.is_symlink() and hops < 40:
+            hops += 1
+            link = os.readlink(here)
+            parts = [p for p in link.split("/") if p] + parts
+            if link.startswith("/"):
+                out = []
+            continue
+        if part == "..":
+            out = out[:-1]
+        elif part != ".":
+            out.append(part)
+    return "/" + "/".join(out)
+
+
 def command(pod: Pod, image: Image, netns: str | None, *, env: dict[str, str] | None = None) -> tuple[list[str], Path]:
     """The host command that runs `pod`'s container, and its scratch folder (remove it after).
     `env`: the container's environment as resolved elsewhere (the loopback kubelet); default:
@@ -213,7 +234,7 @@ def command(pod: Pod, image: Image, netns: str | None, *, env: dict[str, str] | 
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     tmpfs_of: dict[str, Path] = {}
     for m in c.get("volumeMounts") or []:
-        v, target = volumes[m["name"]], f"{root}{m['mountPath']}"
+        v, target = volumes[m["name"]], f"{root}{in_image(rootfs, m['mountPath'])}"
         sh.append(f"mkdir -p {shlex.quote(target)}")
         if "configMap" in v:
             files = work / "volumes" / m["name"]

@@ -88,8 +88,8 @@ def submit_job(
             typer.echo(line)
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from None
-    if run.note and fmt != "json":
-        typer.echo(run.note, err=True)
+    if run.note and fmt != "json":  # which backend `auto` chose and why, or the runtime it fell back to
+        typer.echo(f"note: {run.note}", err=True)
     if fmt == "json":
         doc = run.as_dict()
         if run.note:
