@@ -128,8 +128,11 @@ def job_file(tmp_path: Path, name: str, train: dict, **cluster) -> Path:
 
 
 def rendered_pods(path: Path, *sets: str) -> list[container.Pod]:
+    """The pods of the job rendered as a PyTorchJob (testkit.container builds them as the Training
+    Operator does; the TrainJob's pods run in test_cluster_with_containers.py, from the Trainer
+    stand-in)."""
     from ctrlnet.config import load_job_config
     from ctrlnet.k8s.render import render_objects
 
-    objs = render_objects(load_job_config(path, list(sets)))
+    objs = render_objects(load_job_config(path, ["cluster.backend=pytorchjob", *sets]))
     return container.pods_from_render(objs, secrets={"s3-credentials": CREDS})
