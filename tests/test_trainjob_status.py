@@ -123,8 +123,14 @@ def test_a_training_run_reports_its_progress(status_server, tmp_path, monkeypatc
         monkeypatch.setenv(key, value)
     received = status_server["received"]
     received.clear()
-    train(small_config(tmp_path / "run", loop={"max_steps": 3, "seed": 0}, logging={"every_steps": 1}))
+    config = small_config(
+        tmp_path / "run", loop={"max_steps": 3, "seed": 0}, logging={"every_steps": 1}, checkpoint={"every_steps": 2}
+    )
+    train(config)
     assert received, "no report reached the status server"
+    steps = [next(m["value"] for m in r["body"]["trainerStatus"]["metrics"] if m["name"] == "step") for r in received]
+    # step 1 (the first), the checkpoint at step 2 (past the 5 s throttle), the end
+    assert steps == ["1", "2", "3"], steps
     last = received[-1]["body"]["trainerStatus"]
     assert last["progressPercentage"] == 100 and last["estimatedRemainingSeconds"] == 0
     assert {m["name"] for m in last["metrics"]} == {"step", "total_steps", "loss", "lr", "samples_per_s", "epoch"}

@@ -196,6 +196,7 @@ class Meter:
         from ctrlnet_trainer.trainjob_status import TrainJobStatus
 
         self.trainjob = TrainJobStatus.from_env() if is_main else None
+        self.trainjob_last: tuple[float, dict] | None = None  # the newest (ETA, metrics) logged
         self.window_loss = torch.zeros((), device=device)
         self.window_steps = 0
         # Rows skipped as unreadable (data.skip_bad_rows), summed over processes per logged window.
@@ -277,6 +278,7 @@ class Meter:
                 "samples_per_s": row["samples_per_s"],
                 "epoch": epoch,
             }
+            self.trainjob_last = (left, metrics)
             self.trainjob.report(step=step, total=self.total, eta_s=left, metrics=metrics, force=step == self.total)
         if self.progress_lines:
             print(
@@ -323,6 +325,11 @@ class Meter:
         """A checkpoint was committed: tell status (and publish the metrics written so far)."""
         if self.progress_lines:
             print(format_line("checkpoint", step=step, total=self.total, checkpoint=url), flush=True)
+        if self.trainjob and self.trainjob_last:
+            # Sent past the 5 s throttle: what the TrainJob's status shows is then never older than
+            # the newest checkpoint, also after a preemption (the run's last words before exit 143).
+            left, metrics = self.trainjob_last
+            self.trainjob.report(step=step, total=self.total, eta_s=left, metrics={**metrics, "step": step}, force=True)
         self.publish()
 
     def done(self, step: int, controlnet: str) -> None:

@@ -17,7 +17,7 @@ pod needs no RBAC of its own (the token is scoped to its TrainJob by the control
 variables (a PyTorchJob, a local run, a controller without the gate) nothing is sent.
 
 Rank 0 reports at each logging step, at most every MIN_INTERVAL_S (the Kubeflow SDK's throttle),
-and always at the end. Reporting never stops training: every request has one TIMEOUT_S deadline, a
+and always at each checkpoint (so also before exiting after a preemption) and at the end. Reporting never stops training: every request has one TIMEOUT_S deadline, a
 failure is logged once, and after MAX_FAILURES failures in a row it stops trying.
 """
 

@@ -136,6 +136,8 @@ def read_progress(kube: Kube, run: Run, pods: list[dict]) -> dict[str, Any] | No
         stored = progress_from_output(run.output)
         if stored and (stored.get("step") or 0) > (reported.get("step") or 0):
             return stored
+        if stored and stored.get("checkpoint"):  # the status has no checkpoint; the store says which
+            reported["checkpoint"] = stored["checkpoint"]
     if reported is not None:
         if logged and logged.get("checkpoint"):
             reported["checkpoint"] = logged["checkpoint"]
