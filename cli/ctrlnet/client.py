@@ -185,25 +185,21 @@ class Client:
         """This tool's runs in the namespace (or every namespace), oldest first per namespace.
         UserError when the namespace does not exist."""
         from ctrlnet.cluster.listing import list_runs
-        from ctrlnet.cluster.runs import namespace_missing
+        from ctrlnet.cluster.runs import namespace_missing, no_such_namespace
 
         kube = self.kube
         rows = [RunRow.from_row(r) for r in list_runs(kube, all_namespaces=all_namespaces)]
         if not rows and not all_namespaces and namespace_missing(kube, kube.namespace):
-            raise UserError(
-                f"namespace {kube.namespace!r} does not exist on the cluster of context {kube.conn.context}: "
-                "check -n (kubectl get namespaces lists them)"
-            )
+            raise no_such_namespace(kube, kube.namespace)
         return rows
 
     def get(self, name: str) -> RunRow:
         """The run's row, as `list` has it. RunNotFound when there is no such run."""
-        from ctrlnet.cluster.listing import list_runs
+        from ctrlnet.cluster.listing import run_row
 
         run = self._run(name)
-        for row in list_runs(self.kube):
-            if row["name"] == run.name and row["namespace"] == run.namespace:
-                return RunRow.from_row(row)
+        if run.ours:  # what `list` selects on
+            return RunRow.from_row(run_row(self.kube, run))
         raise RunNotFound(
             f"{run.backend.resource.kind} {run.name!r} in namespace {run.namespace} was not submitted by ctrlnet: "
             f"`ctrlnet list -n {run.namespace}` shows the runs there"

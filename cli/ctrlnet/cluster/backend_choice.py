@@ -18,7 +18,7 @@ it; manifests/rbac/runtime-reader.yaml does), the runtime is assumed present and
 from __future__ import annotations
 
 from ctrlnet.cluster.kube import RESOURCES, Forbidden, Kube
-from ctrlnet.config.cluster import with_backend
+from ctrlnet.config.cluster import with_cluster
 from ctrlnet.config.job import JobConfig
 from ctrlnet.errors import ClusterError
 
@@ -46,10 +46,12 @@ def choose_backend(kube: Kube, cfg: JobConfig) -> tuple[JobConfig, str | None]:
             reasons.append(f"{res.what} is not served (install {res.installed_by})")
             continue
         if backend == "pytorchjob":
-            return with_backend(cfg, backend), (f"backend auto: PyTorchJob, as {reasons[0]}" if reasons else None)
+            return with_cluster(cfg, backend=backend), (
+                f"backend auto: PyTorchJob, as {reasons[0]}" if reasons else None
+            )
         chosen, note, missing = _runtime(kube, cfg)
         if chosen is not None:
-            return with_backend(chosen, backend), note
+            return with_cluster(chosen, backend=backend), note
         reasons.append(missing)
     raise ClusterError(
         f"no training operator can run this job on the cluster of context {kube.conn.context}: " + "; ".join(reasons)
@@ -77,7 +79,7 @@ def _runtime(kube: Kube, cfg: JobConfig) -> tuple[JobConfig | None, str | None, 
             fallback = False
         if fallback:
             trainjob = tj.model_copy(update={"runtime": TRAINER_RUNTIME})
-            chosen = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"trainjob": trainjob})})
+            chosen = with_cluster(cfg, trainjob=trainjob)
             note = (
                 f"{missing}: using Kubeflow's {TRAINER_RUNTIME}, which fails the job on any pod failure "
                 f"(no retry after a preemption); kubectl apply -f {RUNTIME_MANIFEST} gives ctrlnet's restart policy"

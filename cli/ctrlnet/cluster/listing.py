@@ -14,40 +14,38 @@ if TYPE_CHECKING:
 
 
 def list_runs(kube: Kube, *, all_namespaces: bool = False) -> list[dict]:
-    """Rows: name, namespace, backend, phase, pods (ready/total), step, total, age_s, output.
-    The step comes from each running job's rank-0 log (one short read per running run)."""
+    """Rows (run_row) of this tool's runs, oldest first per namespace. The step comes from each
+    running job's rank-0 log (one short read per running run)."""
     rows = []
     for backend in BACKENDS.values():
         if not kube.served(backend.resource):
             continue
         for job in kube.list(backend.resource.kind, all_namespaces=all_namespaces, labels=tool_selector()):
-            run = Run(job, backend)
-            pods = kube.list("Pod", run.namespace, labels=backend.pod_selector(run.name))
-            ready = sum(
-                1
-                for p in pods
-                if all(cs.get("ready") for cs in (p.get("status") or {}).get("containerStatuses") or [{}])
-            )
-            phase = job_phase(job, backend.name)[0]
-            progress = (
-                read_progress(kube, run, pods) if phase in ("Running", "Restarting", "Succeeded", "Failed") else None
-            )
-            rows.append(
-                {
-                    "name": run.name,
-                    "namespace": run.namespace,
-                    "backend": backend.name,
-                    "phase": phase,
-                    "pods_ready": ready,
-                    "pods": len(pods),
-                    "step": (progress or {}).get("step"),
-                    "total": (progress or {}).get("total"),
-                    "age_s": age_seconds(job["metadata"].get("creationTimestamp")),
-                    "output": run.output,
-                }
-            )
+            rows.append(run_row(kube, Run(job, backend)))
     rows.sort(key=lambda r: (r["namespace"], r["age_s"] if r["age_s"] is not None else 0))
     return rows
+
+
+def run_row(kube: Kube, run: Run) -> dict:
+    """One run's row: name, namespace, backend, phase, pods (ready/total), step, total, age_s, output."""
+    pods = kube.list("Pod", run.namespace, labels=run.backend.pod_selector(run.name))
+    ready = sum(
+        1 for p in pods if all(cs.get("ready") for cs in (p.get("status") or {}).get("containerStatuses") or [{}])
+    )
+    phase = job_phase(run.job, run.backend.name)[0]
+    progress = read_progress(kube, run, pods) if phase in ("Running", "Restarting", "Succeeded", "Failed") else None
+    return {
+        "name": run.name,
+        "namespace": run.namespace,
+        "backend": run.backend.name,
+        "phase": phase,
+        "pods_ready": ready,
+        "pods": len(pods),
+        "step": (progress or {}).get("step"),
+        "total": (progress or {}).get("total"),
+        "age_s": age_seconds(run.job["metadata"].get("creationTimestamp")),
+        "output": run.output,
+    }
 
 
 def render_table(rows: list[dict], with_namespace: bool) -> str:

@@ -174,13 +174,17 @@ def find_run(kube: Kube, name: str, namespace: str | None = None) -> Run:
             job.setdefault("kind", backend.resource.kind)
             return Run(job, backend)
     if namespace_missing(kube, ns):
-        raise UserError(
-            f"namespace {ns!r} does not exist on the cluster of context {kube.conn.context}: "
-            "check -n (kubectl get namespaces lists them)"
-        )
+        raise no_such_namespace(kube, ns)
     raise RunNotFound(
         f"no ctrlnet run {shown(name)} in namespace {ns} (context {kube.conn.context}): "
         f"`ctrlnet list -n {ns}` shows the runs there"
+    )
+
+
+def no_such_namespace(kube: Kube, namespace: str) -> UserError:
+    return UserError(
+        f"namespace {namespace!r} does not exist on the cluster of context {kube.conn.context}: "
+        "check -n (kubectl get namespaces lists them)"
     )
 
 

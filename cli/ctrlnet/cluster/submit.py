@@ -21,7 +21,7 @@ the one-writer rule holds for that dataset (a second prepare job into it, or a t
 precompute job that would read it half-written, is refused while an unfinished prepare job writes it).
 
 Order: connect -> load the config -> resolve `cluster.backend` against the cluster (`auto` ->
-PyTorchJob or TrainJob: `resolve_backend`, the one place) -> name, place, render -> validate (the
+PyTorchJob or TrainJob: backend_choice.choose_backend, in plan()) -> name, place, render -> validate (the
 same checks as `ctrlnet validate`) -> check the cluster serves what the job needs -> server-side
 apply (field manager `ctrlnet`) of the ServiceAccount, ConfigMap, PVC and NetworkPolicy, then the job.
 """
@@ -33,6 +33,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctrlnet.cluster.backend_choice import choose_backend
 from ctrlnet.cluster.kube import RESOURCES, Kube
 from ctrlnet.cluster.runs import BACKENDS, KUEUE_QUEUE_LABEL, MANAGED_BY, OUTPUT_ANNOTATION, TOOL, Run, tool_selector
 from ctrlnet.config import JobConfig, load_job_config
@@ -116,15 +117,6 @@ def load(job: JobConfig | str | Path | None, overrides: list[str] | tuple[str, .
     return load_job_config(job, list(overrides), for_cluster=True)
 
 
-def resolve_backend(kube: Kube, cfg: JobConfig) -> tuple[JobConfig, str | None]:
-    """THE place where the job's backend is resolved against the cluster (`cluster.backend: auto`
-    -> PyTorchJob or TrainJob, and the TrainJob's runtime): the config to render, and a note for
-    the user (or None). Once connected, before rendering."""
-    from ctrlnet.cluster.backend_choice import choose_backend
-
-    return choose_backend(kube, cfg)
-
-
 def plan(
     job: JobConfig | str | Path | None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -142,8 +134,8 @@ def plan(
 
     base = load(job, overrides)
     note = None
-    if kube is not None:
-        base, note = resolve_backend(kube, base)
+    if kube is not None:  # the one place the backend is resolved against the cluster
+        base, note = choose_backend(kube, base)
     if base.cluster.task == "precompute":  # writes the cache the config names (validated: it is set)
         run_name = name or generated_name(base.cluster.name, PRECOMPUTE_SUFFIX)
         output = base.train.data.cache

@@ -522,7 +522,7 @@ class ClusterConfig(Section):
         return self.gpus_per_node or 1
 
 
-def with_backend(cfg, backend: str):
-    """A copy of the JobConfig `cfg` whose cluster.backend is `backend` (how `auto` is resolved:
-    offline by `render`, against the cluster by `submit`)."""
-    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"backend": backend})})
+def with_cluster(cfg, **changes):
+    """A copy of the JobConfig `cfg` with these cluster fields changed (how `auto` is resolved:
+    offline by `render`, against the cluster by `submit`, with the TrainJob's runtime)."""
+    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update=changes)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ctrlnet.config.cluster import with_backend
+from ctrlnet.config.cluster import with_cluster
 from ctrlnet.config.job import JobConfig
 from ctrlnet.k8s import helm
 from ctrlnet.k8s.chart import chart_dir, chart_values, release_namespace
@@ -37,7 +37,7 @@ def render_objects(cfg: JobConfig, *, how: str | None = None, chart: Path | None
     `cluster.backend: auto` renders what it would be without a cluster to ask (TrainJob, unless a
     PyTorchJob-only setting is set); `ctrlnet submit` resolves it against the cluster first."""
     if cfg.cluster.backend == "auto":
-        cfg = with_backend(cfg, cfg.cluster.offline_backend)
+        cfg = with_cluster(cfg, backend=cfg.cluster.offline_backend)
     rendered = helm.render(
         chart or chart_dir(), chart_values(cfg), release=cfg.cluster.name, namespace=release_namespace(cfg), how=how
     )
